@@ -1,0 +1,52 @@
+"""Session-scoped CA fixtures: one EC CA home for the whole run (RSA only where it is the point)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vcc_pki_server.authority import Actor, Authority
+from vcc_pki_server.home import Config, Home
+
+ROOT_PASSWORD = "root-password-for-tests"
+CA_PASSWORD = "intermediate-password-for-tests"
+
+
+def build_home(path: Path, *, config: Config | None = None) -> Home:
+    """A home with an EC P-256 root and intermediate, config.toml and a server certificate."""
+    home = Home(path)
+    home.ensure()
+    home.save_config(config or Config())
+    home.create_root(ROOT_PASSWORD, key_type="ec-p256")
+    home.create_intermediate(ROOT_PASSWORD, CA_PASSWORD, key_type="ec-p256")
+    authority = home.authority(CA_PASSWORD)
+    home.issue_server_certificate(authority, home.config())
+    authority.generate_crl(actor=Actor.operator())
+    authority.store.close()
+    return home
+
+
+@pytest.fixture(scope="session")
+def ca_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    return build_home(tmp_path_factory.mktemp("ca") / "home")
+
+
+@pytest.fixture(scope="session")
+def authority(ca_home: Home) -> Iterator[Authority]:
+    auth = ca_home.authority(CA_PASSWORD)
+    yield auth
+    auth.store.close()
+
+
+@pytest.fixture
+def operator() -> Actor:
+    return Actor.operator()
+
+
+@pytest.fixture
+def service_id() -> str:
+    """A fresh service id, so tests sharing the session CA do not collide."""
+    return f"svc-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,264 @@
+"""The CA's home folder: layout, config.toml, CA key files, and loading an Authority from it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .authority import Actor, Authority, Issued, Settings, utc_now
+from .ca import CAPrivateKey, CertificateAuthority, create_intermediate, create_root, generate_key
+from .errors import CAError, CAUnavailable
+from .policy import Policy
+from .store.sqlite import SQLiteStore
+
+SERVER_SERVICE_ID = "pki-server"
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """``<home>/config.toml``: written by ``init``, read by the CLI and the server."""
+
+    public_url: str = "https://127.0.0.1:8443"
+    server_san_dns: tuple[str, ...] = ("localhost",)
+    server_san_ip: tuple[str, ...] = ("127.0.0.1",)
+    default_validity_days: int = 365
+    max_validity_days: int = 365
+    crl_validity_days: int = 7
+    enrolment_token_hours: int = 24
+    health_interval_seconds: float = 30.0
+    health_timeout_seconds: float = 5.0
+    health_concurrency: int = 16
+
+    @property
+    def crl_url(self) -> str:
+        return f"{self.public_url.rstrip('/')}/api/v1/crl"
+
+    @property
+    def issuer_url(self) -> str:
+        return f"{self.public_url.rstrip('/')}/api/v1/ca/intermediate?format=der"
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        data = tomllib.loads(text)
+        flat: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        for section in ("policy", "health"):
+            for key, value in data.get(section, {}).items():
+                flat[key if section == "policy" else f"health_{key}"] = value
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = set(flat) - known
+        if unknown:
+            raise CAError(f"config.toml: unknown setting(s) {', '.join(sorted(unknown))}")
+        for key in ("server_san_dns", "server_san_ip"):
+            if key in flat:
+                flat[key] = tuple(flat[key])
+        return cls(**flat)
+
+    def to_toml(self) -> str:
+        def q(v: str) -> str:
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        def arr(vs: Sequence[str]) -> str:
+            return "[" + ", ".join(q(v) for v in vs) + "]"
+
+        return (
+            "# VCC PKI settings, written by `pki-admin init`. Restart the server after a change.\n"
+            "# The public URL goes into every certificate's CRL distribution point and AIA.\n"
+            f"public_url = {q(self.public_url)}\n"
+            f"server_san_dns = {arr(self.server_san_dns)}\n"
+            f"server_san_ip = {arr(self.server_san_ip)}\n\n"
+            "[policy]\n"
+            f"default_validity_days = {self.default_validity_days}\n"
+            f"max_validity_days = {self.max_validity_days}\n"
+            f"crl_validity_days = {self.crl_validity_days}\n"
+            f"enrolment_token_hours = {self.enrolment_token_hours}\n\n"
+            "[health]\n"
+            f"interval_seconds = {self.health_interval_seconds}\n"
+            f"timeout_seconds = {self.health_timeout_seconds}\n"
+            f"concurrency = {self.health_concurrency}\n"
+        )
+
+    def policy(self) -> Policy:
+        return Policy(default_validity_days=self.default_validity_days,
+                      max_validity_days=self.max_validity_days)
+
+    def settings(self) -> Settings:
+        return Settings(crl_validity=timedelta(days=self.crl_validity_days),
+                        enrolment_token_ttl=timedelta(hours=self.enrolment_token_hours))
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename) with ``mode`` from the start."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def key_pem(key: Any, password: str | None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password.encode()) if password
+        else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)  # type: ignore[no-any-return]
+
+
+def cert_pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+class Home:
+    """Paths and files of one CA home (SPEC §2). Folders 0700, key files 0400."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.ca_dir = self.root / "ca"
+        self.root_cert = self.ca_dir / "root_ca.pem"
+        self.root_key = self.ca_dir / "root_ca_key.pem"
+        self.intermediate_cert = self.ca_dir / "intermediate_ca.pem"
+        self.intermediate_key = self.ca_dir / "intermediate_ca_key.pem"
+        self.services_dir = self.root / "service_certificates"
+        self.server_dir = self.root / "server"
+        self.server_cert = self.server_dir / "cert.pem"
+        self.server_key = self.server_dir / "key.pem"
+        self.secrets_dir = self.root / "secrets"
+        self.db = self.root / "pki.db"
+        self.config_file = self.root / "config.toml"
+
+    @classmethod
+    def resolve(cls, option: str | None) -> Home:
+        """``--home``, else ``$VCC_PKI_HOME``, else ``./pki-data``."""
+        return cls(option or os.environ.get("VCC_PKI_HOME") or "pki-data")
+
+    def ensure(self) -> None:
+        for folder in (self.root, self.ca_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
+    # -- config -----------------------------------------------------------------------------
+    def config(self) -> Config:
+        if not self.config_file.exists():
+            return Config()
+        try:
+            return Config.from_toml(self.config_file.read_text())
+        except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+            raise CAError(f"{self.config_file}: {exc}") from None
+
+    def save_config(self, config: Config) -> None:
+        write_file(self.config_file, config.to_toml().encode(), 0o600)
+
+    # -- CA files ---------------------------------------------------------------------------
+    def has_root(self) -> bool:
+        return self.root_cert.exists() or self.root_key.exists()
+
+    def has_intermediate(self) -> bool:
+        return self.intermediate_cert.exists()
+
+    def root_certificate(self) -> x509.Certificate:
+        return _load_cert(self.root_cert, "root CA")
+
+    def intermediate_certificate(self) -> x509.Certificate:
+        return _load_cert(self.intermediate_cert, "intermediate CA")
+
+    def _load_key(self, path: Path, password: str, what: str) -> CAPrivateKey:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CAUnavailable(f"{what} key {path} is missing; run `pki-admin init`") from None
+        try:
+            key = serialization.load_pem_private_key(data, password.encode())
+        except (ValueError, TypeError):
+            raise CAUnavailable(f"wrong password for the {what} key ({path.name})") from None
+        return key  # type: ignore[return-value]
+
+    def create_root(self, password: str, *, key_type: str = "rsa-4096", now: datetime | None = None,
+                    days: int = 3650) -> x509.Certificate:
+        """Create the root CA (key encrypted with ``password``, 0400); refuses to overwrite one."""
+        if self.has_root():
+            raise CAError(f"{self.root} already has a root CA; refusing to overwrite it")
+        self.ensure()
+        key = generate_key(key_type)
+        cert = create_root(key, now=now or utc_now(), days=days)
+        write_file(self.root_key, key_pem(key, password), 0o400)
+        write_file(self.root_cert, cert_pem(cert), 0o644)
+        return cert
+
+    def create_intermediate(self, root_password: str, password: str, *, key_type: str = "rsa-2048",
+                            now: datetime | None = None, days: int = 1825) -> x509.Certificate:
+        """Create the intermediate CA signed by the root; refuses to overwrite one."""
+        if self.has_intermediate():
+            raise CAError(f"{self.root} already has an intermediate CA; refusing to overwrite it")
+        root = self.root_certificate()
+        root_key = self._load_key(self.root_key, root_password, "root CA")
+        key = generate_key(key_type)
+        cert = create_intermediate(root, root_key, key, now=now or utc_now(), days=days)
+        write_file(self.intermediate_key, key_pem(key, password), 0o400)
+        write_file(self.intermediate_cert, cert_pem(cert), 0o644)
+        return cert
+
+    def load_ca(self, password: str, config: Config | None = None) -> CertificateAuthority:
+        config = config or self.config()
+        cert = self.intermediate_certificate()
+        key = self._load_key(self.intermediate_key, password, "intermediate CA")
+        return CertificateAuthority(root=self.root_certificate(), certificate=cert, key=key,
+                                    crl_url=config.crl_url, issuer_url=config.issuer_url)
+
+    def open_store(self) -> SQLiteStore:
+        self.ensure()
+        return SQLiteStore(self.db)
+
+    def authority(self, password: str | None = None) -> Authority:
+        """An Authority over this home; with ``password`` it can sign."""
+        config = self.config()
+        ca = self.load_ca(password, config) if password is not None else None
+        return Authority(self.open_store(), ca, policy=config.policy(), settings=config.settings())
+
+    # -- issued files -----------------------------------------------------------------------
+    def write_service_files(self, service_id: str, issued: Issued, key: Any) -> Path:
+        """``service_certificates/<id>/{cert,key,ca_chain}.pem``; key 0400, unencrypted."""
+        folder = self.services_dir / service_id
+        self.services_dir.mkdir(mode=0o700, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        write_file(folder / "key.pem", key_pem(key, None), 0o400)
+        write_file(folder / "cert.pem", cert_pem(issued.certificate), 0o644)
+        write_file(folder / "ca_chain.pem", cert_pem(*issued.chain), 0o644)
+        return folder
+
+    def issue_server_certificate(self, authority: Authority, config: Config) -> Issued:
+        """The API server's own certificate (also its client certificate for health probes)."""
+        dns = list(dict.fromkeys(["localhost", *config.server_san_dns]))
+        ips = list(dict.fromkeys(["127.0.0.1", *config.server_san_ip]))
+        actor = Actor.operator()
+        if authority.store.get_service(SERVER_SERVICE_ID) is None:
+            authority.register_service(SERVER_SERVICE_ID, service_name="VCC PKI server",
+                                       san_dns=dns, san_ip=ips, actor=actor)
+        issued, key = authority.issue_with_key(SERVER_SERVICE_ID, common_name="localhost",
+                                               san_dns=dns, san_ip=ips, key_type="ec-p256",
+                                               actor=actor)
+        self.server_dir.mkdir(mode=0o700, exist_ok=True)
+        write_file(self.server_key, key_pem(key, None), 0o400)
+        write_file(self.server_cert, cert_pem(issued.certificate, issued.chain[0]), 0o644)
+        return issued
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise CAUnavailable(f"{what} certificate {path} is missing; run `pki-admin init`") from None

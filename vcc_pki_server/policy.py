@@ -1,0 +1,202 @@
+"""Which names, keys and lifetimes a service may get. Pure rules over cryptography types."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from .ca import IPAddress, LeafPublicKey, LeafTemplate
+from .errors import InvalidCSR, InvalidRequest, PolicyRefused
+
+SERVICE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def check_service_id(service_id: object) -> str:
+    """Return ``service_id`` if it is a valid id (lower-case LDH label, 1–63 chars), else raise."""
+    if not isinstance(service_id, str) or not SERVICE_ID.match(service_id):
+        raise InvalidRequest(
+            f"invalid service id {service_id!r}: use 1-63 lower-case letters, digits and '-', "
+            "not starting or ending with '-'"
+        )
+    return service_id
+
+
+def normalize_dns_name(name: str) -> str:
+    """An LDH DNS name in lower-case A-labels; U-labels are converted, anything else refused."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(f"invalid DNS name {name!r}")
+    try:
+        ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        raise InvalidRequest(f"invalid DNS name {name!r}") from None
+    ascii_name = ascii_name.lower().rstrip(".")
+    if "*" in ascii_name:
+        raise InvalidRequest(f"wildcard DNS names are not issued: {name!r}")
+    labels = ascii_name.split(".")
+    if len(ascii_name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidRequest(f"invalid DNS name {name!r}: labels of 1-63 letters, digits and '-'")
+    if labels[-1].isdigit():
+        raise InvalidRequest(f"invalid DNS name {name!r}: looks like an IP address, use an IP SAN")
+    return ascii_name
+
+
+def normalize_ip(value: str | IPAddress) -> IPAddress:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise InvalidRequest(f"invalid IP address {value!r}") from None
+
+
+def normalize_sans(dns: Iterable[str], ips: Iterable[str | IPAddress]) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
+    """Validated, de-duplicated SAN lists in their first-seen order."""
+    d = tuple(dict.fromkeys(normalize_dns_name(n) for n in dns))
+    i = tuple(dict.fromkeys(normalize_ip(a) for a in ips))
+    return d, i
+
+
+def check_public_key(key: object) -> LeafPublicKey:
+    """Refuse keys too weak for the profile: RSA < 2048 bits or e != 65537, curves outside P-256/384/521."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise InvalidCSR(f"RSA key of {key.key_size} bits is too weak: at least 2048 bits")
+        if key.public_numbers().e != 65537:
+            raise InvalidCSR(f"RSA public exponent {key.public_numbers().e} refused: use 65537")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _ALLOWED_CURVES):
+            raise InvalidCSR(f"elliptic curve {key.curve.name} refused: use P-256 or P-384")
+        return key
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    raise InvalidCSR(f"unsupported key type {type(key).__name__}")
+
+
+def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM (or DER) CSR and check its self-signature and key; raise InvalidCSR otherwise."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        csr = (x509.load_pem_x509_csr(raw) if raw.lstrip().startswith(b"-----")
+               else x509.load_der_x509_csr(raw))
+    except ValueError as exc:
+        raise InvalidCSR(f"CSR cannot be parsed: {exc}") from None
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithms raise from the binding
+        valid = False
+    if not valid:
+        raise InvalidCSR("CSR signature is invalid (tampered or not self-signed)")
+    try:
+        check_public_key(csr.public_key())
+    except InvalidCSR:
+        raise
+    except Exception as exc:
+        raise InvalidCSR(f"CSR public key cannot be read: {exc}") from None
+    return csr
+
+
+def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str], list[IPAddress]]:
+    """The CN and SANs a CSR asks for (unvalidated)."""
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else None
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return cn, [], []
+    except ValueError as exc:
+        raise InvalidCSR(f"CSR extensions cannot be parsed: {exc}") from None
+    others = [g for g in san if not isinstance(g, (x509.DNSName, x509.IPAddress))]
+    if others:
+        raise InvalidCSR(f"CSR asks for unsupported SAN types: {', '.join(type(g).__name__ for g in others)}")
+    return cn, list(san.get_values_for_type(x509.DNSName)), list(san.get_values_for_type(x509.IPAddress))
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+@attrs.frozen(kw_only=True)
+class Policy:
+    """Issuance limits: default and maximum leaf lifetime, backdating for clock skew."""
+
+    default_validity_days: int = 365
+    max_validity_days: int = 365
+    backdate: timedelta = timedelta(minutes=5)
+
+    def validity(self, requested_days: object, now: datetime) -> tuple[datetime, datetime]:
+        """``(not_before, not_after)`` for a request; a lifetime above the maximum is refused."""
+        days = self.default_validity_days if requested_days is None else requested_days
+        if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+            raise InvalidRequest(f"validity_days must be a positive integer, got {requested_days!r}")
+        if days > self.max_validity_days:
+            raise InvalidRequest(
+                f"validity_days {days} exceeds the policy maximum of {self.max_validity_days}")
+        return now - self.backdate, now + timedelta(days=days)
+
+    def grant_names(
+        self, service_id: str, allow_dns: Iterable[str], allow_ip: Iterable[str], *,
+        cn: str | None, dns: Iterable[str], ips: Iterable[str | IPAddress],
+    ) -> tuple[str, tuple[str, ...], tuple[IPAddress, ...]]:
+        """The CN and SANs a service gets: the requested names if all are in its allow-list,
+        the whole allow-list if it requested none. The CN is copied into the SANs.
+
+        A requested CN equal to the service id is only a label for who asks (clients put their
+        id there), so it is dropped rather than refused when it is not in the allow-list.
+        """
+        allowed_dns, allowed_ip = normalize_sans(allow_dns, allow_ip)
+        req_dns, req_ip = normalize_sans(dns, ips)
+        cn_dns: list[str] = []
+        cn_ip: list[IPAddress] = []
+        if cn:
+            try:
+                cn_ip.append(ipaddress.ip_address(cn))
+            except ValueError:
+                name = normalize_dns_name(cn)
+                if name in allowed_dns or name != service_id:
+                    cn_dns.append(name)
+        if not (req_dns or req_ip):
+            req_dns, req_ip = allowed_dns, allowed_ip
+        want_dns = tuple(dict.fromkeys(cn_dns + list(req_dns)))
+        want_ip = tuple(dict.fromkeys(cn_ip + list(req_ip)))
+        for name in want_dns:
+            if name not in allowed_dns:
+                raise PolicyRefused(f"SAN '{name}' is not in the allow-list of service '{service_id}'")
+        for ip in want_ip:
+            if ip not in allowed_ip:
+                raise PolicyRefused(f"SAN '{ip}' is not in the allow-list of service '{service_id}'")
+        if not (want_dns or want_ip):
+            raise PolicyRefused(f"service '{service_id}' has an empty SAN allow-list")
+        common_name = cn_dns[0] if cn_dns else (str(cn_ip[0]) if cn_ip else
+                                                (want_dns[0] if want_dns else str(want_ip[0])))
+        return common_name, want_dns, want_ip
+
+    def template(self, service_id: str, allow_dns: Iterable[str], allow_ip: Iterable[str],
+                 csr: x509.CertificateSigningRequest, *, now: datetime,
+                 validity_days: object = None) -> LeafTemplate:
+        """The leaf template for a checked CSR (see :func:`load_csr`)."""
+        cn, dns, ips = csr_names(csr)
+        try:
+            normalize_sans(dns, ips)
+            if cn is not None:
+                cn_is_ip = _is_ip(cn)
+                if not cn_is_ip:
+                    normalize_dns_name(cn)
+        except InvalidRequest as exc:
+            raise InvalidCSR(f"CSR names: {exc}") from None
+        common_name, san_dns, san_ip = self.grant_names(
+            service_id, allow_dns, allow_ip, cn=cn, dns=dns, ips=ips)
+        not_before, not_after = self.validity(validity_days, now)
+        return LeafTemplate(common_name=common_name, san_dns=san_dns, san_ip=san_ip,
+                            not_before=not_before, not_after=not_after)

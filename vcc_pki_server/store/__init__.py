@@ -1,0 +1,192 @@
+"""The store: records the CA keeps, and the small interface every backend implements.
+
+:class:`Store` is a ``typing.Protocol``; :mod:`.sqlite` is the embedded default. Each method is
+one transaction, and every state change writes its audit-log row inside that transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def utc_text(moment: datetime) -> str:
+    """RFC 3339 UTC with a ``Z``, second precision: sortable as text."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+@attrs.frozen(kw_only=True)
+class Health:
+    status: str = "unknown"  # healthy | unhealthy | unknown
+    last_checked: datetime | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ServiceRecord:
+    """A registry entry; ``san_dns`` / ``san_ip`` are the allow-list for its certificates."""
+
+    service_id: str
+    service_name: str
+    endpoints: tuple[str, ...] = ()
+    health_check_url: str | None = None
+    version: str | None = None
+    owner: str | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    san_dns: tuple[str, ...] = ()
+    san_ip: tuple[str, ...] = ()
+    created_at: datetime
+    updated_at: datetime
+    health: Health = Health()
+
+
+@attrs.frozen(kw_only=True)
+class CertificateRecord:
+    """One issued certificate as stored: enough to list, authenticate and revoke without parsing."""
+
+    serial: str  # lowercase hex, no separators
+    service_id: str
+    subject: str
+    san_dns: tuple[str, ...]
+    san_ip: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    fingerprint: str  # SHA-256 of the DER, lowercase hex
+    pem: str
+    issued_at: datetime
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+    row_id: int | None = None
+
+    @classmethod
+    def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime) -> CertificateRecord:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = tuple(san.get_values_for_type(x509.DNSName))
+            ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        except x509.ExtensionNotFound:
+            dns, ips = (), ()
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return cls(
+            serial=format(cert.serial_number, "x"), service_id=service_id,
+            subject=cert.subject.rfc4514_string(), san_dns=dns, san_ip=ips,
+            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+            fingerprint=hashlib.sha256(der).hexdigest(),
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode(), issued_at=issued_at,
+        )
+
+    def status(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.not_after <= now:
+            return "expired"
+        if self.not_before > now:
+            return "not_yet_valid"
+        return "valid"
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.pem.encode())
+
+
+@attrs.frozen(kw_only=True)
+class TokenRecord:
+    """An admin or enrolment token; only the SHA-256 of its secret is kept."""
+
+    token_id: str
+    kind: str  # admin | enrolment
+    secret_hash: str = attrs.field(repr=False)
+    created_at: datetime
+    name: str | None = None
+    service_id: str | None = None
+    expires_at: datetime | None = None
+    used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@attrs.frozen(kw_only=True)
+class CRLRecord:
+    number: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes = attrs.field(repr=False)
+    entries: int
+
+
+@attrs.frozen(kw_only=True)
+class AuditEntry:
+    at: datetime
+    actor: str
+    action: str
+    service_id: str | None = None
+    serial: str | None = None
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class CertificateQuery:
+    """Filters for :meth:`Store.list_certificates`; ``after`` is the row id cursor."""
+
+    service_id: str | None = None
+    status: str | None = None  # valid | revoked | expired
+    expiring_before: datetime | None = None
+    now: datetime
+    limit: int = 100
+    after: int | None = None
+
+
+class Store(Protocol):
+    """What the authority needs from storage. Implementations: :class:`.sqlite.SQLiteStore`."""
+
+    def close(self) -> None: ...
+
+    # services
+    def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None: ...
+    def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None: ...
+    def get_service(self, service_id: str) -> ServiceRecord | None: ...
+    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
+                      after: str | None = None) -> list[ServiceRecord]: ...
+    def record_health(self, service_id: str, health: Health, *, event: str | None) -> None: ...
+
+    # certificates
+    def add_certificate(self, record: CertificateRecord, *, actor: str,
+                        consume_token: str | None = None, now: datetime | None = None) -> None: ...
+    def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None: ...
+    def get_certificate(self, serial: str) -> CertificateRecord | None: ...
+    def find_certificate(self, fingerprint: str) -> CertificateRecord | None: ...
+    def certificates_for(self, service_id: str) -> list[CertificateRecord]: ...
+    def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]: ...
+    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord: ...
+    def revoked(self) -> list[tuple[str, datetime, str]]: ...
+
+    # CRLs
+    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
+                actor: str) -> CRLRecord: ...
+    def latest_crl_number(self) -> int: ...
+    def latest_crl(self) -> CRLRecord | None: ...
+    def list_crls(self, limit: int = 20) -> list[CRLRecord]: ...
+
+    # tokens
+    def add_token(self, token: TokenRecord, *, actor: str) -> None: ...
+    def get_token(self, token_id: str) -> TokenRecord | None: ...
+    def list_tokens(self, kind: str | None = None) -> list[TokenRecord]: ...
+    def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord: ...
+
+    # audit
+    def audit(self, entry: AuditEntry) -> None: ...
+    def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]: ...
+
+
+def dumps(value: Sequence[Any] | dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,452 @@
+"""SQLiteStore: the embedded store (WAL, one writer at a time, every change audited). The only SQL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..errors import Conflict, NotFound
+from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
+               TokenRecord, dumps, parse_utc, utc_text)
+
+# Ordered forward migrations; the index + 1 is the schema version they lead to.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE services (
+        service_id TEXT PRIMARY KEY,
+        service_name TEXT NOT NULL,
+        endpoints TEXT NOT NULL DEFAULT '[]',
+        health_check_url TEXT,
+        version TEXT,
+        owner TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        san_dns TEXT NOT NULL DEFAULT '[]',
+        san_ip TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        health_status TEXT NOT NULL DEFAULT 'unknown',
+        last_checked TEXT,
+        last_error TEXT,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE certificates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        serial TEXT NOT NULL UNIQUE,
+        service_id TEXT NOT NULL REFERENCES services(service_id),
+        subject TEXT NOT NULL,
+        san_dns TEXT NOT NULL,
+        san_ip TEXT NOT NULL,
+        not_before TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
+        pem TEXT NOT NULL,
+        issued_at TEXT NOT NULL
+    );
+    CREATE INDEX certificates_service ON certificates(service_id, id);
+    CREATE INDEX certificates_not_after ON certificates(not_after);
+    CREATE TABLE revocations (
+        serial TEXT PRIMARY KEY REFERENCES certificates(serial),
+        revoked_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE TABLE crls (
+        number INTEGER PRIMARY KEY,
+        this_update TEXT NOT NULL,
+        next_update TEXT NOT NULL,
+        entries INTEGER NOT NULL,
+        der BLOB NOT NULL
+    );
+    CREATE TABLE tokens (
+        token_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('admin', 'enrolment')),
+        secret_hash TEXT NOT NULL,
+        name TEXT,
+        service_id TEXT,
+        created_at TEXT NOT NULL,
+        expires_at TEXT,
+        used_at TEXT,
+        revoked_at TEXT
+    );
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        service_id TEXT,
+        serial TEXT,
+        details TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_service ON audit_log(service_id, id);
+    """,
+)
+
+_CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c.not_before, "
+                 "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason")
+_CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
+
+
+def _opt_time(text: str | None) -> datetime | None:
+    return parse_utc(text) if text else None
+
+
+def _opt_text(moment: datetime | None) -> str | None:
+    return utc_text(moment) if moment else None
+
+
+class SQLiteStore:
+    """The default :class:`~vcc_pki_server.store.Store`: one SQLite file in WAL mode.
+
+    One connection per store object, serialised by a lock (callers run in a thread pool);
+    writers take ``BEGIN IMMEDIATE`` so that several processes (the server, ``pki-admin``,
+    more workers) queue on SQLite's lock instead of failing. ``synchronous=FULL``: a committed
+    certificate survives a power loss, not only a crash.
+    """
+
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, params)
+            return cur.fetchall()
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this program")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute("UPDATE schema_version SET version = ?", (number,))
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT version FROM schema_version")[0][0])
+
+    def integrity_check(self) -> str:
+        return str(self._read("PRAGMA integrity_check")[0][0])
+
+    @staticmethod
+    def _audit(db: sqlite3.Connection, entry: AuditEntry) -> None:
+        db.execute(
+            "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)",
+            (utc_text(entry.at), entry.actor, entry.action, entry.service_id, entry.serial,
+             dumps(entry.details)),
+        )
+
+    def audit(self, entry: AuditEntry) -> None:
+        with self._write() as db:
+            self._audit(db, entry)
+
+    def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
+        where, params = ("WHERE service_id = ?", [service_id]) if service_id else ("", [])
+        rows = self._read(f"SELECT at, actor, action, service_id, serial, details FROM audit_log "
+                          f"{where} ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [AuditEntry(at=parse_utc(r[0]), actor=r[1], action=r[2], service_id=r[3],
+                           serial=r[4], details=json.loads(r[5])) for r in rows]
+
+    # -- services ---------------------------------------------------------------------------
+    @staticmethod
+    def _service_row(s: ServiceRecord) -> tuple[Any, ...]:
+        return (s.service_name, dumps(list(s.endpoints)), s.health_check_url, s.version, s.owner,
+                dumps(s.metadata), dumps(list(s.san_dns)), dumps(list(s.san_ip)),
+                utc_text(s.created_at), utc_text(s.updated_at), s.service_id)
+
+    @staticmethod
+    def _service(r: sqlite3.Row | tuple[Any, ...]) -> ServiceRecord:
+        return ServiceRecord(
+            service_id=r[0], service_name=r[1], endpoints=tuple(json.loads(r[2])),
+            health_check_url=r[3], version=r[4], owner=r[5], metadata=json.loads(r[6]),
+            san_dns=tuple(json.loads(r[7])), san_ip=tuple(json.loads(r[8])),
+            created_at=parse_utc(r[9]), updated_at=parse_utc(r[10]),
+            health=Health(status=r[11], last_checked=_opt_time(r[12]), last_error=r[13],
+                          consecutive_failures=r[14]),
+        )
+
+    _SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
+                        "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
+                        "last_checked, last_error, consecutive_failures")
+
+    def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
+        with self._write() as db:
+            try:
+                db.execute(
+                    "INSERT INTO services (service_name, endpoints, health_check_url, version, owner, "
+                    "metadata, san_dns, san_ip, created_at, updated_at, service_id) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._service_row(service))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"service '{service.service_id}' is already registered") from None
+            self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
+                                       service_id=service.service_id,
+                                       details={"san_dns": list(service.san_dns),
+                                                "san_ip": list(service.san_ip)}))
+            if token is not None:
+                self._insert_token(db, token, actor)
+
+    def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, version=?, "
+                "owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, updated_at=? "
+                "WHERE service_id=?", self._service_row(service))
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
+            self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
+                                       service_id=service.service_id))
+
+    def get_service(self, service_id: str) -> ServiceRecord | None:
+        rows = self._read(f"SELECT {self._SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
+        return self._service(rows[0]) if rows else None
+
+    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
+                      after: str | None = None) -> list[ServiceRecord]:
+        clauses, params = [], []  # type: ignore[var-annotated]
+        if healthy is not None:
+            clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
+        if after is not None:
+            clauses.append("service_id > ?")
+            params.append(after)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(f"SELECT {self._SERVICE_COLUMNS} FROM services {where} "
+                          f"ORDER BY service_id LIMIT ?", [*params, limit])
+        return [self._service(r) for r in rows]
+
+    def record_health(self, service_id: str, health: Health, *, event: str | None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE services SET health_status=?, last_checked=?, last_error=?, "
+                       "consecutive_failures=? WHERE service_id=?",
+                       (health.status, _opt_text(health.last_checked), health.last_error,
+                        health.consecutive_failures, service_id))
+            if event and health.last_checked is not None:
+                details = {"error": health.last_error} if health.last_error else {}
+                self._audit(db, AuditEntry(at=health.last_checked, actor="health-checker",
+                                           action=event, service_id=service_id, details=details))
+
+    # -- certificates -----------------------------------------------------------------------
+    @staticmethod
+    def _cert(r: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
+        return CertificateRecord(
+            row_id=r[0], serial=r[1], service_id=r[2], subject=r[3],
+            san_dns=tuple(json.loads(r[4])), san_ip=tuple(json.loads(r[5])),
+            not_before=parse_utc(r[6]), not_after=parse_utc(r[7]), fingerprint=r[8], pem=r[9],
+            issued_at=parse_utc(r[10]), revoked_at=_opt_time(r[11]), revocation_reason=r[12],
+        )
+
+    def _insert_certificate(self, db: sqlite3.Connection, record: CertificateRecord, actor: str) -> None:
+        try:
+            db.execute(
+                "INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, not_before, "
+                "not_after, fingerprint, pem, issued_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
+                 dumps(list(record.san_ip)), utc_text(record.not_before), utc_text(record.not_after),
+                 record.fingerprint, record.pem, utc_text(record.issued_at)))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"certificate serial {record.serial} is already in the store: {exc}") from None
+        self._audit(db, AuditEntry(at=record.issued_at, actor=actor, action="certificate.issue",
+                                   service_id=record.service_id, serial=record.serial,
+                                   details={"not_after": utc_text(record.not_after)}))
+
+    def add_certificate(self, record: CertificateRecord, *, actor: str,
+                        consume_token: str | None = None, now: datetime | None = None) -> None:
+        """Record an issued certificate; with ``consume_token`` the enrolment token is spent in
+        the same transaction, and a token already spent makes the whole call fail (Conflict)."""
+        with self._write() as db:
+            if consume_token is not None:
+                cur = db.execute("UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL "
+                                 "AND revoked_at IS NULL",
+                                 (utc_text(now or record.issued_at), consume_token))
+                if cur.rowcount != 1:
+                    raise Conflict("enrolment token already used", code="invalid_token")
+            self._insert_certificate(db, record, actor)
+
+    def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
+        """Record several certificates in one transaction (one fsync): group commit."""
+        with self._write() as db:
+            for record, actor in records:
+                self._insert_certificate(db, record, actor)
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=?", (serial,))
+        return self._cert(rows[0]) if rows else None
+
+    def find_certificate(self, fingerprint: str) -> CertificateRecord | None:
+        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.fingerprint=?", (fingerprint,))
+        return self._cert(rows[0]) if rows else None
+
+    def certificates_for(self, service_id: str) -> list[CertificateRecord]:
+        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.service_id=? "
+                          f"ORDER BY c.id DESC", (service_id,))
+        return [self._cert(r) for r in rows]
+
+    def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        now = utc_text(query.now)
+        if query.service_id is not None:
+            clauses.append("c.service_id = ?")
+            params.append(query.service_id)
+        if query.status == "revoked":
+            clauses.append("r.serial IS NOT NULL")
+        elif query.status == "expired":
+            clauses.append("r.serial IS NULL AND c.not_after <= ?")
+            params.append(now)
+        elif query.status == "valid":
+            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_before <= ?")
+            params += [now, now]
+        if query.expiring_before is not None:
+            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_after <= ?")
+            params += [now, utc_text(query.expiring_before)]
+        if query.after is not None:
+            clauses.append("c.id > ?")
+            params.append(query.after)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} {where} ORDER BY c.id LIMIT ?",
+                          [*params, query.limit])
+        return [self._cert(r) for r in rows]
+
+    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
+        with self._write() as db:
+            row = db.execute(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=?", (serial,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
+            record = self._cert(row)
+            if record.revoked_at is not None:
+                raise Conflict(f"certificate {serial} of '{record.service_id}' is already revoked "
+                               f"({record.revocation_reason})", code="already_revoked")
+            db.execute("INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
+                       (serial, utc_text(at), reason))
+            self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
+                                       service_id=record.service_id, serial=serial,
+                                       details={"reason": reason}))
+        return attrs.evolve(record, revoked_at=parse_utc(utc_text(at)), revocation_reason=reason)
+
+    def revoked(self) -> list[tuple[str, datetime, str]]:
+        rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")
+        return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
+
+    # -- CRLs -------------------------------------------------------------------------------
+    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
+                actor: str) -> CRLRecord:
+        """Build and store the next CRL inside one write transaction.
+
+        ``build(number, revoked)`` signs it; holding the write lock while it runs keeps CRL
+        numbers strictly increasing *and* makes the newest CRL contain every revocation
+        committed before it, even with several processes revoking at once.
+        """
+        with self._write() as db:
+            number = int(db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
+            rows = db.execute("SELECT serial, revoked_at, reason FROM revocations").fetchall()
+            crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
+            db.execute("INSERT INTO crls (number, this_update, next_update, entries, der) "
+                       "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
+                                              utc_text(crl.next_update), crl.entries, crl.der))
+            # Superseded CRLs: keep a short history for `crl list`, not every body.
+            db.execute("DELETE FROM crls WHERE number < ?", (crl.number - 50,))
+            self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
+                                       details={"number": crl.number, "entries": crl.entries}))
+        return crl
+
+    def latest_crl_number(self) -> int:
+        return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
+
+    _CRL_COLUMNS = "number, this_update, next_update, der, entries"
+
+    @staticmethod
+    def _crl(r: sqlite3.Row | tuple[Any, ...]) -> CRLRecord:
+        return CRLRecord(number=r[0], this_update=parse_utc(r[1]), next_update=parse_utc(r[2]),
+                         der=bytes(r[3]), entries=r[4])
+
+    def latest_crl(self) -> CRLRecord | None:
+        rows = self._read(f"SELECT {self._CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
+        return self._crl(rows[0]) if rows else None
+
+    def list_crls(self, limit: int = 20) -> list[CRLRecord]:
+        rows = self._read(f"SELECT {self._CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT ?", (limit,))
+        return [self._crl(r) for r in rows]
+
+    # -- tokens -----------------------------------------------------------------------------
+    @staticmethod
+    def _insert_token(db: sqlite3.Connection, token: TokenRecord, actor: str) -> None:
+        db.execute("INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
+                   "expires_at, used_at, revoked_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                   (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
+                    utc_text(token.created_at), _opt_text(token.expires_at),
+                    _opt_text(token.used_at), _opt_text(token.revoked_at)))
+        SQLiteStore._audit(db, AuditEntry(at=token.created_at, actor=actor,
+                                          action=f"token.create.{token.kind}",
+                                          service_id=token.service_id,
+                                          details={"token_id": token.token_id}))
+
+    def add_token(self, token: TokenRecord, *, actor: str) -> None:
+        with self._write() as db:
+            self._insert_token(db, token, actor)
+
+    _TOKEN_COLUMNS = ("token_id, kind, secret_hash, name, service_id, created_at, expires_at, "
+                      "used_at, revoked_at")
+
+    @staticmethod
+    def _token(r: sqlite3.Row | tuple[Any, ...]) -> TokenRecord:
+        return TokenRecord(token_id=r[0], kind=r[1], secret_hash=r[2], name=r[3], service_id=r[4],
+                           created_at=parse_utc(r[5]), expires_at=_opt_time(r[6]),
+                           used_at=_opt_time(r[7]), revoked_at=_opt_time(r[8]))
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = self._read(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,))
+        return self._token(rows[0]) if rows else None
+
+    def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
+        where, params = ("WHERE kind=?", (kind,)) if kind else ("", ())
+        rows = self._read(f"SELECT {self._TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
+        return [self._token(r) for r in rows]
+
+    def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
+        with self._write() as db:
+            cur = db.execute("UPDATE tokens SET revoked_at=? WHERE token_id=? AND revoked_at IS NULL",
+                             (utc_text(at), token_id))
+            if cur.rowcount != 1:
+                exists = db.execute("SELECT 1 FROM tokens WHERE token_id=?", (token_id,)).fetchone()
+                if exists:
+                    raise Conflict(f"token {token_id} is already revoked")
+                raise NotFound(f"unknown token '{token_id}'")
+            row = db.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,)).fetchone()
+            token = self._token(row)
+            self._audit(db, AuditEntry(at=at, actor=actor, action=f"token.revoke.{token.kind}",
+                                       service_id=token.service_id, details={"token_id": token_id}))
+        return token
+
