@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from support import RunningServer
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.home import Config, Home
 
@@ -50,3 +51,17 @@ def operator() -> Actor:
 def service_id() -> str:
     """A fresh service id, so tests sharing the session CA do not collide."""
     return f"svc-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def admin_token(authority: Authority) -> str:
+    return authority.create_admin_token(name="tests", expires_days=None, actor=Actor.operator()).value
+
+
+@pytest.fixture(scope="session")
+def pki_server(ca_home: Home, authority: Authority) -> Iterator[RunningServer]:
+    """The real server (subprocess, uvicorn, TLS) over the session CA home."""
+    server = RunningServer(ca_home, CA_PASSWORD, extra_args=["--health-interval", "1"])
+    server.start()
+    yield server
+    server.stop()

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -92,5 +93,80 @@ def have_openssl() -> bool:
     return shutil.which("openssl") is not None
 
 
+def tls_context(ca: Path | str, cert: Path | str | None = None,
+                key: Path | str | None = None) -> ssl.SSLContext:
+    """A client context trusting ``ca``, presenting ``cert``/``key`` if given (httpx ``verify=``)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
 def env_without_secrets() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("VCC_PKI_")}
+
+
+class RunningServer:
+    """A real ``vcc-pki-server`` subprocess on a free loopback port, over a given home."""
+
+    def __init__(self, home: Any, password: str, *, port: int | None = None,
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.password = password
+        self.port = port or free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(home.root) / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 20.0) -> RunningServer:
+        import time
+
+        import httpx
+
+        env = {**env_without_secrets(), **(self.env or {}), "VCC_PKI_CA_PASSWORD": self.password}
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [str(BIN / "vcc-pki-server"), "--home", str(self.home.root), "--port", str(self.port),
+                 *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc.wait()
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", verify=tls_context(self.home.root_cert),
+                             timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int | None = None) -> int | None:
+        import signal as _signal
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or _signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> RunningServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

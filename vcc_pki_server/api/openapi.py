@@ -1,0 +1,137 @@
+"""The API's OpenAPI 3.1 document, built from the route table plus one description per operation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.routing import BaseRoute, Route
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+_ID = {"name": "service_id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}
+
+
+def _q(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+
+
+_PAGE = [_q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"),
+         _q("cursor", {"type": "string"}, "next_cursor of the previous page")]
+_JSON_BODY = lambda ref, required=True: {  # noqa: E731
+    "required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+_PEM = {"content": {"application/x-pem-file": {"schema": {"type": "string"}},
+                    "application/pkix-cert": {"schema": {"type": "string", "format": "binary"}}}}
+
+# handler name -> (summary, security, extra operation fields, success status, success schema ref)
+OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = {
+    "request_certificate": ("Issue a certificate from a CSR (enrolment token, own mTLS certificate, or admin)",
+                            ["enrolment", "mtls", "admin"], {"requestBody": _JSON_BODY("CertificateRequest")},
+                            "201", "Issued"),
+    "list_certificates": ("List certificates", ["mtls", "admin"], {"parameters": [
+        _q("service_id", {"type": "string"}, "only this service"),
+        _q("status", {"enum": ["valid", "revoked", "expired"]}, "only this status"),
+        _q("expiring_within_days", {"type": "integer", "minimum": 0}, "valid and expiring within N days"),
+        *_PAGE]}, "200", "CertificatePage"),
+    "get_certificate": ("The service's current certificate", ["mtls", "admin"], {"parameters": [_ID]},
+                        "200", "Certificate"),
+    "download_certificate": ("PEM of the current certificate", ["mtls", "admin"], {"parameters": [
+        _ID, _q("chain", {"type": "boolean"}, "append intermediate and root")]}, "200", None),
+    "renew_certificate": ("Renew (same key) or rekey (with a CSR)", ["mtls", "admin"], {
+        "parameters": [_ID], "requestBody": _JSON_BODY("RenewRequest", False)}, "201", "Issued"),
+    "revoke_certificate": ("Revoke the current (or given) certificate; the CRL is regenerated",
+                           ["mtls", "admin"], {"parameters": [
+                               _ID, _q("reason", {"type": "string"}, "RFC 5280 reason name, e.g. keyCompromise"),
+                               _q("serial", {"type": "string"}, "lowercase hex serial")]}, "200", "Certificate"),
+    "list_services": ("The service registry", ["mtls", "admin"], {"parameters": [
+        _q("healthy", {"type": "boolean"}, "only services whose last probe succeeded"), *_PAGE]},
+        "200", "ServicePage"),
+    "register_service": ("Register a service (admin, 201 with enrolment token) or update own entry (mTLS, 200)",
+                         ["admin", "mtls"], {"requestBody": _JSON_BODY("ServiceRegistration")}, "201", "Service"),
+    "get_service": ("One registry entry with its certificates", ["mtls", "admin"], {"parameters": [_ID]},
+                    "200", "Service"),
+    "update_service": ("Change a registry entry (admin: anything; service: own descriptive fields)",
+                       ["admin", "mtls"], {"parameters": [_ID], "requestBody": _JSON_BODY("ServiceUpdate")},
+                       "200", "Service"),
+    "new_enrolment_token": ("A fresh one-time enrolment token for a service", ["admin"],
+                            {"parameters": [_ID]}, "201", None),
+    "ca_root": ("Root CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]}, "200", None),
+    "ca_intermediate": ("Intermediate CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]},
+                        "200", None),
+    "ca_chain": ("Intermediate then root, PEM", [], {}, "200", None),
+    "crl": ("The current CRL (DER; ?format=pem for PEM)", [], {"parameters": [
+        _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
+    "health": ("Liveness and readiness", [], {}, "200", None),
+    "openapi": ("This document", [], {}, "200", None),
+}
+
+_STR = {"type": "string"}
+_STRS = {"type": "array", "items": _STR}
+_TIME = {"type": "string", "format": "date-time"}
+SCHEMAS: dict[str, Any] = {
+    "CertificateRequest": {"type": "object", "required": ["service_id", "csr"], "properties": {
+        "service_id": _STR, "csr": {"type": "string", "description": "PEM CSR"},
+        "validity_days": {"type": "integer", "minimum": 1}}},
+    "RenewRequest": {"type": "object", "properties": {"csr": _STR, "validity_days": {"type": "integer"}}},
+    "Issued": {"type": "object", "properties": {
+        "service_id": _STR, "serial_number": _STR, "certificate": _STR, "chain": _STR,
+        "not_before": _TIME, "not_after": _TIME, "fingerprint_sha256": _STR}},
+    "Certificate": {"type": "object", "properties": {
+        "service_id": _STR, "serial_number": _STR, "subject": _STR, "san_dns": _STRS, "san_ip": _STRS,
+        "not_before": _TIME, "not_after": _TIME, "issued_at": _TIME,
+        "status": {"enum": ["valid", "revoked", "expired", "not_yet_valid"]},
+        "fingerprint_sha256": _STR, "revoked_at": {"type": ["string", "null"]},
+        "revocation_reason": {"type": ["string", "null"]}}},
+    "ServiceRegistration": {"type": "object", "required": ["service_id"], "properties": {
+        "service_id": _STR, "service_name": _STR, "endpoints": _STRS, "health_check_url": _STR,
+        "version": _STR, "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS}},
+    "ServiceUpdate": {"type": "object", "properties": {
+        "service_name": _STR, "endpoints": _STRS, "health_check_url": _STR, "version": _STR,
+        "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS}},
+    "Service": {"type": "object", "properties": {
+        "service_id": _STR, "service_name": _STR, "endpoints": _STRS, "health": {"type": "object"},
+        "certificates": {"type": "array", "items": {"$ref": "#/components/schemas/Certificate"}}}},
+    "CertificatePage": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Certificate"}},
+        "next_cursor": {"type": ["string", "null"]}}},
+    "ServicePage": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Service"}},
+        "next_cursor": {"type": ["string", "null"]}}},
+    "Problem": {"type": "object", "required": ["type", "title", "status", "code"], "properties": {
+        "type": _STR, "title": _STR, "status": {"type": "integer"}, "detail": _STR, "code": _STR}},
+}
+
+
+def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if not isinstance(route, Route) or route.methods is None:
+            continue
+        name = route.endpoint.__name__
+        summary, security, extra, status, schema = OPERATIONS[name]
+        for method in sorted(route.methods - {"HEAD"}):
+            success: dict[str, Any] = {"description": "success"}
+            if schema:
+                success["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+            elif name.startswith("ca_") or name == "download_certificate":
+                success.update(_PEM)
+            operation = {"operationId": name, "summary": summary, **extra,
+                         "responses": {status: success, "default": _PROBLEM}}
+            if security:
+                operation["security"] = [{s: []} for s in security]
+            paths.setdefault(route.path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "VCC PKI", "version": "1", "description":
+                 "Private CA for mutual TLS between internal services. Errors are RFC 9457 problem documents."},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {"Problem": {"description": "RFC 9457 problem document", "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}},
+            "securitySchemes": {
+                "admin": {"type": "http", "scheme": "bearer", "description": "admin token (pki-admin token create)"},
+                "enrolment": {"type": "http", "scheme": "bearer", "description": "one-time enrolment token"},
+                "mtls": {"type": "mutualTLS", "description": "client certificate issued by this CA"},
+            },
+        },
+    }

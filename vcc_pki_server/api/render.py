@@ -1,0 +1,73 @@
+"""JSON shapes of the API's answers (SPEC §5): serials and fingerprints lowercase hex, RFC 3339 times."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ..authority import Issued
+from ..home import cert_pem
+from ..store import CertificateRecord, ServiceRecord, utc_text
+
+
+def _t(moment: datetime | None) -> str | None:
+    return utc_text(moment) if moment is not None else None
+
+
+def issued(result: Issued) -> dict[str, Any]:
+    record = result.record
+    return {
+        "service_id": record.service_id,
+        "serial_number": record.serial,
+        "certificate": record.pem,
+        "chain": cert_pem(*result.chain).decode(),
+        "not_before": _t(record.not_before),
+        "not_after": _t(record.not_after),
+        "fingerprint_sha256": record.fingerprint,
+    }
+
+
+def certificate(record: CertificateRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "service_id": record.service_id,
+        "serial_number": record.serial,
+        "subject": record.subject,
+        "san_dns": list(record.san_dns),
+        "san_ip": list(record.san_ip),
+        "not_before": _t(record.not_before),
+        "not_after": _t(record.not_after),
+        "issued_at": _t(record.issued_at),
+        "status": record.status(now),
+        "fingerprint_sha256": record.fingerprint,
+        "revoked_at": _t(record.revoked_at),
+        "revocation_reason": record.revocation_reason,
+    }
+
+
+def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | None = None,
+            now: datetime) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "service_id": record.service_id,
+        "service_name": record.service_name,
+        "endpoints": list(record.endpoints),
+        "health_check_url": record.health_check_url,
+        "version": record.version,
+        "owner": record.owner,
+        "metadata": record.metadata,
+        "san_dns": list(record.san_dns),
+        "san_ip": list(record.san_ip),
+        "created_at": _t(record.created_at),
+        "updated_at": _t(record.updated_at),
+        "health": {
+            "status": record.health.status,
+            "last_checked": _t(record.health.last_checked),
+            "last_error": record.health.last_error,
+            "consecutive_failures": record.health.consecutive_failures,
+        },
+    }
+    if certificates is not None:
+        # Current (newest valid) first, then the rest newest first.
+        valid = [c for c in certificates if c.status(now) == "valid"]
+        rest = [c for c in certificates if c not in valid[:1]]
+        body["certificates"] = [certificate(c, now) for c in valid[:1] + rest]
+    return body

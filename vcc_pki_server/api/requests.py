@@ -1,0 +1,123 @@
+"""Reading requests: capped JSON bodies, typed fields, query parameters, and who is asking."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from ..authority import Actor, Authority
+from ..errors import InvalidRequest, NotAuthenticated, NotPermitted
+from ..mtls import peer_certificate_der
+from .problems import Problem
+
+MAX_BODY = 64 * 1024
+T = TypeVar("T")
+
+
+async def read_json(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object; the body is capped at 64 KiB even without a Content-Length."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise Problem("body_too_large", f"request body of {length} bytes exceeds the {MAX_BODY}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise Problem("body_too_large", f"request body exceeds the {MAX_BODY}-byte limit")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if optional:
+            return {}
+        raise Problem("malformed_request", "request body is empty; send a JSON object")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise Problem("unsupported_media_type",
+                      f"content type {media or '(none)'!r} is not supported; send application/json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("malformed_request", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise Problem("malformed_request", "request body must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type[T], *, required: bool = True) -> T | None:
+    """``body[name]`` checked to be a ``kind``; missing required fields and wrong types are 422."""
+    if name not in body or body[name] is None:
+        if required:
+            raise InvalidRequest(f"missing required field '{name}'")
+        return None
+    value = body[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidRequest(f"field '{name}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def query_int(request: Request, name: str, *, default: int | None = None, low: int = 0,
+              high: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"query parameter '{name}' must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidRequest(f"query parameter '{name}' must be {bound}, got {value}")
+    return value
+
+
+def query_bool(request: Request, name: str) -> bool | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise InvalidRequest(f"query parameter '{name}' must be true or false, got {raw!r}")
+
+
+def authenticate(request: Request) -> Actor:
+    """Who is asking: a bearer token (admin or enrolment) or else the mTLS client certificate.
+
+    Synchronous (it reads the store): call it inside the worker thread with the work itself.
+    Certificates are re-checked on every request (fingerprint, revocation, expiry), never
+    trusted because a handshake or a resumed session once accepted them.
+    """
+    authority: Authority = request.app.state.authority
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise NotAuthenticated("Authorization must be 'Bearer <token>'", code="invalid_token")
+        actor = authority.authenticate_token(value.strip())
+    else:
+        der = peer_certificate_der(request.scope)
+        if der is None:
+            raise NotAuthenticated("no credentials: present a client certificate or a bearer token")
+        actor = authority.authenticate_certificate(der)
+    request.scope.setdefault("state", {})["actor"] = actor.label
+    return actor
+
+
+async def as_actor(request: Request, work: Callable[[Actor], T], *, enrolment: bool = False) -> T:
+    """Authenticate and run ``work(actor)`` in one worker-thread hop.
+
+    Enrolment tokens are accepted only where ``enrolment`` is True (certificate requests).
+    """
+    def run() -> T:
+        actor = authenticate(request)
+        if actor.kind == "enrolment" and not enrolment:
+            raise NotPermitted("an enrolment token may only request the first certificate")
+        return work(actor)
+
+    return await run_in_threadpool(run)

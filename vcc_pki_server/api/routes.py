@@ -1,0 +1,257 @@
+"""The HTTP API's handlers: parse, authorise, call the authority, render. No certificate logic here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ..authority import Actor, Authority
+from ..errors import InvalidRequest
+from ..home import cert_pem
+from ..policy import check_service_id
+from . import render
+from .openapi import openapi_document
+from .requests import as_actor, field, query_bool, query_int, read_json
+
+PEM = "application/x-pem-file"
+
+
+def _authority(request: Request) -> Authority:
+    return request.app.state.authority  # type: ignore[no-any-return]
+
+
+def _service_id(request: Request) -> str:
+    return check_service_id(request.path_params["service_id"])
+
+
+def _page(items: list[dict[str, Any]], cursor: Any, limit: int) -> JSONResponse:
+    return JSONResponse({"items": items, "next_cursor": str(cursor) if len(items) == limit and cursor is not None else None})
+
+
+# -- certificates ---------------------------------------------------------------------------
+async def request_certificate(request: Request) -> Response:
+    body = await read_json(request)
+    service_id = check_service_id(field(body, "service_id", str))
+    csr = field(body, "csr", str)
+    validity = body.get("validity_days")
+    authority = _authority(request)
+    issued = await as_actor(request, lambda actor: authority.issue(
+        service_id, csr or "", actor=actor, validity_days=validity), enrolment=True)
+    return JSONResponse(render.issued(issued), status_code=201)
+
+
+async def list_certificates(request: Request) -> Response:
+    authority = _authority(request)
+    limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
+    cursor = query_int(request, "cursor", low=0)
+    service_id = request.query_params.get("service_id")
+    if service_id is not None:
+        check_service_id(service_id)
+    status = request.query_params.get("status")
+    expiring = query_int(request, "expiring_within_days", low=0)
+
+    def work(actor: Actor) -> list[Any]:
+        return authority.list_certificates(service_id=service_id, status=status,
+                                           expiring_within_days=expiring, limit=limit, after=cursor)
+
+    records = await as_actor(request, work)
+    now = authority.clock()
+    return _page([render.certificate(r, now) for r in records],
+                 records[-1].row_id if records else None, limit)
+
+
+async def get_certificate(request: Request) -> Response:
+    service_id = _service_id(request)
+    authority = _authority(request)
+    record = await as_actor(request, lambda actor: authority.current(service_id))
+    return JSONResponse(render.certificate(record, authority.clock()))
+
+
+async def download_certificate(request: Request) -> Response:
+    service_id = _service_id(request)
+    authority = _authority(request)
+    chain = query_bool(request, "chain") or False
+    record = await as_actor(request, lambda actor: authority.current(service_id))
+    body = record.pem.encode()
+    if chain:
+        body += authority.ca.chain_pem
+    return Response(body, media_type=PEM,
+                    headers={"Content-Disposition": f'attachment; filename="{service_id}.pem"'})
+
+
+async def renew_certificate(request: Request) -> Response:
+    service_id = _service_id(request)
+    body = await read_json(request, optional=True)
+    csr = field(body, "csr", str, required=False)
+    validity = body.get("validity_days")
+    authority = _authority(request)
+    issued = await as_actor(request, lambda actor: authority.renew(
+        service_id, actor=actor, csr_pem=csr, validity_days=validity))
+    return JSONResponse(render.issued(issued), status_code=201)
+
+
+async def revoke_certificate(request: Request) -> Response:
+    service_id = _service_id(request)
+    reason = request.query_params.get("reason") or "unspecified"
+    serial = request.query_params.get("serial") or None
+    if serial is not None and not all(c in "0123456789abcdefABCDEF" for c in serial):
+        raise InvalidRequest(f"serial must be hexadecimal, got {serial!r}")
+    authority = _authority(request)
+    record = await as_actor(request, lambda actor: authority.revoke(
+        service_id, reason=reason, serial=serial, actor=actor))
+    return JSONResponse(render.certificate(record, authority.clock()))
+
+
+# -- services -------------------------------------------------------------------------------
+_REGISTRY_FIELDS = ("service_name", "endpoints", "health_check_url", "version", "owner", "metadata")
+
+
+async def list_services(request: Request) -> Response:
+    authority = _authority(request)
+    limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
+    healthy = query_bool(request, "healthy")
+    cursor = request.query_params.get("cursor") or None
+    records = await as_actor(request, lambda actor: authority.list_services(
+        healthy=healthy, limit=limit, after=cursor))
+    now = authority.clock()
+    return _page([render.service(r, now=now) for r in records],
+                 records[-1].service_id if records else None, limit)
+
+
+async def register_service(request: Request) -> Response:
+    body = await read_json(request)
+    service_id = check_service_id(field(body, "service_id", str))
+    known = {"service_id", "san_dns", "san_ip", *_REGISTRY_FIELDS}
+    unknown = set(body) - known
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    authority = _authority(request)
+
+    def work(actor: Actor) -> tuple[int, dict[str, Any]]:
+        now = authority.clock()
+        if actor.is_admin:
+            fields = {k: body[k] for k in _REGISTRY_FIELDS if k in body and k != "service_name"}
+            record, token = authority.register_service(
+                service_id, service_name=field(body, "service_name", str, required=False),
+                san_dns=body.get("san_dns") or (), san_ip=body.get("san_ip") or (), actor=actor,
+                **fields)
+            out = render.service(record, now=now)
+            out["enrolment_token"] = token.value
+            out["enrolment_token_expires_at"] = render._t(token.record.expires_at)
+            return 201, out
+        changes = {k: body[k] for k in (*_REGISTRY_FIELDS, "san_dns", "san_ip") if k in body}
+        record = authority.update_service(service_id, changes, actor=actor)
+        return 200, render.service(record, now=now)
+
+    status, out = await as_actor(request, work)
+    return JSONResponse(out, status_code=status)
+
+
+async def get_service(request: Request) -> Response:
+    service_id = _service_id(request)
+    authority = _authority(request)
+
+    def work(actor: Actor) -> dict[str, Any]:
+        record = authority.service(service_id)
+        return render.service(record, certificates=authority.certificates(service_id),
+                              now=authority.clock())
+
+    return JSONResponse(await as_actor(request, work))
+
+
+async def update_service(request: Request) -> Response:
+    service_id = _service_id(request)
+    body = await read_json(request)
+    authority = _authority(request)
+    record = await as_actor(request, lambda actor: authority.update_service(service_id, body, actor=actor))
+    return JSONResponse(render.service(record, now=authority.clock()))
+
+
+async def new_enrolment_token(request: Request) -> Response:
+    service_id = _service_id(request)
+    authority = _authority(request)
+    token = await as_actor(request, lambda actor: authority.new_enrolment_token(service_id, actor=actor))
+    return JSONResponse({"service_id": service_id, "enrolment_token": token.value,
+                         "expires_at": render._t(token.record.expires_at)}, status_code=201)
+
+
+# -- public ---------------------------------------------------------------------------------
+def _cert_response(request: Request, *certs: x509.Certificate) -> Response:
+    fmt = request.query_params.get("format", "pem").lower()
+    if fmt == "der":
+        if len(certs) != 1:
+            raise InvalidRequest("format=der is available for single certificates; the chain is PEM")
+        return Response(certs[0].public_bytes(serialization.Encoding.DER), media_type="application/pkix-cert")
+    if fmt != "pem":
+        raise InvalidRequest(f"format must be pem or der, got {fmt!r}")
+    return Response(cert_pem(*certs), media_type=PEM)
+
+
+async def ca_root(request: Request) -> Response:
+    return _cert_response(request, _authority(request).ca.root)
+
+
+async def ca_intermediate(request: Request) -> Response:
+    return _cert_response(request, _authority(request).ca.certificate)
+
+
+async def ca_chain(request: Request) -> Response:
+    return _cert_response(request, *_authority(request).ca.chain)
+
+
+async def crl(request: Request) -> Response:
+    fmt = request.query_params.get("format", "der").lower()
+    if fmt not in ("der", "pem"):
+        raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
+    record = await run_in_threadpool(_authority(request).crl)
+    headers = {"Cache-Control": "no-cache"}
+    if fmt == "pem":
+        pem = x509.load_der_x509_crl(record.der).public_bytes(serialization.Encoding.PEM)
+        return Response(pem, media_type=PEM, headers=headers)
+    return Response(record.der, media_type="application/pkix-crl", headers=headers)
+
+
+async def health(request: Request) -> Response:
+    authority = _authority(request)
+
+    def check() -> dict[str, Any]:
+        number = authority.store.latest_crl_number()
+        return {"status": "ok", "database": "ok", "ca": "loaded", "crl_number": number}
+
+    try:
+        body = await run_in_threadpool(check)
+    except Exception as exc:  # readiness: a broken store makes the server not ready
+        return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
+    return JSONResponse(body)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document(ROUTES))
+
+
+API = "/api/v1"
+ROUTES: list[BaseRoute] = [
+    Route(f"{API}/certificates/request", request_certificate, methods=["POST"]),
+    Route(f"{API}/certificates/", list_certificates, methods=["GET"]),
+    Route(f"{API}/certificates/{{service_id}}", get_certificate, methods=["GET"]),
+    Route(f"{API}/certificates/{{service_id}}/download", download_certificate, methods=["GET"]),
+    Route(f"{API}/certificates/{{service_id}}/renew", renew_certificate, methods=["POST"]),
+    Route(f"{API}/certificates/{{service_id}}/revoke", revoke_certificate, methods=["DELETE"]),
+    Route(f"{API}/services/", list_services, methods=["GET"]),
+    Route(f"{API}/services/register", register_service, methods=["POST"]),
+    Route(f"{API}/services/{{service_id}}", get_service, methods=["GET"]),
+    Route(f"{API}/services/{{service_id}}", update_service, methods=["PATCH"]),
+    Route(f"{API}/services/{{service_id}}/enrolment-token", new_enrolment_token, methods=["POST"]),
+    Route(f"{API}/ca/root", ca_root, methods=["GET"]),
+    Route(f"{API}/ca/intermediate", ca_intermediate, methods=["GET"]),
+    Route(f"{API}/ca/chain", ca_chain, methods=["GET"]),
+    Route(f"{API}/crl", crl, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

@@ -1,0 +1,185 @@
+"""vcc-pki-server: the API over HTTPS (uvicorn, client certificates optional, mTLS identity per request)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from .app import Lifecycle, create_app
+from .authority import Actor
+from .errors import CAError
+from .home import Home, cert_pem, write_file
+from .mtls import server_ssl_context, uvicorn_config
+
+log = logging.getLogger("vcc_pki_server.server")
+
+DESCRIPTION = """\
+Serve the VCC PKI HTTP API over TLS. Client certificates are optional at the handshake and
+checked on every request; admins use bearer tokens (`pki-admin token create`).
+
+The intermediate CA's password comes from --password-file, else $VCC_PKI_CA_PASSWORD, else
+<home>/secrets/ca_password (written by --dev), else a prompt.
+"""
+
+EPILOG = """\
+examples:
+  vcc-pki-server --dev                      # new home in ./pki-data with a dev CA, prints an admin token
+  vcc-pki-server --home /srv/pki --password-file /run/secrets/ca --port 8443 --workers 2
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vcc-pki-server", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", help="CA home (default: $VCC_PKI_HOME or ./pki-data)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
+    parser.add_argument("--password-file", help="file holding the intermediate CA key's password")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the socket (default 1)")
+    parser.add_argument("--health-interval", type=float, default=None,
+                        help="seconds between health probes of registered services (default: config, 30)")
+    parser.add_argument("--dev", action="store_true",
+                        help="on an empty home, create a dev CA with random passwords kept in <home>/secrets/")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def dev_init(home: Home) -> str:
+    """Create a dev CA in an empty home; return the intermediate password. Prints an admin token once."""
+    root_password, ca_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    home.ensure()
+    config = home.config()
+    home.save_config(config)
+    print(f"vcc-pki-server: creating a dev CA in {home.root} (EC P-384 root, EC P-256 intermediate)",
+          file=sys.stderr)
+    home.create_root(root_password, key_type="ec-p384")
+    home.create_intermediate(root_password, ca_password, key_type="ec-p256")
+    write_file(home.secrets_dir / "root_password", root_password.encode(), 0o600)
+    write_file(home.secrets_dir / "ca_password", ca_password.encode(), 0o600)
+    authority = home.authority(ca_password)
+    try:
+        home.issue_server_certificate(authority, config)
+        authority.generate_crl(actor=Actor.operator())
+        token = authority.create_admin_token(name="dev", expires_days=None, actor=Actor.operator())
+    finally:
+        authority.store.close()
+    print(f"vcc-pki-server: admin token (shown once): {token.value}", file=sys.stderr)
+    print(f"vcc-pki-server: root CA: {home.root_cert}  (curl --cacert it)", file=sys.stderr)
+    return ca_password
+
+
+def resolve_password(args: argparse.Namespace, home: Home) -> str:
+    if args.password_file:
+        return Path(args.password_file).read_text().removesuffix("\n").removesuffix("\r")
+    if os.environ.get("VCC_PKI_CA_PASSWORD"):
+        return os.environ["VCC_PKI_CA_PASSWORD"]
+    dev_secret = home.secrets_dir / "ca_password"
+    if dev_secret.exists():
+        return dev_secret.read_text()
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("intermediate CA password: ")
+    raise CAError("no CA password: use --password-file or $VCC_PKI_CA_PASSWORD")
+
+
+def _background(home: Home, args: argparse.Namespace, authority: object) -> list[Lifecycle]:
+    """Jobs that run inside each worker beside the API (health probes when available)."""
+    try:
+        from .health import lifecycle
+    except ImportError:
+        return []
+    return [lifecycle(authority, home, interval=args.health_interval)]  # type: ignore[arg-type]
+
+
+def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> None:
+    """One server process: its own store connection, app and event loop, on the shared socket."""
+    authority = home.authority(password)
+    ca_file = home.ca_dir / "ca_chain.pem"
+    ctx = server_ssl_context(home.server_cert, home.server_key, ca_file)
+    app = create_app(authority, background=_background(home, args, authority))
+    config = uvicorn_config(app, host=args.host, port=args.port, ssl_context=ctx, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=5, backlog=2048)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        authority.store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    home = Home.resolve(args.home)
+    try:
+        if args.dev and not home.has_root():
+            password = dev_init(home)
+        else:
+            password = resolve_password(args, home)
+        if not home.server_cert.exists():
+            raise CAError(f"{home.server_cert} is missing: run `pki-admin init` (or start with --dev)")
+        home.load_ca(password)  # fail early, in the parent, on a wrong password
+        write_file(home.ca_dir / "ca_chain.pem",
+                   cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)
+    except (CAError, OSError) as exc:
+        print(f"vcc-pki-server: error: {exc}", file=sys.stderr)
+        return 1
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"vcc-pki-server: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    log.info("serving https://%s:%d home=%s workers=%d", args.host, args.port, home.root, args.workers)
+    if args.workers == 1:
+        run_worker(sock, home, password, args)
+        return 0
+    return supervise(sock, home, password, args)
+
+
+def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> int:
+    """Fork ``--workers`` processes on one listening socket; forward SIGTERM/SIGINT; wait for all."""
+    children: list[int] = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:  # child: a fresh store connection and event loop, made after the fork
+            try:
+                run_worker(sock, home, password, args)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or (1 if code else 0)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
