@@ -137,9 +137,12 @@ class Authority:
                      token_id=token_id)
 
     @staticmethod
-    def _require(actor: Actor, service_id: str, what: str) -> None:
+    def _require(actor: Actor, service_id: str, what: str, *, enrolment: bool = False) -> None:
         if actor.is_admin:
             return
+        if actor.kind == "enrolment" and not enrolment:
+            # SPEC §4: an enrolment token buys the first certificate, once, and nothing else.
+            raise NotPermitted(f"an enrolment token may only request the first certificate, not {what}")
         if actor.service_id != service_id:
             raise NotPermitted(f"{actor.label} may not {what} for service '{service_id}'")
 
@@ -289,7 +292,7 @@ class Authority:
         An enrolment token is spent only when the certificate is recorded: a refused request
         leaves it usable, and two concurrent uses cannot both get a certificate.
         """
-        self._require(actor, service_id, "request a certificate")
+        self._require(actor, service_id, "request a certificate", enrolment=True)
         service = self.service(service_id)
         csr = load_csr(csr_pem)
         template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
@@ -317,14 +320,18 @@ class Authority:
                 ips = list(san_ip)
         else:
             ips = list(san_ip)
+        # Check what can fail before registering: a refused request must not leave a new
+        # service behind without its certificate.
+        if self._ca is None:
+            raise CAUnavailable("the CA key is not loaded")
+        not_before, not_after = self.policy.validity(validity_days, self.clock())
+        key = generate_key(key_type)
         if self.store.get_service(service_id) is None:
             self.register_service(service_id, service_name=service_name, san_dns=names, san_ip=ips,
                                   actor=actor)
         service = self.service(service_id)
-        key = generate_key(key_type)
         cn, dns, ip_list = self.policy.grant_names(service_id, service.san_dns, service.san_ip,
                                                    cn=common_name, dns=names, ips=ips)
-        not_before, not_after = self.policy.validity(validity_days, self.clock())
         template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list,
                                 not_before=not_before, not_after=not_after)
         cert = self._sign(service, key.public_key(), template)

@@ -154,13 +154,15 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in template.san_dns]
         sans += [x509.IPAddress(ip) for ip in template.san_ip]
         not_after = min(template.not_after, self.certificate.not_valid_after_utc)
+        # Backdating for clock skew never reaches before the issuer itself was valid.
+        not_before = max(template.not_before, self.certificate.not_valid_before_utc)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, template.common_name)]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(template.serial_number)
-            .not_valid_before(template.not_before)
+            .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(

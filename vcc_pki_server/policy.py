@@ -17,7 +17,7 @@ from .errors import InvalidCSR, InvalidRequest, PolicyRefused
 
 SERVICE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)  # SPEC §3: leaf EC keys are P-256 or P-384
 
 
 def check_service_id(service_id: object) -> str:
@@ -64,7 +64,7 @@ def normalize_sans(dns: Iterable[str], ips: Iterable[str | IPAddress]) -> tuple[
 
 
 def check_public_key(key: object) -> LeafPublicKey:
-    """Refuse keys too weak for the profile: RSA < 2048 bits or e != 65537, curves outside P-256/384/521."""
+    """Refuse keys outside the profile: RSA < 2048 bits or e != 65537, curves other than P-256/P-384."""
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
             raise InvalidCSR(f"RSA key of {key.key_size} bits is too weak: at least 2048 bits")
