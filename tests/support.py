@@ -118,7 +118,7 @@ class RunningServer:
         self.extra_args = list(extra_args)
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(home.root) / f"server-{self.port}.log"
+        self.log_path = Path(home.root).parent / f"server-{self.port}.log"
 
     def start(self, timeout: float = 20.0) -> RunningServer:
         import time
@@ -142,7 +142,7 @@ class RunningServer:
                 if httpx.get(f"{self.url}/health", verify=tls_context(self.home.root_cert),
                              timeout=1).status_code == 200:
                     return self
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):  # not listening yet, or --dev still creating the CA
                 pass
             time.sleep(0.1)
         self.stop()

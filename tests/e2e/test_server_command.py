@@ -1,0 +1,75 @@
+"""vcc-pki-server as an operator runs it: --dev on an empty home, passwords, workers, SIGTERM."""
+
+from __future__ import annotations
+
+import re
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import CA_PASSWORD, build_home
+from support import BIN, RunningServer, env_without_secrets, free_port, tls_context
+from vcc_pki_server.home import Home
+
+
+def test_dev_mode_creates_a_ca_prints_one_admin_token_and_stops_cleanly(tmp_path: Path) -> None:
+    home = Home(tmp_path / "pki-data")
+    server = RunningServer(home, password="", extra_args=["--dev"], env={"VCC_PKI_CA_PASSWORD": ""})
+    server.start()
+    try:
+        token = re.search(r"admin token \(shown once\): (\S+)", server.log())
+        assert token, server.log()
+        ctx = tls_context(home.root_cert)
+        r = httpx.get(f"{server.url}/api/v1/services/", verify=ctx,
+                      headers={"Authorization": f"Bearer {token.group(1)}"})
+        assert r.status_code == 200, r.text
+        assert [s["service_id"] for s in r.json()["items"]] == ["pki-server"]
+        for secret in ("root_password", "ca_password"):
+            assert stat.S_IMODE((home.secrets_dir / secret).stat().st_mode) == 0o600
+        assert stat.S_IMODE(home.intermediate_key.stat().st_mode) == 0o400
+    finally:
+        code = server.stop(signal.SIGTERM)
+    assert code == 0
+    assert "Traceback" not in server.log()
+    # A second start reuses the home: no new CA, no second admin token.
+    again = RunningServer(home, password="", extra_args=["--dev"], env={"VCC_PKI_CA_PASSWORD": ""})
+    with again:
+        pass
+    assert "admin token" not in again.log()
+    assert "creating a dev CA" not in again.log()
+
+
+def test_wrong_ca_password_fails_with_one_line(tmp_path: Path) -> None:
+    home = build_home(tmp_path / "h")
+    proc = subprocess.run([str(BIN / "vcc-pki-server"), "--home", str(home.root), "--port", str(free_port())],
+                          env={**env_without_secrets(), "VCC_PKI_CA_PASSWORD": "not-it"},
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["vcc-pki-server: error: wrong password for the "
+                                                "intermediate CA key (intermediate_ca_key.pem)"]
+
+
+def test_two_workers_serve_and_stop_on_sigterm(tmp_path: Path) -> None:
+    home = build_home(tmp_path / "h")
+    server = RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2"])
+    server.start()
+    try:
+        with httpx.Client(verify=tls_context(home.root_cert)) as client:
+            for _ in range(20):
+                assert client.get(f"{server.url}/health").status_code == 200
+        deadline = time.monotonic() + 15
+        while len(_workers_started(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_workers_started(server)) == 2, server.log()
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in server.log()
+
+
+def _workers_started(server: RunningServer) -> set[str]:
+    return set(re.findall(r"Application startup complete", server.log())) and set(
+        re.findall(r"Started server process \[(\d+)\]", server.log()))
