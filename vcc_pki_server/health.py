@@ -1,0 +1,360 @@
+"""HealthChecker: the server probes each registered service's ``health_check_url`` over mTLS (SPEC §5).
+
+Every ``interval`` seconds (``[health] interval_seconds`` in config.toml, 30, or
+``vcc-pki-server --health-interval``) the checker pages through the registry and sends one
+``GET`` to each service's ``health_check_url``:
+
+- over HTTPS only, trusting only this CA's root, presenting the server's own certificate
+  (service id ``pki-server``, EKU serverAuth + clientAuth) as its client certificate;
+- only to a host among the service's endpoints' hosts or its SAN allow-list: any other host
+  is recorded unhealthy without a connection, so a registry entry cannot point the CA at
+  arbitrary hosts on its network;
+- no redirects, no proxies from the environment, a hard per-probe deadline
+  (``timeout_seconds``, 5) and at most ``concurrency`` (16) probes at once, so a hanging
+  service delays nobody else.
+
+A 2xx answer is healthy; anything else is unhealthy with a short reason ("HTTP 503",
+"timeout after 5.0s", "connection refused", "certificate verify failed: ... (not issued by
+this CA)"). Results go to :meth:`Authority.record_health`, which audits each change between
+healthy and unhealthy.
+
+Several workers (``--workers N``): each worker runs a checker, but only the one holding an
+advisory ``flock`` on ``<home>/server/health.lock`` probes; the others try to take the lock
+at each round, so probing moves to another worker if the holder dies. Without ``fcntl``
+(non-POSIX) every worker probes, which only duplicates probes.
+
+Usage (what ``vcc-pki-server`` does through :func:`lifecycle`)::
+
+    checker = HealthChecker.from_home(authority, home, interval=10)
+    await checker.start()        # inside the running loop, after any fork
+    ...
+    await checker.stop()
+
+Known limits: the client certificate is read once, at start (restart the server after its
+certificate is reissued, as uvicorn needs anyway); host names are compared as names, so a
+name in the allow-list is probed wherever DNS sends it (TLS then requires a certificate from
+this CA valid for that name); a service may change its own ``endpoints``, and so widen the
+set of hosts its probe may reach, within what TLS verification then accepts. A round lasts
+as long as its slowest probe (at most ``timeout`` per ``concurrency`` services) and the next
+one waits for it (APScheduler logs a skipped run when a round outlasts the interval). Each
+probe is one store write (``last_checked``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import httpx
+from apscheduler.executors.asyncio import AsyncIOExecutor  # type: ignore[import-untyped]
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+
+from .authority import Authority
+from .errors import UnknownService
+from .store import ServiceRecord
+
+if TYPE_CHECKING:
+    from .app import Lifecycle
+    from .home import Home
+
+__all__ = ["HealthChecker", "describe_failure", "lifecycle", "probe_refusal"]
+
+log = logging.getLogger("vcc_pki_server.health")
+# APScheduler logs two INFO lines per run of a job; our own lines say what a round found.
+logging.getLogger("apscheduler.executors.health").setLevel(logging.WARNING)
+
+PAGE_SIZE = 500
+MAX_ERROR_LENGTH = 200
+USER_AGENT = "vcc-pki-health-checker"
+# OpenSSL verify codes meaning "this chain does not lead to a root we trust".
+_FOREIGN_ISSUER = {2, 18, 19, 20, 21}
+
+
+def _host_key(host: str) -> str:
+    """A comparable form of a host: IP addresses normalised, names lower-case without a final dot."""
+    host = host.strip().strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _endpoint_host(endpoint: str) -> str | None:
+    # Endpoints are URLs ("https://billing:9443"); tolerate a bare "host:port" too.
+    try:
+        return urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname
+    except ValueError:  # e.g. an unbalanced "[" in an IPv6 literal: allows no host
+        return None
+
+
+def allowed_hosts(service: ServiceRecord) -> set[str]:
+    """The hosts a probe of ``service`` may reach: its endpoints' hosts and its SAN allow-list."""
+    hosts = {_host_key(h) for h in (*service.san_dns, *service.san_ip) if h}
+    hosts |= {_host_key(h) for h in map(_endpoint_host, service.endpoints) if h}
+    return hosts
+
+
+def probe_refusal(service: ServiceRecord) -> str | None:
+    """Why ``service.health_check_url`` must not be probed, or None when it may be.
+
+    Checked before any connection: the host must be among the service's endpoints' hosts or
+    SANs, the scheme https.
+    """
+    url = service.health_check_url or ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        return "health_check_url is not a valid URL"
+    if not host:
+        return "health_check_url has no host"
+    if _host_key(host) not in allowed_hosts(service):
+        return f"health_check_url host {host} is not among the service's endpoints or SANs"
+    if parts.scheme.lower() != "https":
+        return f"health_check_url must use https, not {parts.scheme or 'no scheme'}"
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def describe_failure(exc: BaseException, timeout: float) -> str:
+    """A short, secret-free reason for a probe that got no HTTP answer.
+
+    httpx wraps the socket and ssl errors (httpx -> httpcore -> OSError/ssl), so the chain
+    of causes is searched for the most telling one.
+    """
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return f"timeout after {float(timeout)}s"
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            message = cause.verify_message or cause.reason or "unknown reason"
+            hint = " (not issued by this CA)" if cause.verify_code in _FOREIGN_ISSUER else ""
+            return f"certificate verify failed: {message}{hint}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed: {cause.reason or cause}"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve host: {cause.strerror}"
+        if isinstance(cause, OSError) and cause.errno:  # e.g. "No route to host"
+            return f"connection failed: {cause.strerror or os.strerror(cause.errno)}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "server disconnected without answering (did it refuse our client certificate?)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def client_ssl_context(home: Home) -> ssl.SSLContext:
+    """TLS for probes: trust only this CA's root, present the server's certificate and key."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(home.root_cert))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(home.server_cert), str(home.server_key))
+    return ctx
+
+
+class HealthChecker:
+    """Probe every registered ``health_check_url`` and record the results.
+
+    Takes the authority (registry and results), an ``ssl_context`` for the probes, the
+    ``interval`` between rounds, the per-probe ``timeout`` and the ``concurrency`` limit, all
+    in seconds / probes; ``lock_file`` elects one prober among several worker processes
+    (None: always probe). :meth:`from_home` builds one from a CA home and its config.
+    """
+
+    def __init__(self, authority: Authority, *, ssl_context: ssl.SSLContext, interval: float = 30.0,
+                 timeout: float = 5.0, concurrency: int = 16, lock_file: Path | None = None) -> None:
+        if interval <= 0 or timeout <= 0 or concurrency < 1:
+            raise ValueError("interval and timeout must be positive, concurrency at least 1")
+        self.authority = authority
+        self.ssl_context = ssl_context
+        self.interval = interval
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.lock_file = lock_file
+        self._client: httpx.AsyncClient | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._round: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def from_home(cls, authority: Authority, home: Home, *, interval: float | None = None,
+                  timeout: float | None = None, concurrency: int | None = None) -> HealthChecker:
+        """A checker with the server's certificate and the settings of ``home``'s config.toml;
+        arguments given here override the config."""
+        config = home.config()
+        return cls(authority, ssl_context=client_ssl_context(home),
+                   interval=interval if interval is not None else config.health_interval_seconds,
+                   timeout=timeout if timeout is not None else config.health_timeout_seconds,
+                   concurrency=concurrency if concurrency is not None else config.health_concurrency,
+                   lock_file=home.server_dir / "health.lock")
+
+    # -- one round --------------------------------------------------------------------------
+    def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        # Made on first use, inside the loop that uses them (the worker's, after any fork).
+        if self._client is None or self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+            self._client = httpx.AsyncClient(
+                verify=self.ssl_context, timeout=httpx.Timeout(self.timeout),
+                follow_redirects=False, trust_env=False, headers={"User-Agent": USER_AGENT},
+                limits=httpx.Limits(max_connections=self.concurrency,
+                                    max_keepalive_connections=self.concurrency))
+        return self._client, self._semaphore
+
+    async def _services(self) -> list[ServiceRecord]:
+        found: list[ServiceRecord] = []
+        after: str | None = None
+        while True:
+            page = await asyncio.to_thread(self.authority.list_services, limit=PAGE_SIZE, after=after)
+            found += [s for s in page if s.health_check_url]
+            if len(page) < PAGE_SIZE:
+                return found
+            after = page[-1].service_id
+
+    async def probe(self, service: ServiceRecord) -> tuple[bool, str | None]:
+        """Probe one service: (True, None) for a 2xx answer, else (False, reason)."""
+        refusal = probe_refusal(service)
+        if refusal is not None:
+            return False, refusal
+        assert service.health_check_url is not None
+        client, semaphore = self._http()
+        async with semaphore:
+            try:
+                async with asyncio.timeout(self.timeout):  # a hard cap over httpx's per-phase ones
+                    async with client.stream("GET", service.health_check_url) as response:
+                        status = response.status_code  # the body is not read: status is the answer
+            except (TimeoutError, OSError, httpx.HTTPError) as exc:  # ssl.SSLError is an OSError
+                return False, describe_failure(exc, self.timeout)
+            except (httpx.InvalidURL, ValueError) as exc:  # e.g. a host httpx cannot encode
+                return False, f"health_check_url is not a valid URL: {exc}"
+        if 200 <= status < 300:
+            return True, None
+        if 300 <= status < 400:
+            return False, f"HTTP {status} (redirects are not followed)"
+        return False, f"HTTP {status}"
+
+    async def _check(self, service: ServiceRecord) -> bool:
+        ok, error = await self.probe(service)
+        error = error[:MAX_ERROR_LENGTH] if error is not None else None
+        try:
+            await asyncio.to_thread(self.authority.record_health, service.service_id, ok, error)
+        except UnknownService:  # deregistered during the round
+            return ok
+        before = service.health.status
+        status = "healthy" if ok else "unhealthy"
+        level = logging.DEBUG if status == before else (logging.INFO if ok else logging.WARNING)
+        log.log(level, "health service_id=%s status=%s error=%s", service.service_id, status, error)
+        return ok
+
+    async def run_once(self) -> None:
+        """One round: probe every service with a ``health_check_url`` and record the results."""
+        started = time.monotonic()
+        services = await self._services()
+        results = await asyncio.gather(*(self._check(s) for s in services), return_exceptions=True)
+        for service, result in zip(services, results):
+            if isinstance(result, BaseException):
+                log.error("health check failed service_id=%s error=%s: %s", service.service_id,
+                          type(result).__name__, result)
+        log.debug("health round services=%d healthy=%d seconds=%.2f", len(services),
+                  sum(r is True for r in results), time.monotonic() - started)
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _is_prober(self) -> bool:
+        """Hold (or take) the advisory lock that makes this process the one that probes."""
+        if self.lock_file is None or self._lock_fd is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # non-POSIX: every worker probes
+            return True
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # no lock, no election: probe (at worst twice)
+            log.warning("health lock %s unusable (%s); this worker probes", self.lock_file, exc.strerror)
+            self.lock_file = None
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        log.info("health checks run in this worker pid=%d interval=%ss", os.getpid(), self.interval)
+        return True
+
+    async def _tick(self) -> None:
+        # APScheduler only logs a job's exceptions: catch and report them here.
+        self._round = asyncio.current_task()
+        try:
+            if self._is_prober():
+                await self.run_once()
+        except asyncio.CancelledError:  # stop() during a round: end quietly
+            log.debug("health round cancelled")
+        except Exception:
+            log.exception("health round failed")
+        finally:
+            self._round = None
+
+    async def start(self) -> None:
+        """Start the schedule in the running loop; the first round runs at once."""
+        if self._scheduler is not None:
+            return
+        self._scheduler = AsyncIOScheduler(timezone=timezone.utc, event_loop=asyncio.get_running_loop(),
+                                           executors={"health": AsyncIOExecutor()})
+        self._scheduler.add_job(self._tick, "interval", seconds=self.interval, id="health-checks",
+                                executor="health",
+                                next_run_time=datetime.now(timezone.utc), misfire_grace_time=None,
+                                coalesce=True, max_instances=1)
+        self._scheduler.start()
+        log.info("health checker started interval=%ss timeout=%ss concurrency=%d", self.interval,
+                 self.timeout, self.concurrency)
+
+    async def stop(self) -> None:
+        """Stop the schedule, cancel a round in flight, close connections. Idempotent."""
+        scheduler, self._scheduler = self._scheduler, None
+        running = self._round
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)  # cancels a running round's task
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.wait({running}, timeout=self.timeout)
+        await self.aclose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (the checker makes a new one if used again)."""
+        client, self._client = self._client, None
+        self._semaphore = None
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> HealthChecker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def lifecycle(authority: Authority, home: Home, *, interval: float | None = None) -> Lifecycle:
+    """The (start, stop) pair ``create_app(background=...)`` runs with the app's lifespan."""
+    checker = HealthChecker.from_home(authority, home, interval=interval)
+    return checker.start, checker.stop
