@@ -10,12 +10,15 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
+
+from cryptography import x509
 
 import uvicorn
 
 from .app import Lifecycle, create_app
-from .authority import Actor
+from .authority import Actor, utc_now
 from .errors import CAError
 from .home import Home, cert_pem, write_file
 from .mtls import server_ssl_context, uvicorn_config
@@ -78,6 +81,24 @@ def dev_init(home: Home) -> str:
     return ca_password
 
 
+SERVER_RENEW_BEFORE = timedelta(days=30)
+
+
+def renew_server_certificate_if_due(home: Home, password: str) -> bool:
+    """Re-issue the server's own certificate (new key) at start-up when it expires within 30 days."""
+    current = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
+    if current.not_valid_after_utc - utc_now() > SERVER_RENEW_BEFORE:
+        return False
+    authority = home.authority(password)
+    try:
+        issued = home.issue_server_certificate(authority, home.config())
+    finally:
+        authority.store.close()
+    log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
+             issued.certificate.not_valid_after_utc.isoformat())
+    return True
+
+
 def resolve_password(args: argparse.Namespace, home: Home) -> str:
     if args.password_file:
         return Path(args.password_file).read_text().removesuffix("\n").removesuffix("\r")
@@ -133,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not home.server_cert.exists():
             raise CAError(f"{home.server_cert} is missing: run `pki-admin init` (or start with --dev)")
         home.load_ca(password)  # fail early, in the parent, on a wrong password
+        renew_server_certificate_if_due(home, password)
         write_file(home.ca_dir / "ca_chain.pem",
                    cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)
     except (CAError, OSError) as exc:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import stat
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
+from cryptography import x509
 
 from conftest import CA_PASSWORD, build_home
 from support import BIN, RunningServer, env_without_secrets, free_port, tls_context
-from vcc_pki_server.home import Home
+from vcc_pki_server.authority import Authority
+from vcc_pki_server.home import Config, Home
 
 
 def test_dev_mode_creates_a_ca_prints_one_admin_token_and_stops_cleanly(tmp_path: Path) -> None:
@@ -73,3 +77,19 @@ def test_two_workers_serve_and_stop_on_sigterm(tmp_path: Path) -> None:
 def _workers_started(server: RunningServer) -> set[str]:
     return set(re.findall(r"Application startup complete", server.log())) and set(
         re.findall(r"Started server process \[(\d+)\]", server.log()))
+
+
+def test_server_certificate_expiring_within_30_days_is_renewed_at_start(tmp_path: Path) -> None:
+    home = build_home(tmp_path / "h")
+    short = Config(default_validity_days=10, max_validity_days=10)
+    authority = Authority(home.open_store(), home.load_ca(CA_PASSWORD), policy=short.policy())
+    home.issue_server_certificate(authority, short)
+    authority.store.close()
+    before = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
+    with RunningServer(home, CA_PASSWORD) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+                tls_context(home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
+            presented = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+    assert presented.serial_number != before.serial_number
+    assert presented.not_valid_after_utc - before.not_valid_after_utc > timedelta(days=300)
+    assert "server certificate renewed" in server.log()
