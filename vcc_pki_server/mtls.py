@@ -20,7 +20,7 @@ check expiry and revocation per request.
 
 Usage::
 
-    ctx = server_ssl_context(home / "server/cert.pem", home / "server/key.pem", home / "ca/chain.pem")
+    ctx = server_ssl_context(server / "cert.pem", server / "key.pem", ca / "chain.pem")
     uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=8443, ssl_context=ctx)).run()
 """
 
@@ -41,6 +41,7 @@ __all__ = [
     "TLSExtensionMixin",
     "peer_certificate_der",
     "server_ssl_context",
+    "tls_extension",
     "uvicorn_config",
 ]
 
@@ -174,15 +175,35 @@ def server_ssl_context(
     return ctx
 
 
+class _SSLContextFactory:
+    """uvicorn's ``ssl_context_factory``; picklable when its source is (``--workers`` spawns)."""
+
+    def __init__(self, source: ssl.SSLContext | Callable[[], ssl.SSLContext]) -> None:
+        self.source = source
+
+    def __call__(
+        self, config: uvicorn.Config, default: Callable[[], ssl.SSLContext]
+    ) -> ssl.SSLContext:
+        return self.source if isinstance(self.source, ssl.SSLContext) else self.source()
+
+
 def uvicorn_config(
-    app: ASGIApp, *, host: str, port: int, ssl_context: ssl.SSLContext, **kw: Any
+    app: ASGIApp | str,
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+    **kw: Any,
 ) -> uvicorn.Config:
     """Return a ``uvicorn.Config`` serving ``app`` over ``ssl_context`` with ``MTLSProtocol``.
 
-    Other keyword arguments (``log_config``, ``access_log``, ``workers``...) go to
-    ``uvicorn.Config`` as given; ``ws`` defaults to ``"none"`` because WebSocket upgrades
-    bypass the TLS extension. uvicorn's own ``ssl_*`` options and ``http``/``http2`` are
-    refused with ``TypeError``: they would be ignored or would bypass the hook.
+    ``ssl_context`` is a context, or a picklable callable that builds one, e.g.
+    ``functools.partial(server_ssl_context, cert, key, ca)``: uvicorn's ``workers > 1``
+    pickles the config into each worker (and needs ``app`` as an import string), and an
+    ``SSLContext`` does not pickle. Other keyword arguments (``log_config``, ``access_log``,
+    ``workers``...) go to ``uvicorn.Config`` as given; ``ws`` defaults to ``"none"`` because
+    WebSocket upgrades bypass the TLS extension. uvicorn's own ``ssl_*`` options and
+    ``http``/``http2`` are refused with ``TypeError``: they would be ignored or bypass the hook.
     """
     clashing = sorted(k for k in kw if k.startswith("ssl_") or k in ("http", "http2"))
     if clashing:
@@ -193,6 +214,6 @@ def uvicorn_config(
         host=host,
         port=port,
         http=MTLSProtocol,
-        ssl_context_factory=lambda config, default: ssl_context,
+        ssl_context_factory=_SSLContextFactory(ssl_context),
         **kw,
     )
