@@ -27,10 +27,17 @@ access_log = logging.getLogger("vcc_pki_server.access")
 Lifecycle = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
+def _loggable(path: str) -> str:
+    """``path`` (percent-decoded by the server) with control characters, non-ASCII and quotes
+    escaped: a request for ``/x%0A<fake log line>`` must not forge lines in the log."""
+    return path.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
 async def _ca_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CAError)
     if STATUS_BY_CODE.get(exc.code, 500) >= 500:
-        log.error("request failed path=%s code=%s detail=%s", request.url.path, exc.code, exc.message)
+        log.error("request failed path=%s code=%s detail=%s", _loggable(request.url.path), exc.code,
+                  exc.message)
     return from_error(exc)
 
 
@@ -43,7 +50,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error path=%s", request.url.path)
+    log.exception("unexpected error path=%s", _loggable(request.url.path))
     return problem_response("internal_error", "internal error; the server log has the details")
 
 
@@ -73,7 +80,7 @@ class AccessLog:
                 client = scope.get("client") or ("-", 0)
                 actor = scope.get("state", {}).get("actor", "-")
                 access_log.info('client=%s method=%s path="%s" status=%d ms=%.1f actor=%s', client[0],
-                                scope["method"], scope["path"], status,
+                                scope["method"], _loggable(scope["path"]), status,
                                 (time.perf_counter() - start) * 1000, actor)
 
 

@@ -22,7 +22,7 @@ _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)  # SPEC §3: leaf EC keys are P-2
 
 def check_service_id(service_id: object) -> str:
     """Return ``service_id`` if it is a valid id (lower-case LDH label, 1–63 chars), else raise."""
-    if not isinstance(service_id, str) or not SERVICE_ID.match(service_id):
+    if not isinstance(service_id, str) or not SERVICE_ID.fullmatch(service_id):
         raise InvalidRequest(
             f"invalid service id {service_id!r}: use 1-63 lower-case letters, digits and '-', "
             "not starting or ending with '-'"
@@ -42,7 +42,7 @@ def normalize_dns_name(name: str) -> str:
     if "*" in ascii_name:
         raise InvalidRequest(f"wildcard DNS names are not issued: {name!r}")
     labels = ascii_name.split(".")
-    if len(ascii_name) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidRequest(f"invalid DNS name {name!r}: labels of 1-63 letters, digits and '-'")
     if labels[-1].isdigit():
         raise InvalidRequest(f"invalid DNS name {name!r}: looks like an IP address, use an IP SAN")

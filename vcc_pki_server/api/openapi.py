@@ -30,7 +30,8 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
     "list_certificates": ("List certificates", ["mtls", "admin"], {"parameters": [
         _q("service_id", {"type": "string"}, "only this service"),
         _q("status", {"enum": ["valid", "revoked", "expired"]}, "only this status"),
-        _q("expiring_within_days", {"type": "integer", "minimum": 0}, "valid and expiring within N days"),
+        _q("expiring_within_days", {"type": "integer", "minimum": 0, "maximum": 36500},
+           "valid and expiring within N days"),
         *_PAGE]}, "200", "CertificatePage"),
     "get_certificate": ("The service's current certificate", ["mtls", "admin"], {"parameters": [_ID]},
                         "200", "Certificate"),

@@ -43,6 +43,8 @@ async def read_json(request: Request, *, optional: bool = False) -> dict[str, An
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem("malformed_request", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 30000 nested arrays: within the size cap, beyond the parser
+        raise Problem("malformed_request", "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise Problem("malformed_request", "request body must be a JSON object")
     return body

@@ -49,12 +49,13 @@ async def request_certificate(request: Request) -> Response:
 async def list_certificates(request: Request) -> Response:
     authority = _authority(request)
     limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
-    cursor = query_int(request, "cursor", low=0)
+    # Bounded: an SQLite INTEGER is 64-bit, and now + 10**7 days is past datetime's year 9999.
+    cursor = query_int(request, "cursor", low=0, high=2**63 - 1)
     service_id = request.query_params.get("service_id")
     if service_id is not None:
         check_service_id(service_id)
     status = request.query_params.get("status")
-    expiring = query_int(request, "expiring_within_days", low=0)
+    expiring = query_int(request, "expiring_within_days", low=0, high=36500)
 
     def work(actor: Actor) -> list[Any]:
         return authority.list_certificates(service_id=service_id, status=status,
@@ -112,6 +113,14 @@ async def revoke_certificate(request: Request) -> Response:
 _REGISTRY_FIELDS = ("service_name", "endpoints", "health_check_url", "version", "owner", "metadata")
 
 
+def _str_list(body: dict[str, Any], name: str) -> list[str]:
+    """``body[name]`` as a list of strings (absent: empty); anything else is 422, not iterated."""
+    value = field(body, name, list, required=False) or []
+    if not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"field '{name}' must be a list of strings")
+    return value
+
+
 async def list_services(request: Request) -> Response:
     authority = _authority(request)
     limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
@@ -139,7 +148,7 @@ async def register_service(request: Request) -> Response:
             fields = {k: body[k] for k in _REGISTRY_FIELDS if k in body and k != "service_name"}
             record, token = authority.register_service(
                 service_id, service_name=field(body, "service_name", str, required=False),
-                san_dns=body.get("san_dns") or (), san_ip=body.get("san_ip") or (), actor=actor,
+                san_dns=_str_list(body, "san_dns"), san_ip=_str_list(body, "san_ip"), actor=actor,
                 **fields)
             out = render.service(record, now=now)
             out["enrolment_token"] = token.value
