@@ -46,7 +46,7 @@ def generate_key(key_type: str) -> CAPrivateKey:
     raise ValueError(f"unsupported key type '{key_type}' (choose one of {', '.join(KEY_TYPES)})")
 
 
-def signature_hash(key: CAPrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(key: CAPrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384 (and larger) EC issuers, SHA-256 otherwise (SPEC §3)."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
@@ -131,7 +131,7 @@ class CertificateAuthority:
     crl_url: str
     issuer_url: str
     _aki: x509.AuthorityKeyIdentifier = attrs.field(init=False, repr=False)
-    _hash: hashes.HashAlgorithm = attrs.field(init=False, repr=False)
+    _hash: hashes.SHA256 | hashes.SHA384 = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -116,7 +116,11 @@ def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str
     others = [g for g in san if not isinstance(g, (x509.DNSName, x509.IPAddress))]
     if others:
         raise InvalidCSR(f"CSR asks for unsupported SAN types: {', '.join(type(g).__name__ for g in others)}")
-    return cn, list(san.get_values_for_type(x509.DNSName)), list(san.get_values_for_type(x509.IPAddress))
+    ips = [ip for ip in san.get_values_for_type(x509.IPAddress)
+           if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))]
+    if len(ips) != len(san.get_values_for_type(x509.IPAddress)):
+        raise InvalidCSR("CSR asks for an IP network, not an address, in its SANs")
+    return cn, list(san.get_values_for_type(x509.DNSName)), ips
 
 
 def _is_ip(value: str) -> bool:

@@ -17,15 +17,21 @@ def _q(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
 
 _PAGE = [_q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"),
          _q("cursor", {"type": "string"}, "next_cursor of the previous page")]
-_JSON_BODY = lambda ref, required=True: {  # noqa: E731
-    "required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _json_body(ref: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+
 _PEM = {"content": {"application/x-pem-file": {"schema": {"type": "string"}},
                     "application/pkix-cert": {"schema": {"type": "string", "format": "binary"}}}}
 
 # handler name -> (summary, security, extra operation fields, success status, success schema ref)
 OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = {
     "request_certificate": ("Issue a certificate from a CSR (enrolment token, own mTLS certificate, or admin)",
-                            ["enrolment", "mtls", "admin"], {"requestBody": _JSON_BODY("CertificateRequest")},
+                            ["enrolment", "mtls", "admin"], {"requestBody": _json_body("CertificateRequest")},
                             "201", "Issued"),
     "list_certificates": ("List certificates", ["mtls", "admin"], {"parameters": [
         _q("service_id", {"type": "string"}, "only this service"),
@@ -38,7 +44,7 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
     "download_certificate": ("PEM of the current certificate", ["mtls", "admin"], {"parameters": [
         _ID, _q("chain", {"type": "boolean"}, "append intermediate and root")]}, "200", None),
     "renew_certificate": ("Renew (same key) or rekey (with a CSR)", ["mtls", "admin"], {
-        "parameters": [_ID], "requestBody": _JSON_BODY("RenewRequest", False)}, "201", "Issued"),
+        "parameters": [_ID], "requestBody": _json_body("RenewRequest", False)}, "201", "Issued"),
     "revoke_certificate": ("Revoke the current (or given) certificate; the CRL is regenerated",
                            ["mtls", "admin"], {"parameters": [
                                _ID, _q("reason", {"type": "string"}, "RFC 5280 reason name, e.g. keyCompromise"),
@@ -47,11 +53,11 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
         _q("healthy", {"type": "boolean"}, "only services whose last probe succeeded"), *_PAGE]},
         "200", "ServicePage"),
     "register_service": ("Register a service (admin, 201 with enrolment token) or update own entry (mTLS, 200)",
-                         ["admin", "mtls"], {"requestBody": _JSON_BODY("ServiceRegistration")}, "201", "Service"),
+                         ["admin", "mtls"], {"requestBody": _json_body("ServiceRegistration")}, "201", "Service"),
     "get_service": ("One registry entry with its certificates", ["mtls", "admin"], {"parameters": [_ID]},
                     "200", "Service"),
     "update_service": ("Change a registry entry (admin: anything; service: own descriptive fields)",
-                       ["admin", "mtls"], {"parameters": [_ID], "requestBody": _JSON_BODY("ServiceUpdate")},
+                       ["admin", "mtls"], {"parameters": [_ID], "requestBody": _json_body("ServiceUpdate")},
                        "200", "Service"),
     "new_enrolment_token": ("A fresh one-time enrolment token for a service", ["admin"],
                             {"parameters": [_ID]}, "201", None),

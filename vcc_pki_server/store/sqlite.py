@@ -6,7 +6,9 @@ import json
 import os
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -102,32 +104,81 @@ def _opt_text(moment: datetime | None) -> str | None:
     return utc_text(moment) if moment else None
 
 
+class _PendingCertificate:
+    """One certificate waiting for the group-commit writer thread."""
+
+    __slots__ = ("record", "actor", "consume_token", "now", "future")
+
+    def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None,
+                 now: datetime | None) -> None:
+        self.record = record
+        self.actor = actor
+        self.consume_token = consume_token
+        self.now = now
+        self.future: Future[None] = Future()
+
+
 class SQLiteStore:
     """The default :class:`~vcc_pki_server.store.Store`: one SQLite file in WAL mode.
 
-    One connection per store object, serialised by a lock (callers run in a thread pool);
-    writers take ``BEGIN IMMEDIATE`` so that several processes (the server, ``pki-admin``,
-    more workers) queue on SQLite's lock instead of failing. ``synchronous=FULL``: a committed
+    Two connections per store object: one for writes, serialised by a lock, and one for reads,
+    with its own lock, so that a read never waits for a write's fsync (WAL lets readers run
+    beside the writer; each read sees every transaction committed before it began). Writers
+    take ``BEGIN IMMEDIATE`` so that several processes (the server, ``pki-admin``, more
+    workers) queue on SQLite's lock instead of failing. ``synchronous=FULL``: a committed
     certificate survives a power loss, not only a crash.
+
+    Group commit: :meth:`add_certificate` hands its record to one writer thread, which puts
+    every record waiting at that moment into one transaction (one fsync) with a SAVEPOINT per
+    record, so a record that fails (a spent enrolment token, a duplicate serial) fails alone.
+    Each caller returns, or raises, only once its own record is committed or refused. Batches
+    form by themselves while a commit is in flight; no caller waits for others to arrive.
     """
+
+    MAX_BATCH = 256
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
         if not self.path.exists():  # the database holds tokens' hashes: owner-only, like the keys
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = self._connect(timeout)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+        self._reader = self._connect(timeout)
+        self._reader.execute("PRAGMA query_only=ON")
+        # Group commit: records waiting for the writer thread, and whether it may still take some.
+        self._pending: deque[_PendingCertificate] = deque()
+        self._pending_cv = threading.Condition(threading.Lock())
+        self._writer: threading.Thread | None = None
+        self._closed = False
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                             check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        return db
 
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
+        """Commit what the writer thread holds, stop it, close both connections. Idempotent."""
+        with self._pending_cv:
+            self._closed = True
+            writer = self._writer
+            self._pending_cv.notify_all()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -141,8 +192,8 @@ class SQLiteStore:
             self._db.execute("COMMIT")
 
     def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cur = self._db.execute(sql, params)
+        with self._read_lock:
+            cur = self._reader.execute(sql, params)
             return cur.fetchall()
 
     def _migrate(self) -> None:
@@ -239,7 +290,8 @@ class SQLiteStore:
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
                       after: str | None = None) -> list[ServiceRecord]:
-        clauses, params = [], []  # type: ignore[var-annotated]
+        clauses: list[str] = []
+        params: list[Any] = []
         if healthy is not None:
             clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
         if after is not None:
@@ -288,15 +340,75 @@ class SQLiteStore:
     def add_certificate(self, record: CertificateRecord, *, actor: str,
                         consume_token: str | None = None, now: datetime | None = None) -> None:
         """Record an issued certificate; with ``consume_token`` the enrolment token is spent in
-        the same transaction, and a token already spent makes the whole call fail (Conflict)."""
-        with self._write() as db:
-            if consume_token is not None:
-                cur = db.execute("UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL "
-                                 "AND revoked_at IS NULL",
-                                 (utc_text(now or record.issued_at), consume_token))
-                if cur.rowcount != 1:
-                    raise Conflict("enrolment token already used", code="invalid_token")
-            self._insert_certificate(db, record, actor)
+        the same transaction, and a token already spent makes the whole call fail (Conflict).
+
+        Returns once the record is committed (group commit, see the class docs)."""
+        self.submit_certificate(record, actor=actor, consume_token=consume_token, now=now).result()
+
+    def submit_certificate(self, record: CertificateRecord, *, actor: str,
+                           consume_token: str | None = None,
+                           now: datetime | None = None) -> Future[None]:
+        """:meth:`add_certificate` without waiting: the future is done once the record is
+        committed (result None) or refused (its exception). For an asyncio caller,
+        ``await asyncio.wrap_future(future)``."""
+        item = _PendingCertificate(record, actor, consume_token, now)
+        with self._pending_cv:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._pending.append(item)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="sqlite-group-commit",
+                                                daemon=True)
+                self._writer.start()
+            else:
+                self._pending_cv.notify()
+        return item.future
+
+    def _write_loop(self) -> None:
+        """The writer thread: commit batches of pending certificates until the store closes."""
+        while True:
+            with self._pending_cv:
+                while not self._pending and not self._closed:
+                    self._pending_cv.wait()
+                if not self._pending:  # closed, and nothing left to commit
+                    return
+                batch = [self._pending.popleft()
+                         for _ in range(min(len(self._pending), self.MAX_BATCH))]
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[_PendingCertificate]) -> None:
+        done: list[_PendingCertificate] = []
+        try:
+            with self._write() as db:
+                for item in batch:
+                    db.execute("SAVEPOINT item")
+                    try:
+                        self._record_certificate(db, item)
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO item")
+                        db.execute("RELEASE item")
+                        item.future.set_exception(exc)
+                    else:
+                        db.execute("RELEASE item")
+                        done.append(item)
+        except BaseException as exc:  # BEGIN or COMMIT failed: nothing of this batch is stored
+            # (The writer thread goes on: every later caller still gets an answer.)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item in done:
+            item.future.set_result(None)
+
+    def _record_certificate(self, db: sqlite3.Connection, item: _PendingCertificate) -> None:
+        record = item.record
+        if item.consume_token is not None:
+            cur = db.execute("UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL "
+                             "AND revoked_at IS NULL",
+                             (utc_text(item.now or record.issued_at), item.consume_token))
+            if cur.rowcount != 1:
+                raise Conflict("enrolment token already used", code="invalid_token")
+        self._insert_certificate(db, record, item.actor)
 
     def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
         """Record several certificates in one transaction (one fsync): group commit."""
