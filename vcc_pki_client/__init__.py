@@ -1,0 +1,74 @@
+"""VCC PKI client SDK: enrol a service, keep its certificate fresh, and speak mutual TLS with its peers.
+
+Example::
+
+    from vcc_pki_client import PKIClient
+
+    with PKIClient("https://pki.internal:8443", service_id="billing",
+                   cert_file="tls/cert.pem", key_file="tls/key.pem",
+                   root_fingerprint="sha256:9f2c...") as pki:
+        pki.enroll(token)
+        pki.enable_auto_renewal(renew_before_days=30)
+        with pki.httpx_client() as http:
+            http.get("https://inventory:9443/items")
+
+Everything the SDK raises on purpose derives from :class:`PKIError` (see
+:mod:`vcc_pki_client.errors`).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .client import PKIClient
+from .errors import (
+    APIError,
+    AuthenticationError,
+    ConfigurationError,
+    ConflictError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    PKIError,
+    PolicyRefusedError,
+    RenewalError,
+    RequestRejectedError,
+    ServerError,
+    TransportError,
+    TrustError,
+)
+from .files import CertificateFiles
+from .renewal import RenewalPolicy
+from .tls import ReloadingContexts
+from .wire import CertificateInfo, IssuedCertificate, Page, ServiceEntry, ServiceHealth
+
+try:
+    __version__ = _metadata.version("vcc-pki")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "CertificateFiles",
+    "CertificateInfo",
+    "ConfigurationError",
+    "ConflictError",
+    "InvalidResponseError",
+    "IssuedCertificate",
+    "NotFoundError",
+    "PKIClient",
+    "PKIError",
+    "Page",
+    "PermissionDeniedError",
+    "PolicyRefusedError",
+    "ReloadingContexts",
+    "RenewalError",
+    "RenewalPolicy",
+    "RequestRejectedError",
+    "ServerError",
+    "ServiceEntry",
+    "ServiceHealth",
+    "TransportError",
+    "TrustError",
+]

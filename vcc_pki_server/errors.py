@@ -10,7 +10,7 @@
     ├── NotPermitted        not_permitted
     ├── NotFound            unknown_service / unknown_certificate / not_found
     ├── Conflict            conflict / already_revoked
-    └── CAUnavailable       ca_locked (wrong password, missing CA files)
+    └── CAUnavailable       unavailable (wrong password, missing CA files)
 """
 
 from __future__ import annotations
@@ -84,4 +84,4 @@ class Conflict(CAError):
 class CAUnavailable(CAError):
     """The CA cannot sign: missing CA files or a wrong CA password."""
 
-    code = "ca_locked"
+    code = "unavailable"  # the client SDK maps it to ServerError (retryable)

@@ -26,7 +26,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "unsupported_media_type": 415,
     "invalid_field": 422,
     "internal_error": 500,
-    "ca_locked": 503,
+    "unavailable": 503,
 }
 
 TITLES: dict[int, str] = {

@@ -1,0 +1,148 @@
+"""Automatic renewal: a short-lived certificate renewed by the SDK's background thread.
+
+The service enrols for one day. A certificate that short is renewed two thirds into its
+life (the ``renew_before_days`` window would be longer than the whole lifetime), so to see
+it happen in seconds, not hours, this example gives the client a clock that runs
+``--speed`` times faster than real time. The background check (every ``--interval``
+seconds) notices the renewal is due, renews with a new key, swaps ``cert.pem``/``key.pem``
+atomically, reloads the TLS contexts and calls ``on_renewed``. Finally ``renew_now()`` runs
+one check in the foreground: nothing is due any more.
+
+    python examples/auto_renewal.py --url https://127.0.0.1:8443 \\
+        --root-fingerprint sha256:9f2c... --admin-token vcc_adm_...
+
+Settings come from the options or the environment: VCC_PKI_URL, VCC_PKI_ADMIN_TOKEN,
+VCC_PKI_ENROLMENT_TOKEN, VCC_PKI_ROOT_FINGERPRINT or VCC_PKI_CA_BUNDLE, VCC_PKI_WORKDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from vcc_pki_client import PKIClient, PKIError, RenewalError
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=env("VCC_PKI_URL", "https://127.0.0.1:8443"), help="the PKI server")
+    parser.add_argument("--admin-token", default=env("VCC_PKI_ADMIN_TOKEN"),
+                        help="register the service first, as an admin (else --token is needed)")
+    parser.add_argument("--token", default=env("VCC_PKI_ENROLMENT_TOKEN"), help="a one-time enrolment token")
+    parser.add_argument("--root-fingerprint", default=env("VCC_PKI_ROOT_FINGERPRINT"),
+                        help="the root CA's SHA-256 (from `pki-admin ca info`)")
+    parser.add_argument("--ca-bundle", default=env("VCC_PKI_CA_BUNDLE"), help="or: a PEM file with the root CA")
+    parser.add_argument("--workdir", default=env("VCC_PKI_WORKDIR", "example-data"), help="where keys go")
+    parser.add_argument("--service-id", default=f"renewing-{uuid.uuid4().hex[:8]}")
+    parser.add_argument("--speed", type=float, default=30000.0, help="how much faster the example's clock runs")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between background checks")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the renewal")
+    return parser.parse_args(argv)
+
+
+def fast_clock(speed: float) -> Callable[[], datetime]:
+    """A clock that starts now and runs ``speed`` times faster than real time."""
+    start, t0 = datetime.now(timezone.utc), time.monotonic()
+    return lambda: start + timedelta(seconds=(time.monotonic() - t0) * speed)
+
+
+def presented_serial(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> int:
+    """The serial of the certificate ``server_ctx`` presents in a new loopback handshake."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.recv(2)
+                der = tls.getpeercert(binary_form=True)
+        thread.join(5)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def register_as_admin(pki: PKIClient, url: str, admin_token: str) -> str:
+    """The operator's step (usually `pki-admin service register`): returns the one-time token."""
+    roots = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in pki.get_ca_bundle())
+    with httpx.Client(verify=ssl.create_default_context(cadata=roots),
+                      headers={"Authorization": f"Bearer {admin_token}"}) as admin:
+        response = admin.post(f"{url}/api/v1/services/register", json={
+            "service_id": pki.service_id, "san_dns": [pki.service_id, "localhost"], "san_ip": ["127.0.0.1"]})
+        response.raise_for_status()
+        return str(response.json()["enrolment_token"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Enrol for a day, watch the background renewal, print each step. Returns the exit status."""
+    args = parse_args(argv)
+    if not (args.token or args.admin_token):
+        print("auto_renewal: give an enrolment token (--token) or an admin token (--admin-token)", file=sys.stderr)
+        return 2
+    folder = Path(args.workdir) / args.service_id
+    renewed: list[x509.Certificate] = []
+    failures: list[Exception] = []
+    done = threading.Event()
+
+    def on_renewed(cert: x509.Certificate) -> None:   # e.g. tell a worker pool to reconnect
+        renewed.append(cert)
+        done.set()
+
+    def on_error(exc: Exception) -> None:             # e.g. page someone: renewal gave up for now
+        failures.append(exc)
+
+    with PKIClient(args.url, service_id=args.service_id, cert_file=folder / "cert.pem",
+                   key_file=folder / "key.pem", root_fingerprint=args.root_fingerprint,
+                   ca_bundle=args.ca_bundle, clock=fast_clock(args.speed)) as pki:
+        try:
+            token = args.token or register_as_admin(pki, args.url, args.admin_token)
+            first = pki.enroll(token, validity_days=1)
+            print(f"enrolled {args.service_id}: certificate {first.serial_number} "
+                  f"valid until {first.not_after:%Y-%m-%d %H:%M} UTC (1 day)")
+            server_ctx = pki.server_ssl_context()  # would serve uvicorn; follows the renewal below
+
+            pki.enable_auto_renewal(renew_before_days=30, check_interval=args.interval,
+                                    on_renewed=on_renewed, on_error=on_error)
+            print(f"auto-renewal on: a check every {args.interval} s, clock running {args.speed:.0f}x")
+            if not done.wait(args.timeout):
+                print(f"auto_renewal: no renewal within {args.timeout} s; errors: {failures}", file=sys.stderr)
+                return 1
+            pki.disable_auto_renewal()
+
+            new = renewed[0]
+            print(f"renewed in the background: {first.serial_number} -> {new.serial_number:x}, "
+                  f"valid until {new.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+            assert pki.files is not None
+            cert, _ = pki.files.load()        # checked: the key on disk belongs to this certificate
+            print(f"files swapped: {pki.files.cert_file.name} and {pki.files.key_file.name} hold the new pair: "
+                  f"{cert == new}")
+            seen = presented_serial(server_ctx, pki.client_ssl_context())
+            print(f"server context made before the renewal now presents: {seen:x} "
+                  f"(the new certificate: {seen == new.serial_number})")
+            print(f"check in the foreground: {'renewed' if pki.renew_now() else 'nothing due'}")
+        except (PKIError, RenewalError, httpx.HTTPError) as exc:
+            print(f"auto_renewal: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    print("auto_renewal: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

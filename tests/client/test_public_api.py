@@ -1,0 +1,86 @@
+"""The SDK's public surface, pinned: what ``from vcc_pki_client import *`` gives, and the error codes."""
+
+from __future__ import annotations
+
+import inspect
+
+import vcc_pki_client
+from vcc_pki_client.errors import CODE_TO_ERROR, APIError, PKIError
+from vcc_pki_server.api.problems import STATUS_BY_CODE
+
+PUBLIC_API = [
+    "APIError",
+    "AuthenticationError",
+    "CertificateFiles",
+    "CertificateInfo",
+    "ConfigurationError",
+    "ConflictError",
+    "InvalidResponseError",
+    "IssuedCertificate",
+    "NotFoundError",
+    "PKIClient",
+    "PKIError",
+    "Page",
+    "PermissionDeniedError",
+    "PolicyRefusedError",
+    "ReloadingContexts",
+    "RenewalError",
+    "RenewalPolicy",
+    "RequestRejectedError",
+    "ServerError",
+    "ServiceEntry",
+    "ServiceHealth",
+    "TransportError",
+    "TrustError",
+]
+
+# SPEC §7 names these; renaming one breaks every service that uses the SDK.
+SPEC_METHODS = [
+    "enroll", "request_certificate", "renew", "revoke", "register_service", "get_service_certificate",
+    "get_ca_bundle", "get_crl", "is_revoked", "server_ssl_context", "client_ssl_context", "httpx_client",
+    "enable_auto_renewal", "disable_auto_renewal", "close",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert vcc_pki_client.__all__ == PUBLIC_API
+    assert PUBLIC_API == sorted(PUBLIC_API)
+
+
+def test_every_name_in_all_exists() -> None:
+    for name in vcc_pki_client.__all__:
+        assert getattr(vcc_pki_client, name) is not None, name
+
+
+def test_version_is_the_distribution_version() -> None:
+    from importlib.metadata import version
+
+    assert vcc_pki_client.__version__ == version("vcc-pki")
+
+
+def test_every_exception_derives_from_pki_error() -> None:
+    for name in PUBLIC_API:
+        obj = getattr(vcc_pki_client, name)
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            assert issubclass(obj, PKIError), name
+            assert name.endswith("Error"), name
+
+
+def test_every_server_error_code_has_a_client_class() -> None:
+    missing = sorted(set(STATUS_BY_CODE) - set(CODE_TO_ERROR))
+    assert not missing, f"server codes without a client class: {missing}"
+    for code, status in STATUS_BY_CODE.items():
+        cls = CODE_TO_ERROR[code]
+        assert issubclass(cls, APIError)
+        # 4xx codes map to 4xx classes, 5xx to ServerError: retry decisions depend on it.
+        assert issubclass(cls, vcc_pki_client.ServerError) == (status >= 500), code
+
+
+def test_spec_names_and_constructor_keywords() -> None:
+    for name in SPEC_METHODS:
+        assert callable(getattr(vcc_pki_client.PKIClient, name)), name
+    params = inspect.signature(vcc_pki_client.PKIClient).parameters
+    for keyword in ("pki_server_url", "service_id", "cert_file", "key_file", "ca_bundle", "root_fingerprint",
+                    "enrollment_token", "http_client"):
+        assert keyword in params, keyword
+    assert "on_renewed" in inspect.signature(vcc_pki_client.PKIClient.enable_auto_renewal).parameters

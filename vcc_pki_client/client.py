@@ -1,0 +1,419 @@
+"""PKIClient: a service's enrolment, renewal, revocation, peers, CA bundle, CRL and mTLS contexts."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+from cryptography import x509
+
+from .errors import ConfigurationError, RenewalError
+from .files import CertificateFiles
+from .http import Connection, Retry
+from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
+from .renewal import RenewalPolicy, Renewer, next_renewal_at
+from .revocation import CRLCache
+from .session import Session, pem_certificates
+from .trust import CHAIN_FILE_NAME, verify_leaf
+from .wire import (
+    CertificateInfo,
+    IssuedCertificate,
+    Page,
+    ServiceEntry,
+    certificate_request,
+    normalize_fingerprint,
+    renew_request,
+)
+
+__all__ = ["DEFAULT_RETRY", "PKIClient"]
+
+logger = logging.getLogger("vcc_pki_client")
+
+#: Attempts and back-off of retried calls (and of each renewal) unless ``retry_policy=`` says otherwise.
+DEFAULT_RETRY = RenewalPolicy(max_attempts=4, backoff_initial=0.5, backoff_max=8.0)
+_SERVICE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+StrPath = str | os.PathLike[str]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@attrs.frozen
+class _AutoRenewal:
+    policy: RenewalPolicy
+    rekey: bool = True
+    validity_days: int | None = None
+
+
+class PKIClient:
+    """A service's client of the VCC PKI server.
+
+    Takes the server URL and the service's id; ``cert_file``/``key_file`` are where its
+    certificate and private key live (``ca_chain.pem`` is kept beside them). Trust, in this
+    order: ``ca_bundle`` (a PEM file), ``root_fingerprint`` (the root's SHA-256, pinned: hex
+    with or without colons or ``sha256:``), ``ca_chain.pem`` beside ``cert_file``, the
+    system store. ``enrollment_token`` is the default token of :meth:`enroll`; ``key_type``
+    the kind of key it makes (later rekeys keep the kind of the current key).
+    ``retry_policy`` sets attempts and back-off of retried calls; ``http_client`` lends an
+    httpx client (used as it is, never closed here); ``crl_max_age`` (seconds) bounds how
+    long :meth:`is_revoked` trusts a fetched CRL. ``clock`` is the time renewal checks go by
+    (a seam for tests: a clock a day ahead makes a renewal due).
+
+    Example::
+
+        with PKIClient("https://pki.internal:8443", service_id="billing",
+                       cert_file="tls/cert.pem", key_file="tls/key.pem",
+                       root_fingerprint="sha256:9f2c...") as pki:
+            pki.enroll(token)
+            pki.enable_auto_renewal(renew_before_days=30)
+            peer = pki.get_service_certificate("inventory")
+
+    Raises ConfigurationError for bad arguments. Methods raise the typed errors of
+    :mod:`vcc_pki_client.errors`.
+    """
+
+    def __init__(
+        self,
+        pki_server_url: str,
+        service_id: str,
+        *,
+        cert_file: StrPath | None = None,
+        key_file: StrPath | None = None,
+        ca_bundle: StrPath | None = None,
+        root_fingerprint: str | None = None,
+        enrollment_token: str | None = None,
+        key_type: str = "ec-p256",
+        timeout: float = 10.0,
+        http_client: httpx.Client | None = None,
+        retry_policy: RenewalPolicy = DEFAULT_RETRY,
+        crl_max_age: float = 60.0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if not isinstance(pki_server_url, str) or not pki_server_url.startswith(("https://", "http://")):
+            raise ConfigurationError(f"pki_server_url must be an https:// URL, got {pki_server_url!r}")
+        if pki_server_url.startswith("http://") and http_client is None:
+            raise ConfigurationError(f"pki_server_url must be https:// (mutual TLS), got {pki_server_url!r}")
+        if not isinstance(service_id, str) or not _SERVICE_ID.fullmatch(service_id):
+            raise ConfigurationError(f"invalid service id {service_id!r}: lowercase letters, digits and '-'")
+        if (cert_file is None) != (key_file is None):
+            raise ConfigurationError("pass cert_file and key_file together")
+        if key_type not in KEY_KINDS:
+            raise ConfigurationError(f"unknown key_type {key_type!r}; expected one of {', '.join(KEY_KINDS)}")
+        self.pki_server_url = pki_server_url.rstrip("/")
+        self.service_id = service_id
+        #: The certificate, key and chain files (None without ``cert_file``).
+        self.files: CertificateFiles | None = None
+        if cert_file is not None and key_file is not None:
+            self.files = CertificateFiles(cert_file, key_file, Path(cert_file).parent / CHAIN_FILE_NAME)
+            try:
+                self.files.recover()  # finish a swap a crash cut short
+            except ConfigurationError as exc:
+                logger.warning("service %s: %s", service_id, exc)
+        self._session = Session(
+            self.pki_server_url, service_id, self.files,
+            ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
+            pin=normalize_fingerprint(root_fingerprint) if root_fingerprint is not None else None,
+            timeout=timeout, retry_policy=retry_policy, http_client=http_client,
+        )
+        self._enrollment_token = enrollment_token
+        self._key_type = key_type
+        self._retry = retry_policy
+        self._clock = clock
+        self._lock = self._session.lock
+        self._renew_lock = threading.RLock()  # one certificate replacement at a time
+        self._crl = CRLCache(self._session, max_age=crl_max_age)
+        self._renewer: Renewer | None = None
+        self._auto = _AutoRenewal(retry_policy)
+        self._closing = False
+        self._on_renewed: Callable[[x509.Certificate], None] | None = None
+        self._due: tuple[int, datetime] | None = None
+
+    def __repr__(self) -> str:
+        return f"PKIClient({self.pki_server_url!r}, service_id={self.service_id!r})"
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def enrolled(self) -> bool:
+        """True when the certificate and key files exist (an enrolment happened)."""
+        return self._session.enrolled
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The service's current certificate, read from ``cert_file`` (ConfigurationError if none)."""
+        return self._session.require_files().load()[0]
+
+    # -- certificates -------------------------------------------------------------------
+    def enroll(
+        self, token: str | None = None, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (),
+        validity_days: int | None = None,
+    ) -> IssuedCertificate:
+        """Get the first certificate with a one-time enrolment token.
+
+        A key of ``key_type`` is made here; only a CSR is sent (without SANs, the CA grants
+        the service's whole allow-list). Certificate, key (0600) and chain are written
+        atomically. Not retried once the request may have reached the server (that could
+        spend the token); retried only while the connection is refused.
+        Raises AuthenticationError for a spent, expired or unknown token,
+        PolicyRefusedError for SANs outside the allow-list.
+        """
+        token = token or self._enrollment_token
+        if not token:
+            raise ConfigurationError("enroll() needs an enrolment token (argument or enrollment_token=)")
+        return self._issue(self._key_type, san_dns, san_ip, validity_days, token=token, retry=Retry.UNSENT)
+
+    def request_certificate(
+        self, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (), validity_days: int | None = None,
+    ) -> IssuedCertificate:
+        """A new certificate (new key of the current kind) requested with the current one over mTLS.
+
+        Unlike :meth:`renew`, the names may change (within the allow-list). Files and
+        contexts are replaced as by :meth:`renew`; ``on_renewed`` is called.
+        """
+        with self._renew_lock:
+            kind = key_kind(self._session.require_files().load()[1])
+            issued = self._issue(kind, san_dns, san_ip, validity_days, token=None, retry=Retry.TRANSIENT)
+            self._notify(issued.certificate)
+        return issued
+
+    def renew(self, rekey: bool = True, *, validity_days: int | None = None) -> IssuedCertificate:
+        """Renew the current certificate over mTLS: new serial, new validity, same names.
+
+        ``rekey=True`` makes a new key of the same kind and sends its CSR; ``rekey=False``
+        keeps the key. Retried on transient failures (a repeat only issues one more
+        certificate). Files are swapped atomically (a failure leaves the old pair in place),
+        contexts from this client reloaded, ``on_renewed`` called.
+        """
+        with self._renew_lock:
+            files = self._session.require_files()
+            cert, key = files.load()
+            new_key = generate_private_key(key_kind(key)) if rekey else key
+            body = renew_request(build_csr(new_key, self.service_id, *_sans(cert)) if rekey else None)
+            if validity_days is not None:
+                body["validity_days"] = validity_days
+            data = self._conn().json("POST", f"/certificates/{self.service_id}/renew", body=body)
+            issued = IssuedCertificate.from_json(data)
+            self._session.install(issued, new_key)
+            self._due = None
+            self._notify(issued.certificate)
+        return issued
+
+    def revoke(self, reason: str = "unspecified", serial: int | str | None = None) -> CertificateInfo:
+        """Revoke the current certificate (or ``serial``, int or hex) with an RFC 5280 reason name.
+
+        Returns the revoked certificate's record; the server publishes a new CRL first.
+        """
+        params = {"reason": reason}
+        if serial is not None:
+            params["serial"] = format(serial, "x") if isinstance(serial, int) else serial.replace(":", "").lower()
+        data = self._conn().json("DELETE", f"/certificates/{self.service_id}/revoke", params=params, retry=Retry.UNSENT)
+        self._crl.forget()
+        return CertificateInfo.from_json(data)
+
+    # -- registry -----------------------------------------------------------------------
+    def register_service(
+        self, service_name: str, endpoints: Sequence[str], health_check_url: str | None = None,
+        version: str | None = None, owner: str | None = None, metadata: Mapping[str, Any] | None = None,
+    ) -> ServiceEntry:
+        """Update this service's registry entry (over mTLS); returns the entry.
+
+        The server probes ``health_check_url`` (HTTPS, with its own client certificate).
+        """
+        body: dict[str, Any] = {"service_id": self.service_id, "service_name": service_name,
+                                "endpoints": list(endpoints)}
+        extra = {"health_check_url": health_check_url, "version": version, "owner": owner,
+                 "metadata": dict(metadata) if metadata is not None else None}
+        body.update({k: v for k, v in extra.items() if v is not None})
+        return ServiceEntry.from_json(self._conn().json("POST", "/services/register", body=body))
+
+    def discover(self, service_id: str) -> ServiceEntry:
+        """One service's registry entry, with its endpoints, health and certificates."""
+        return ServiceEntry.from_json(self._conn().json("GET", f"/services/{_checked_id(service_id)}"))
+
+    def list_services(self, healthy: bool | None = None) -> list[ServiceEntry]:
+        """The whole registry (all pages); ``healthy=True``: only services whose last probe passed."""
+        params: dict[str, str] = {"limit": "1000"}
+        if healthy is not None:
+            params["healthy"] = "true" if healthy else "false"
+        entries: list[ServiceEntry] = []
+        while True:
+            page = Page.from_json(self._conn().json("GET", "/services/", params=params), ServiceEntry.from_json)
+            entries += page.items
+            if page.next_cursor is None or not page.items:
+                return entries
+            params["cursor"] = page.next_cursor
+
+    # -- peers, CA, CRL -----------------------------------------------------------------
+    def get_service_certificate(self, service_id: str) -> x509.Certificate:
+        """The current certificate of ``service_id``, checked to chain to our CA (TrustError if not)."""
+        response = self._conn().request("GET", f"/certificates/{_checked_id(service_id)}/download",
+                                        params={"chain": "true"})
+        what = f"the certificate of service {service_id!r}"
+        certs = pem_certificates(response.content, what)
+        verify_leaf(certs[0], certs[1:], self._session.peer_anchors(), what=what)
+        return certs[0]
+
+    def get_ca_bundle(self) -> list[x509.Certificate]:
+        """The CA chain, intermediate then root, checked against the trusted root."""
+        return list(self._session.ca_chain(refresh=True))
+
+    def get_crl(self) -> x509.CertificateRevocationList:
+        """The current CRL, its signature checked against the intermediate CA (TrustError if not)."""
+        return self._crl.fetch()
+
+    def is_revoked(self, cert: x509.Certificate | int | str, *, refresh: bool = False) -> bool:
+        """True when ``cert`` (a certificate, or its serial as int or hex) is on the CRL.
+
+        The CRL is fetched when the one kept is older than ``crl_max_age`` seconds or past its
+        nextUpdate, or with ``refresh=True``. A certificate from another issuer is a
+        TrustError: this CA's CRL cannot vouch for it.
+        """
+        return self._crl.is_revoked(cert, refresh=refresh)
+
+    # -- automatic renewal --------------------------------------------------------------
+    def enable_auto_renewal(
+        self, renew_before_days: float = 30, *, check_interval: timedelta | float = timedelta(hours=1),
+        on_renewed: Callable[[x509.Certificate], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None, rekey: bool = True, validity_days: int | None = None,
+    ) -> None:
+        """Check the certificate now and every ``check_interval`` (seconds or timedelta) in a
+        background thread; renew it ``renew_before_days`` before it expires (for a lifetime
+        shorter than that: at two thirds), with retries on transient failures.
+
+        ``on_renewed(cert)`` follows every renewal; a renewal that gives up is logged and
+        reported to ``on_error(RenewalError)``. Calling again replaces the settings.
+        """
+        if not self.enrolled:
+            raise ConfigurationError(f"service {self.service_id!r} has no certificate to renew yet: enroll() first")
+        interval = check_interval if isinstance(check_interval, timedelta) else timedelta(seconds=check_interval)
+        policy = attrs.evolve(self._retry, renew_before=timedelta(days=renew_before_days), check_interval=interval)
+        with self._lock:
+            if self._closing:
+                raise ConfigurationError("this PKIClient is closed")
+            self._auto = _AutoRenewal(policy, rekey, validity_days)
+            self._on_renewed, self._due = on_renewed, None
+            if self._renewer is None:
+                self._renewer = Renewer(service_id=self.service_id)
+            self._renewer.on_error = on_error
+            self._renewer.start(self._background_check, interval, immediately=True)
+
+    def disable_auto_renewal(self) -> None:
+        """Stop the background renewal (waits for a running check). Idempotent."""
+        with self._lock:
+            renewer = self._renewer
+        if renewer is not None:
+            renewer.stop()
+
+    def renew_now(self, *, now: datetime | None = None) -> IssuedCertificate | None:
+        """Run one renewal check synchronously, as of ``now`` (default: the client's clock).
+
+        Returns the new certificate if it renewed, None if it was not due. Raises
+        RenewalError (``last_error`` holds the cause) when the renewal gave up.
+        """
+        with self._renew_lock:
+            try:
+                cert = self._session.require_files().load()[0]
+                auto = self._auto
+                if self._due is None or self._due[0] != cert.serial_number:
+                    self._due = (cert.serial_number, next_renewal_at(
+                        cert.not_valid_before_utc, cert.not_valid_after_utc, auto.policy))
+                if (now or self._clock()) < self._due[1]:
+                    return None
+                logger.info("service %s: renewing certificate %x (not_after %s)", self.service_id,
+                            cert.serial_number, cert.not_valid_after_utc.isoformat())
+                return self.renew(rekey=auto.rekey, validity_days=auto.validity_days)
+            except Exception as exc:
+                raise RenewalError(f"renewal of the certificate of service {self.service_id!r} failed: {exc}",
+                                   last_error=exc) from exc
+
+    def _background_check(self) -> None:
+        self.renew_now()
+
+    # -- TLS ----------------------------------------------------------------------------
+    def server_ssl_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
+        """A server context presenting this service's certificate and verifying clients
+        against our CA; it presents the new certificate after each renewal (new handshakes)."""
+        return self._session.peer_contexts().server_context(require_client_cert=require_client_cert)
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client context presenting this service's certificate, trusting only our CA;
+        reloaded in place after each renewal."""
+        return self._session.peer_contexts().client_context()
+
+    def httpx_client(self, **kwargs: Any) -> httpx.Client:
+        """An httpx client for mTLS calls to peers (``verify`` is :meth:`client_ssl_context`).
+
+        Other keyword arguments go to ``httpx.Client``. The caller closes it.
+        """
+        return httpx.Client(verify=self.client_ssl_context(), **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the background renewal and close the HTTP client this object made. Idempotent;
+        a lent ``http_client`` stays open."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            renewer = self._renewer
+        if renewer is not None:
+            renewer.stop()  # waits for a running check, which may still need the connection
+        self._session.close()
+
+    def __enter__(self) -> PKIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+    def _conn(self) -> Connection:
+        return self._session.connection()
+
+    def _issue(self, kind: str, san_dns: Sequence[str], san_ip: Sequence[str], validity_days: int | None,
+               *, token: str | None, retry: Retry) -> IssuedCertificate:
+        self._session.require_files()
+        key = generate_private_key(kind)
+        body = certificate_request(self.service_id, build_csr(key, self.service_id, san_dns, san_ip), validity_days)
+        data = self._conn().json("POST", "/certificates/request", body=body, token=token, retry=retry)
+        issued = IssuedCertificate.from_json(data)
+        with self._renew_lock:
+            self._session.install(issued, key)
+            self._due = None
+        return issued
+
+    def _notify(self, cert: x509.Certificate) -> None:
+        callback = self._on_renewed
+        if callback is None:
+            return
+        try:
+            callback(cert)
+        except Exception:  # the renewal itself succeeded; a broken hook must not undo that
+            logger.exception("service %s: on_renewed callback raised", self.service_id)
+
+
+def _checked_id(service_id: str) -> str:
+    if not isinstance(service_id, str) or not _SERVICE_ID.fullmatch(service_id):
+        raise ConfigurationError(f"invalid service id {service_id!r}")
+    return service_id
+
+
+def _sans(cert: x509.Certificate) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """The DNS and IP names of ``cert`` (a renewal asks for the same names)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    ips = [ip for ip in san.get_values_for_type(x509.IPAddress)
+           if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))]  # leaves name hosts, not networks
+    return list(san.get_values_for_type(x509.DNSName)), ips

@@ -1,0 +1,208 @@
+"""The plumbing behind one PKIClient: trust, the HTTP connection, reloading contexts, installing certificates.
+
+Everything here is built lazily, on first use, so constructing a client does no I/O:
+
+* the trust anchors (:func:`~vcc_pki_client.trust.resolve_trust`; a pinned root is fetched
+  from the server then, once);
+* one httpx client to the PKI server: TLS verified against the anchors and, once the
+  service has a certificate, presenting it (a context from :class:`ReloadingContexts`, so
+  it follows renewals). A client made before enrolment is replaced by an mTLS one after;
+* the reloading contexts handed out for peers (server and client side).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+
+from .errors import ConfigurationError, InvalidResponseError
+from .files import CertificateFiles
+from .http import Connection
+from .keys import PrivateKey, key_matches_certificate
+from .renewal import RenewalPolicy
+from .tls import ReloadingContexts
+from .trust import Trust, check_ca_chain, resolve_trust, unverified_context, verify_leaf
+from .wire import IssuedCertificate
+
+__all__ = ["Session", "pem_certificates"]
+
+logger = logging.getLogger("vcc_pki_client")
+
+
+class Session:
+    """Lazily built trust, connection and contexts of one service's client (thread-safe).
+
+    ``http_client``, when given, is lent: used for every request (including the root fetch
+    of a pinned fingerprint) and never closed here.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        service_id: str,
+        files: CertificateFiles | None,
+        *,
+        ca_bundle: Path | None,
+        pin: str | None,
+        timeout: float,
+        retry_policy: RenewalPolicy,
+        http_client: httpx.Client | None,
+    ) -> None:
+        self.url = url
+        self.service_id = service_id
+        self.files = files
+        self.retry_policy = retry_policy
+        self._ca_bundle = ca_bundle
+        self._pin = pin
+        self._timeout = timeout
+        self._lent = http_client
+        self.lock = threading.RLock()
+        self.closed = False
+        self._trust: Trust | None = None
+        self._connection: Connection | None = None
+        self._mtls = False
+        self._contexts: ReloadingContexts | None = None
+        self._peer_contexts: ReloadingContexts | None = None
+        self._ca_chain: list[x509.Certificate] | None = None
+
+    @property
+    def enrolled(self) -> bool:
+        """True when the certificate and key files exist."""
+        return self.files is not None and self.files.exists()
+
+    def require_files(self) -> CertificateFiles:
+        """The files, or ConfigurationError when the client was made without them."""
+        if self.files is None:
+            raise ConfigurationError("this needs cert_file and key_file")
+        return self.files
+
+    def require_open(self) -> None:
+        """ConfigurationError once closed."""
+        if self.closed:
+            raise ConfigurationError("this PKIClient is closed")
+
+    # -- trust ---------------------------------------------------------------------------
+    def trust(self) -> Trust:
+        """The trust anchors, resolved on first use."""
+        with self.lock:
+            if self._trust is None:
+                self._trust = resolve_trust(ca_bundle=self._ca_bundle, pin=self._pin,
+                                            cert_file=self.files.cert_file if self.files else None,
+                                            fetch_root=self._fetch_root)
+                logger.debug("service %s trusts %s", self.service_id, self._trust.source)
+            return self._trust
+
+    def _fetch_root(self) -> bytes:
+        """The root as the server serves it, unverified: resolve_trust checks it against the pin."""
+        if self._lent is not None:
+            return self._root_from(self._lent)
+        with httpx.Client(verify=unverified_context(), timeout=self._timeout) as client:
+            return self._root_from(client)
+
+    def _root_from(self, client: httpx.Client) -> bytes:
+        connection = Connection(self.url, client, owns_client=False, retry_policy=self.retry_policy)
+        return connection.request("GET", "/ca/root", params={"format": "der"}).content
+
+    def ca_chain(self, *, refresh: bool = False) -> list[x509.Certificate]:
+        """The CA chain (intermediate, root) from the server, checked against the anchors; cached."""
+        with self.lock:
+            chain = self._ca_chain
+        if chain is not None and not refresh:
+            return chain
+        response = self.connection().request("GET", "/ca/chain")
+        chain = check_ca_chain(pem_certificates(response.content, "the CA chain"), self.trust().anchors)
+        with self.lock:
+            self._ca_chain = chain
+        return chain
+
+    def peer_anchors(self) -> tuple[x509.Certificate, ...]:
+        """The anchors for peers; with system trust, the root the (verified) server publishes."""
+        anchors = self.trust().anchors
+        return anchors or tuple(c for c in self.ca_chain() if c.issuer == c.subject)
+
+    # -- connection and contexts ---------------------------------------------------------
+    def connection(self) -> Connection:
+        """The connection to the PKI server (mTLS once the service has a certificate)."""
+        with self.lock:
+            self.require_open()
+            if self._connection is None:
+                client = self._lent if self._lent is not None else self._new_http_client()
+                self._connection = Connection(self.url, client, owns_client=self._lent is None,
+                                              retry_policy=self.retry_policy)
+            elif self._connection.owns_client and not self._mtls and self.enrolled:
+                self._connection.replace_client(self._new_http_client())  # enrolled since: use mTLS
+            return self._connection
+
+    def _new_http_client(self) -> httpx.Client:
+        verify, self._mtls = self.trust().ssl_context(), False
+        if self.enrolled:
+            try:
+                verify, self._mtls = self._pki_contexts().client_context(), True
+            except ConfigurationError as exc:  # e.g. a pair that does not match: enrol again
+                logger.warning("service %s: not presenting a client certificate: %s", self.service_id, exc)
+        return httpx.Client(verify=verify, timeout=self._timeout)
+
+    def _pki_contexts(self) -> ReloadingContexts:
+        with self.lock:
+            if self._contexts is None:
+                self._contexts = ReloadingContexts(self.require_files(), ca_certs=self.trust().anchors)
+            return self._contexts
+
+    def peer_contexts(self) -> ReloadingContexts:
+        """Contexts for talking to peers: our certificate, trusting only our CA."""
+        if not self.enrolled:
+            raise ConfigurationError(f"service {self.service_id!r} has no certificate yet: enroll() first")
+        with self.lock:
+            self.require_open()
+            if self._peer_contexts is None:
+                self._peer_contexts = (
+                    self._pki_contexts() if self.trust().anchors
+                    else ReloadingContexts(self.require_files(), ca_certs=self.peer_anchors())
+                )
+            return self._peer_contexts
+
+    # -- certificates --------------------------------------------------------------------
+    def install(self, issued: IssuedCertificate, key: PrivateKey) -> None:
+        """Check an issued certificate, swap the files atomically, reload every context.
+
+        Raises InvalidResponseError (not for us, not our key), TrustError (does not chain to
+        the anchors) or ConfigurationError (files not writable); the old files then stay.
+        """
+        cert = issued.certificate
+        if issued.service_id != self.service_id:
+            raise InvalidResponseError(
+                f"asked for service {self.service_id!r}, got a certificate for {issued.service_id!r}")
+        if not key_matches_certificate(key, cert):
+            raise InvalidResponseError("the issued certificate does not certify the key this client sent")
+        anchors = self.trust().anchors or tuple(c for c in issued.chain if c.issuer == c.subject)
+        # Judge the chain, not the clocks: a few minutes of skew must not waste a one-time token.
+        at = min(max(datetime.now(timezone.utc), cert.not_valid_before_utc), cert.not_valid_after_utc)
+        verify_leaf(cert, issued.chain, anchors, what=f"the certificate issued for {self.service_id!r}", now=at)
+        self.require_files().write(cert, key, issued.chain)
+        with self.lock:
+            live = {id(c): c for c in (self._contexts, self._peer_contexts) if c is not None}
+            for contexts in live.values():
+                contexts.reload()
+        logger.info("service %s: installed certificate %s (not_after %s)", self.service_id,
+                    issued.serial_number, issued.not_after.isoformat())
+
+    def close(self) -> None:
+        """Close the HTTP client made here (a lent one stays open). Idempotent."""
+        with self.lock:
+            self.closed = True
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def pem_certificates(data: bytes, what: str) -> list[x509.Certificate]:
+    """The PEM certificates of an answer (InvalidResponseError if there are none)."""
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InvalidResponseError(f"{what} is not PEM certificates") from exc
