@@ -6,11 +6,12 @@ decides what that actor may do, so both front ends share one set of rules (SPEC 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -22,9 +23,9 @@ from . import tokens
 from .ca import REASONS, CertificateAuthority, LeafPublicKey, LeafTemplate, generate_key
 from .errors import (CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound,
                      NotPermitted, PolicyRefused, UnknownService)
-from .policy import Policy, check_public_key, check_service_id, load_csr, normalize_sans
+from .policy import Policy, check_public_key, check_service_id, load_csr_key, normalize_sans
 from .store import (CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord, Store,
-                    TokenRecord, utc_text)
+                    TokenRecord, pem_text, utc_text)
 
 log = logging.getLogger("vcc_pki_server.authority")
 Clock = Callable[[], datetime]
@@ -94,6 +95,7 @@ class Authority:
         self.clock = clock
         self._crl_cache: tuple[float, CRLRecord] | None = None
         self._crl_lock = threading.Lock()
+        self._crl_pem: tuple[int, bytes] | None = None
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -273,17 +275,42 @@ class Authority:
         return self.ca.sign_leaf(public_key, template)
 
     def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
-                consume_token: str | None = None) -> Issued:
-        record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock())
+                consume_token: str | None = None, template: LeafTemplate | None = None) -> Issued:
+        issued = self._issued(service_id, cert, template)
+        with self._recording(issued, actor):
+            self.store.add_certificate(issued.record, actor=actor.label, consume_token=consume_token)
+        return issued
+
+    def _issued(self, service_id: str, cert: x509.Certificate,
+                template: LeafTemplate | None = None) -> Issued:
+        """The record of a certificate just signed (from ``template``, the SANs it was given)."""
+        sans = (template.san_dns, template.san_ip) if template is not None else None
+        record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(), sans=sans)
+        return Issued(cert, record, self.ca.chain)
+
+    @contextlib.contextmanager
+    def _recording(self, issued: Issued, actor: Actor) -> Iterator[None]:
+        """Around the store's write: a spent enrolment token is 401; log once recorded."""
         try:
-            self.store.add_certificate(record, actor=actor.label, consume_token=consume_token)
+            yield
         except Conflict as exc:
             if exc.code == "invalid_token":
                 raise NotAuthenticated("enrolment token was already used", code="invalid_token") from None
             raise
-        log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s", service_id,
+        record = issued.record
+        log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s", record.service_id,
                  record.serial, utc_text(record.not_after), actor.label)
-        return Issued(cert, record, self.ca.chain)
+
+    def _sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+                      validity_days: object) -> Issued:
+        """Check who asks, the CSR and the policy; sign. Nothing is recorded yet."""
+        self._require(actor, service_id, "request a certificate", enrolment=True)
+        service = self.service(service_id)
+        csr, public_key = load_csr_key(csr_pem)
+        template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
+                                        now=self.clock(), validity_days=validity_days)
+        cert = self._sign(service, public_key, template)
+        return self._issued(service_id, cert, template)
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
               validity_days: object = None) -> Issued:
@@ -292,14 +319,23 @@ class Authority:
         An enrolment token is spent only when the certificate is recorded: a refused request
         leaves it usable, and two concurrent uses cannot both get a certificate.
         """
-        self._require(actor, service_id, "request a certificate", enrolment=True)
-        service = self.service(service_id)
-        csr = load_csr(csr_pem)
-        template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
-                                        now=self.clock(), validity_days=validity_days)
-        cert = self._sign(service, check_public_key(csr.public_key()), template)
+        issued = self._sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
         token = actor.token_id if actor.kind == "enrolment" else None
-        return self._record(service_id, cert, actor, consume_token=token)
+        with self._recording(issued, actor):
+            self.store.add_certificate(issued.record, actor=actor.label, consume_token=token)
+        return issued
+
+    async def issue_async(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+                          validity_days: object = None) -> Issued:
+        """:meth:`issue` for an event loop: checks and signs in the calling thread (CPU-bound
+        work gains nothing from a thread hop under the GIL; the store's reads never wait for a
+        commit), then awaits the group commit without blocking the loop. Returns only once the
+        certificate is recorded."""
+        issued = self._sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
+        token = actor.token_id if actor.kind == "enrolment" else None
+        with self._recording(issued, actor):
+            await self.store.add_certificate_async(issued.record, actor=actor.label, consume_token=token)
+        return issued
 
     def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
                        san_ip: Iterable[str] = (), key_type: str = "rsa-2048",
@@ -335,7 +371,7 @@ class Authority:
         template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list,
                                 not_before=not_before, not_after=not_after)
         cert = self._sign(service, key.public_key(), template)
-        return self._record(service_id, cert, actor), key
+        return self._record(service_id, cert, actor, template=template), key
 
     def renew(self, service_id: str, *, actor: Actor, csr_pem: str | bytes | None = None,
               validity_days: object = None) -> Issued:
@@ -350,10 +386,9 @@ class Authority:
         current = self.current(service_id)
         now = self.clock()
         if csr_pem is not None:
-            csr = load_csr(csr_pem)
+            csr, public_key = load_csr_key(csr_pem)
             template = self.policy.template(service_id, service.san_dns, service.san_ip, csr, now=now,
                                             validity_days=validity_days)
-            public_key = check_public_key(csr.public_key())
         else:
             old = current.certificate()
             cn_attrs = old.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
@@ -365,7 +400,8 @@ class Authority:
             template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, not_before=not_before,
                                     not_after=not_after)
             public_key = check_public_key(old.public_key())
-        return self._record(service_id, self._sign(service, public_key, template), actor)
+        return self._record(service_id, self._sign(service, public_key, template), actor,
+                            template=template)
 
     def revoke(self, service_id: str, *, reason: str = "unspecified", serial: str | None = None,
                actor: Actor) -> CertificateRecord:
@@ -409,6 +445,28 @@ class Authority:
         log.info("CRL generated number=%d entries=%d next_update=%s", crl.number, crl.entries,
                  utc_text(crl.next_update))
         return crl
+
+    def cached_crl(self) -> CRLRecord | None:
+        """The cached CRL while it is younger than ``crl_cache_ttl`` (no store access, so an
+        event loop may call it), else None: then call :meth:`crl`."""
+        cached = self._crl_cache
+        if cached is not None and time.monotonic() - cached[0] < self.settings.crl_cache_ttl:
+            return cached[1]
+        return None
+
+    def cached_crl_pem(self, crl: CRLRecord) -> bytes | None:
+        """:meth:`crl_pem` if it is already made, else None."""
+        cached = self._crl_pem
+        return cached[1] if cached is not None and cached[0] == crl.number else None
+
+    def crl_pem(self, crl: CRLRecord) -> bytes:
+        """``crl`` as PEM, made once per CRL number (a 100k-entry CRL is 5 MB)."""
+        cached = self.cached_crl_pem(crl)
+        if cached is not None:
+            return cached
+        pem = pem_text(crl.der, "X509 CRL").encode("ascii")
+        self._crl_pem = (crl.number, pem)
+        return pem
 
     def crl(self) -> CRLRecord:
         """The newest stored CRL, cached for ``crl_cache_ttl`` seconds; one is made if none exists."""

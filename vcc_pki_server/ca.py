@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Union
 
 import attrs
@@ -33,6 +33,21 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
     "aACompromise": x509.ReasonFlags.aa_compromise,
 }
+
+
+# One shared CRL entry extension per reason (RFC 5280 §5.3.1).
+_REASON_EXTENSIONS: dict[str, x509.Extension[x509.CRLReason]] = {
+    name: x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag)) for name, flag in REASONS.items()
+}
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    """``moment`` as the naive UTC time the x509 builders store (aware times are converted)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    if moment.year < 1950:
+        raise ValueError("times before 1950 cannot be encoded")
+    return moment
 
 
 def generate_key(key_type: str) -> CAPrivateKey:
@@ -132,12 +147,49 @@ class CertificateAuthority:
     issuer_url: str
     _aki: x509.AuthorityKeyIdentifier = attrs.field(init=False, repr=False)
     _hash: hashes.SHA256 | hashes.SHA384 = attrs.field(init=False, repr=False)
+    _chain_pem: bytes = attrs.field(init=False, repr=False)
+    # The extensions every leaf shares (before and after its SAN + SKI), made once; the
+    # key-usage one differs for RSA keys (keyEncipherment).
+    _leaf_head: dict[bool, tuple[x509.Extension[x509.ExtensionType], ...]] = attrs.field(
+        init=False, repr=False)
+    _leaf_tail: tuple[x509.Extension[x509.ExtensionType], ...] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         object.__setattr__(self, "_aki",
                            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
         object.__setattr__(self, "_hash", signature_hash(self.key))
+        object.__setattr__(self, "_chain_pem", b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, self.root)))
+
+        def ext(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
+            # Encoded once: the builder copies an UnrecognizedExtension's bytes as they are,
+            # where a typed one is walked attribute by attribute on every signature. The
+            # certificate's bytes are the same either way.
+            raw = x509.UnrecognizedExtension(value.oid, value.public_bytes())
+            return x509.Extension(value.oid, critical, raw)
+
+        def head(is_rsa: bool) -> tuple[x509.Extension[x509.ExtensionType], ...]:
+            return (
+                ext(x509.BasicConstraints(ca=False, path_length=None), True),
+                ext(x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=is_rsa,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False), True),
+                ext(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                           ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            )
+
+        object.__setattr__(self, "_leaf_head", {True: head(True), False: head(False)})
+        object.__setattr__(self, "_leaf_tail", (
+            ext(self._aki, False),
+            ext(x509.CRLDistributionPoints([x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(self.crl_url)],
+                relative_name=None, reasons=None, crl_issuer=None)]), False),
+            ext(x509.AuthorityInformationAccess([x509.AccessDescription(
+                x509.oid.AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(self.issuer_url))]), False),
+        ))
 
     @property
     def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
@@ -146,7 +198,8 @@ class CertificateAuthority:
 
     @property
     def chain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+        """:attr:`chain` as PEM (made once: the certificates never change)."""
+        return self._chain_pem
 
     def sign_leaf(self, public_key: LeafPublicKey, template: LeafTemplate) -> x509.Certificate:
         """Sign a service certificate for ``public_key`` as described by ``template`` (SPEC §3)."""
@@ -156,42 +209,24 @@ class CertificateAuthority:
         not_after = min(template.not_after, self.certificate.not_valid_after_utc)
         # Backdating for clock skew never reaches before the issuer itself was valid.
         not_before = max(template.not_before, self.certificate.not_valid_before_utc)
+        # Extensions, in this order: basicConstraints, keyUsage, extKeyUsage, subjectAltName,
+        # subjectKeyIdentifier, authorityKeyIdentifier, cRLDistributionPoints, authorityInfoAccess.
+        # Handed to the builder as one list: add_extension() one by one costs more than signing.
+        extensions = [
+            *self._leaf_head[is_rsa],
+            x509.Extension(x509.SubjectAlternativeName.oid, False, x509.SubjectAlternativeName(sans)),
+            x509.Extension(x509.SubjectKeyIdentifier.oid, False,
+                           x509.SubjectKeyIdentifier.from_public_key(public_key)),
+            *self._leaf_tail,
+        ]
         builder = (
-            x509.CertificateBuilder()
+            x509.CertificateBuilder(extensions=extensions)
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, template.common_name)]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(template.serial_number)
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=is_rsa,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
-            .add_extension(
-                x509.CRLDistributionPoints([x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(self.crl_url)],
-                    relative_name=None, reasons=None, crl_issuer=None)]),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityInformationAccess([x509.AccessDescription(
-                    x509.oid.AuthorityInformationAccessOID.CA_ISSUERS,
-                    x509.UniformResourceIdentifier(self.issuer_url))]),
-                critical=False,
-            )
         )
         return builder.sign(self.key, self._hash)
 
@@ -202,13 +237,19 @@ class CertificateAuthority:
         The entry list is handed to the builder at once: ``add_revoked_certificate()`` copies the
         list on every call, which makes 100k entries take seconds instead of a fraction of one.
         """
+        # Each entry is made with one constructor call (the fluent setters copy the builder at
+        # every step); dates repeat (second precision) and reasons are few, so both are shared.
+        dates: dict[datetime, datetime] = {}
         entries = []
         for serial, revoked_at, reason in revoked:
-            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at)
+            if not 0 < serial < (1 << 159):
+                raise ValueError(f"serial number {serial:x} out of range")
+            when = dates.get(revoked_at)
+            if when is None:
+                when = dates[revoked_at] = _naive_utc(revoked_at)
             # RFC 5280 §5.3.1: omit the reason code rather than use unspecified.
-            if reason and reason != "unspecified":
-                entry = entry.add_extension(x509.CRLReason(REASONS[reason]), critical=False)
-            entries.append(entry.build())
+            extensions = [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else []
+            entries.append(x509.RevokedCertificateBuilder(serial, when, extensions).build())
         builder = x509.CertificateRevocationListBuilder(
             issuer_name=self.certificate.subject,
             last_update=this_update,

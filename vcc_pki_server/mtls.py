@@ -95,6 +95,49 @@ class _WithTLSExtension:
         await self.app(scope, receive, send)
 
 
+class _CoalescingTransport:
+    """A transport that sends the writes made during one pass of the event loop as one.
+
+    uvicorn writes a response's status line and headers, then its body, as two writes: over
+    TLS that is two records and two ``send`` calls. Held until the loop's next pass, they go
+    out as one. Everything else is the wrapped transport's; ``close()`` sends what is held first.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held")
+    JOIN_LIMIT = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._held.append(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if not held or self._transport.is_closing():
+            return
+        if len(held) == 1:
+            self._transport.write(held[0])
+        elif sum(map(len, held)) <= self.JOIN_LIMIT:
+            self._transport.write(b"".join(held))
+        else:  # a large body (a CRL): copying it to join costs more than a second record
+            for data in held:
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TLSExtensionMixin(asyncio.Protocol):
     """Mix into a uvicorn HTTP protocol class (first base) to add the ASGI TLS extension.
 
@@ -111,6 +154,7 @@ class TLSExtensionMixin(asyncio.Protocol):
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = _WithTLSExtension(self.app, tls_extension(ssl_object))
+        self.transport = _CoalescingTransport(self.transport, asyncio.get_running_loop())
 
 
 class MTLSH11Protocol(TLSExtensionMixin, H11Protocol):
@@ -122,7 +166,7 @@ try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # httptools is optional; without it uvicorn's "auto" picks h11 too.
     MTLSProtocol = MTLSH11Protocol
-else:  # pragma: no cover - httptools is not in the test environment
+else:  # httptools is a server dependency (pyproject), so this is the one normally used
 
     class MTLSHttpToolsProtocol(TLSExtensionMixin, HttpToolsProtocol):
         """uvicorn's httptools protocol with the ASGI TLS extension."""

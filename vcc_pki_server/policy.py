@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from .errors import InvalidCSR, InvalidRequest, PolicyRefused
 
 SERVICE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A whole name of such labels, dot-separated: one match instead of one per label.
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)  # SPEC §3: leaf EC keys are P-256 or P-384
 
 
@@ -41,10 +44,9 @@ def normalize_dns_name(name: str) -> str:
     ascii_name = ascii_name.lower().rstrip(".")
     if "*" in ascii_name:
         raise InvalidRequest(f"wildcard DNS names are not issued: {name!r}")
-    labels = ascii_name.split(".")
-    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+    if len(ascii_name) > 253 or not _NAME.fullmatch(ascii_name):
         raise InvalidRequest(f"invalid DNS name {name!r}: labels of 1-63 letters, digits and '-'")
-    if labels[-1].isdigit():
+    if ascii_name.rpartition(".")[2].isdigit():
         raise InvalidRequest(f"invalid DNS name {name!r}: looks like an IP address, use an IP SAN")
     return ascii_name
 
@@ -61,6 +63,13 @@ def normalize_sans(dns: Iterable[str], ips: Iterable[str | IPAddress]) -> tuple[
     d = tuple(dict.fromkeys(normalize_dns_name(n) for n in dns))
     i = tuple(dict.fromkeys(normalize_ip(a) for a in ips))
     return d, i
+
+
+@functools.lru_cache(maxsize=1024)
+def _allow_list(dns: tuple[str, ...], ips: tuple[str | IPAddress, ...]) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
+    """:func:`normalize_sans` of a service's allow-list, remembered: the same few lists are
+    checked on every issuance."""
+    return normalize_sans(dns, ips)
 
 
 def check_public_key(key: object) -> LeafPublicKey:
@@ -82,6 +91,11 @@ def check_public_key(key: object) -> LeafPublicKey:
 
 def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
     """Parse a PEM (or DER) CSR and check its self-signature and key; raise InvalidCSR otherwise."""
+    return load_csr_key(data)[0]
+
+
+def load_csr_key(data: str | bytes) -> tuple[x509.CertificateSigningRequest, LeafPublicKey]:
+    """:func:`load_csr`, and the checked public key (each ``public_key()`` call decodes it anew)."""
     raw = data.encode() if isinstance(data, str) else data
     try:
         csr = (x509.load_pem_x509_csr(raw) if raw.lstrip().startswith(b"-----")
@@ -95,12 +109,12 @@ def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
     if not valid:
         raise InvalidCSR("CSR signature is invalid (tampered or not self-signed)")
     try:
-        check_public_key(csr.public_key())
+        key = check_public_key(csr.public_key())
     except InvalidCSR:
         raise
     except Exception as exc:
         raise InvalidCSR(f"CSR public key cannot be read: {exc}") from None
-    return csr
+    return csr, key
 
 
 def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str], list[IPAddress]]:
@@ -123,12 +137,23 @@ def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str
     return cn, list(san.get_values_for_type(x509.DNSName)), ips
 
 
-def _is_ip(value: str) -> bool:
+_IPV4_CHARS = frozenset("0123456789.")
+
+
+def _ip_or_none(value: str) -> IPAddress | None:
+    """``value`` as an IP address, else None; names are told apart without raising (a failed
+    ``ip_address()`` raises three exceptions, which costs more than the rest of a name check).
+    Only strings with a ``:`` (IPv6) or of digits and dots (IPv4) can parse."""
+    if ":" not in value and not ("." in value and _IPV4_CHARS.issuperset(value)):
+        return None
     try:
-        ipaddress.ip_address(value)
+        return ipaddress.ip_address(value)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _is_ip(value: str) -> bool:
+    return _ip_or_none(value) is not None
 
 
 @attrs.frozen(kw_only=True)
@@ -159,14 +184,22 @@ class Policy:
         A requested CN equal to the service id is only a label for who asks (clients put their
         id there), so it is dropped rather than refused when it is not in the allow-list.
         """
-        allowed_dns, allowed_ip = normalize_sans(allow_dns, allow_ip)
+        allowed_dns, allowed_ip = _allow_list(tuple(allow_dns), tuple(allow_ip))
         req_dns, req_ip = normalize_sans(dns, ips)
+        return self._grant(service_id, allowed_dns, allowed_ip, cn, req_dns, req_ip)
+
+    @staticmethod
+    def _grant(service_id: str, allowed_dns: tuple[str, ...], allowed_ip: tuple[IPAddress, ...],
+               cn: str | None, req_dns: tuple[str, ...],
+               req_ip: tuple[IPAddress, ...]) -> tuple[str, tuple[str, ...], tuple[IPAddress, ...]]:
+        """:meth:`grant_names` over normalised names."""
         cn_dns: list[str] = []
         cn_ip: list[IPAddress] = []
         if cn:
-            try:
-                cn_ip.append(ipaddress.ip_address(cn))
-            except ValueError:
+            cn_address = _ip_or_none(cn)
+            if cn_address is not None:
+                cn_ip.append(cn_address)
+            else:
                 name = normalize_dns_name(cn)
                 if name in allowed_dns or name != service_id:
                     cn_dns.append(name)
@@ -192,15 +225,16 @@ class Policy:
         """The leaf template for a checked CSR (see :func:`load_csr`)."""
         cn, dns, ips = csr_names(csr)
         try:
-            normalize_sans(dns, ips)
+            req_dns, req_ip = normalize_sans(dns, ips)
             if cn is not None:
                 cn_is_ip = _is_ip(cn)
                 if not cn_is_ip:
                     normalize_dns_name(cn)
         except InvalidRequest as exc:
             raise InvalidCSR(f"CSR names: {exc}") from None
-        common_name, san_dns, san_ip = self.grant_names(
-            service_id, allow_dns, allow_ip, cn=cn, dns=dns, ips=ips)
+        allowed_dns, allowed_ip = _allow_list(tuple(allow_dns), tuple(allow_ip))
+        common_name, san_dns, san_ip = self._grant(service_id, allowed_dns, allowed_ip, cn,
+                                                   req_dns, req_ip)
         not_before, not_after = self.validity(validity_days, now)
         return LeafTemplate(common_name=common_name, san_dns=san_dns, san_ip=san_ip,
                             not_before=not_before, not_after=not_after)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+
+from cryptography import x509
 
 from ..authority import Issued
 from ..home import cert_pem
@@ -20,11 +23,17 @@ def issued(result: Issued) -> dict[str, Any]:
         "service_id": record.service_id,
         "serial_number": record.serial,
         "certificate": record.pem,
-        "chain": cert_pem(*result.chain).decode(),
+        "chain": _chain_text(result.chain),
         "not_before": _t(record.not_before),
         "not_after": _t(record.not_after),
         "fingerprint_sha256": record.fingerprint,
     }
+
+
+@lru_cache(maxsize=8)
+def _chain_text(chain: tuple[x509.Certificate, ...]) -> str:
+    """The chain as PEM text; the same few chains are rendered on every issuance."""
+    return cert_pem(*chain).decode()
 
 
 def certificate(record: CertificateRecord, now: datetime) -> dict[str, Any]:

@@ -6,6 +6,7 @@ one transaction, and every state change writes its audit-log row inside that tra
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -19,11 +20,28 @@ from cryptography.hazmat.primitives import serialization
 
 def utc_text(moment: datetime) -> str:
     """RFC 3339 UTC with a ``Z``, second precision: sortable as text."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    if moment.year < 1000:  # strftime's %Y does not pad; keep its output for such years
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # %-formatting: three times faster than strftime, and this runs several times a request.
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (moment.year, moment.month, moment.day,
+                                               moment.hour, moment.minute, moment.second)
 
 
 def parse_utc(text: str) -> datetime:
+    """The inverse of :func:`utc_text`; anything else raises ``ValueError``."""
+    # fromisoformat is ~50x faster than strptime; the shape check keeps it as strict.
+    if len(text) == 20 and text[4] == "-" and text[10] == "T" and text[19] == "Z" and text[:4].isdigit():
+        return datetime.fromisoformat(text)
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
+    """RFC 7468 PEM of ``der`` (64-character lines), as ``public_bytes(Encoding.PEM)`` writes it."""
+    b64 = base64.b64encode(der).decode("ascii")
+    body = "\n".join([b64[i:i + 64] for i in range(0, len(b64), 64)])
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
 
 
 @attrs.frozen(kw_only=True)
@@ -71,20 +89,26 @@ class CertificateRecord:
     row_id: int | None = None
 
     @classmethod
-    def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime) -> CertificateRecord:
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = tuple(san.get_values_for_type(x509.DNSName))
-            ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
-        except x509.ExtensionNotFound:
-            dns, ips = (), ()
+    def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime,
+                  sans: tuple[Sequence[str], Sequence[Any]] | None = None) -> CertificateRecord:
+        """The record of ``cert``. ``sans`` (DNS names, IP addresses) may say what its SAN
+        extension holds when the caller just signed it: parsing a fresh certificate's
+        extensions costs more than the rest of this."""
+        if sans is not None:
+            dns, ips = tuple(sans[0]), tuple(str(ip) for ip in sans[1])
+        else:
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                dns = tuple(san.get_values_for_type(x509.DNSName))
+                ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+            except x509.ExtensionNotFound:
+                dns, ips = (), ()
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
             serial=format(cert.serial_number, "x"), service_id=service_id,
             subject=cert.subject.rfc4514_string(), san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            fingerprint=hashlib.sha256(der).hexdigest(),
-            pem=cert.public_bytes(serialization.Encoding.PEM).decode(), issued_at=issued_at,
+            fingerprint=hashlib.sha256(der).hexdigest(), pem=pem_text(der), issued_at=issued_at,
         )
 
     def status(self, now: datetime) -> str:
@@ -162,6 +186,9 @@ class Store(Protocol):
     # certificates
     def add_certificate(self, record: CertificateRecord, *, actor: str,
                         consume_token: str | None = None, now: datetime | None = None) -> None: ...
+    async def add_certificate_async(self, record: CertificateRecord, *, actor: str,
+                                    consume_token: str | None = None,
+                                    now: datetime | None = None) -> None: ...
     def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None: ...
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
     def find_certificate(self, fingerprint: str) -> CertificateRecord | None: ...
@@ -188,5 +215,10 @@ class Store(Protocol):
     def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]: ...
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def dumps(value: Sequence[Any] | dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    """Compact JSON with sorted keys (one encoder for all calls: json.dumps with options makes
+    a new one each time)."""
+    return _ENCODER.encode(value)
