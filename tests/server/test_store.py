@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import pytest
 
-from vcc_pki_server.errors import Conflict, NotFound
+from vcc_pki_server.errors import CAError, Conflict, NotFound
 from vcc_pki_server.store import CertificateQuery, CertificateRecord, CRLRecord, ServiceRecord, TokenRecord
 from vcc_pki_server.store.sqlite import MIGRATIONS, SQLiteStore
 
@@ -105,7 +105,7 @@ def test_store_refuses_a_database_from_a_newer_version(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(CAError, match="newer"):
         SQLiteStore(db_path)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import Conflict, NotFound
+from ..errors import CAError, Conflict, NotFound
 
 try:
     import fcntl
@@ -309,7 +309,7 @@ class SQLiteStore:
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (0)")
             if version > len(MIGRATIONS):
-                raise RuntimeError(f"{self.path} has schema version {version}, newer than this program")
+                raise CAError(f"{self.path} has schema version {version}, newer than this program; upgrade vcc-pki")
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
