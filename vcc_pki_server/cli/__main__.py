@@ -1,0 +1,7 @@
+"""``python -m vcc_pki_server.cli``: the same as ``pki-admin``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

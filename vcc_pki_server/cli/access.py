@@ -1,0 +1,62 @@
+"""Opening a CA home for a command: the home, its passwords, its authority, CA audit entries."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from .. import passwords
+from ..authority import Actor, Authority, utc_now
+from ..errors import CAError
+from ..home import Home
+from ..store import AuditEntry
+
+
+def existing_home(args: argparse.Namespace) -> Home:
+    home = Home.resolve(args.home)
+    if not home.root.is_dir():
+        raise CAError(f"no CA home at {home.root}: run `pki-admin init`, or pass --home / set $VCC_PKI_HOME")
+    return home
+
+
+def ca_password(args: argparse.Namespace, *, confirm: bool = False) -> str:
+    return passwords.resolve(passwords.CA, file=getattr(args, "password_file", None),
+                             value=getattr(args, "password", None), confirm=confirm)
+
+
+def root_password(args: argparse.Namespace, *, confirm: bool = False) -> str:
+    return passwords.resolve(passwords.ROOT, file=getattr(args, "root_password_file", None),
+                             value=getattr(args, "root_password", None), confirm=confirm)
+
+
+@contextmanager
+def open_authority(args: argparse.Namespace, *, sign: bool) -> Iterator[tuple[Home, Authority]]:
+    """The home's authority; with ``sign`` the intermediate key is unlocked (password asked)."""
+    home = existing_home(args)
+    password = None
+    if sign:
+        if not home.has_intermediate():
+            raise CAError(f"{home.root} has no intermediate CA: run `pki-admin init` "
+                          "or `pki-admin ca create-intermediate`")
+        password = ca_password(args)
+    authority = home.authority(password)
+    try:
+        yield home, authority
+    finally:
+        authority.store.close()
+
+
+def audit(home: Home, action: str, cert: x509.Certificate, key_type: str) -> None:
+    """Record the creation of a CA key pair (the store records everything else itself)."""
+    store = home.open_store()
+    try:
+        store.audit(AuditEntry(at=utc_now(), actor=Actor.operator().label, action=action,
+                               serial=format(cert.serial_number, "x"),
+                               details={"key_type": key_type,
+                                        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()}))
+    finally:
+        store.close()

@@ -1,0 +1,233 @@
+"""The CA's own commands: ``pki-admin ca init-root | create-intermediate | info`` and ``init``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ..authority import Actor, Issued
+from ..errors import CAError, CAUnavailable, InvalidRequest
+from ..home import Config, Home
+from ..policy import normalize_sans
+from ..store import CRLRecord, utc_text
+from .access import audit, ca_password, existing_home, root_password
+from .output import (JSON, PROG, ca_certificate_json, crl_json, key_type_label, print_fields, print_json,
+                     progress, sans_text)
+
+ROOT_KEY_TYPES = ("rsa-4096", "ec-p384")
+INTERMEDIATE_KEY_TYPES = ("rsa-2048", "ec-p256", "rsa-3072")
+
+
+# -- ca ---------------------------------------------------------------------------------------
+def cmd_ca_init_root(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home)
+    if home.has_root():
+        raise CAError(f"{home.root} already has a root CA ({home.root_cert.name}); refusing to overwrite it")
+    password = root_password(args, confirm=True)
+    progress(f"generating {key_type_label(args.key_type)} root key...")
+    cert = home.create_root(password, key_type=args.key_type)
+    if not home.config_file.exists():
+        home.save_config(Config())
+    audit(home, "ca.init-root", cert, args.key_type)
+    return show_ca_certificate(args, "root CA", cert, home.root_cert)
+
+
+def cmd_ca_create_intermediate(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    if home.has_intermediate():
+        raise CAError(f"{home.root} already has an intermediate CA; refusing to overwrite it")
+    if not home.has_root():
+        raise CAError(f"{home.root} has no root CA: run `pki-admin ca init-root` first")
+    root_pw = root_password(args)
+    check_root_password(home, root_pw)  # before the new password is asked for, twice
+    ca_pw = ca_password(args, confirm=True)
+    progress(f"generating {key_type_label(args.key_type)} intermediate key...")
+    cert = home.create_intermediate(root_pw, ca_pw, key_type=args.key_type)
+    audit(home, "ca.create-intermediate", cert, args.key_type)
+    authority = home.authority(ca_pw)
+    try:
+        progress("publishing the first CRL...")
+        authority.generate_crl(actor=Actor.operator())
+    finally:
+        authority.store.close()
+    return show_ca_certificate(args, "intermediate CA", cert, home.intermediate_cert)
+
+
+def check_root_password(home: Home, password: str) -> None:
+    try:
+        serialization.load_pem_private_key(home.root_key.read_bytes(), password.encode())
+    except (ValueError, TypeError):
+        raise CAUnavailable(f"wrong password for the root CA key ({home.root_key.name})") from None
+
+
+def show_ca_certificate(args: argparse.Namespace, what: str, cert: x509.Certificate, path: Path) -> int:
+    data = ca_certificate_json(cert, path)
+    if args.json:
+        print_json(data)
+    else:
+        print(f"created the {what} in {path.parent}")
+        print_fields([(k, str(v)) for k, v in data.items()])
+    return 0
+
+
+def cmd_ca_info(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    if not home.has_root():
+        raise CAError(f"{home.root} has no CA: run `pki-admin init`")
+    config = home.config()
+    data: JSON = {
+        "home": str(home.root.absolute()),
+        "root": ca_certificate_json(home.root_certificate(), home.root_cert),
+        "intermediate": (ca_certificate_json(home.intermediate_certificate(), home.intermediate_cert)
+                         if home.has_intermediate() else None),
+        "public_url": config.public_url, "crl_url": config.crl_url, "issuer_url": config.issuer_url,
+    }
+    if args.json:
+        print_json(data)
+        return 0
+    print_fields([("home", data["home"]), ("public URL", config.public_url),
+                  ("CRL URL", config.crl_url)])
+    for what in ("root", "intermediate"):
+        print(f"\n{what} CA")
+        if data[what] is None:
+            print("  (none: run `pki-admin ca create-intermediate`)")
+            continue
+        print_fields([(f"  {k}", str(v)) for k, v in data[what].items()])
+    return 0
+
+
+# -- init -------------------------------------------------------------------------------------
+@attrs.frozen
+class Initialised:
+    root: x509.Certificate
+    intermediate: x509.Certificate
+    server: Issued
+    crl: CRLRecord
+
+
+def initialize(home: Home, config: Config, *, root_password: str, ca_password: str,
+               root_key_type: str = "rsa-4096", intermediate_key_type: str = "rsa-2048",
+               report: Callable[[str], None] = progress) -> Initialised:
+    """Create a complete CA home (config, root, intermediate, server certificate, first CRL).
+
+    Everything is built in a staging folder beside ``home`` and moved into place at the end,
+    so a failure (or Ctrl-C) leaves the home as it was. Raises :class:`CAError` if the home
+    already has a CA.
+    """
+    refuse_existing_ca(home)
+    parent = home.root.absolute().parent
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{home.root.name}.init-", dir=parent))
+    try:
+        stage = Home(staging)
+        stage.ensure()
+        stage.save_config(config)
+        report(f"generating {key_type_label(root_key_type)} root key...")
+        root = stage.create_root(root_password, key_type=root_key_type)
+        audit(stage, "ca.init-root", root, root_key_type)
+        report(f"generating {key_type_label(intermediate_key_type)} intermediate key...")
+        intermediate = stage.create_intermediate(root_password, ca_password, key_type=intermediate_key_type)
+        audit(stage, "ca.create-intermediate", intermediate, intermediate_key_type)
+        authority = stage.authority(ca_password)
+        try:
+            report("issuing the server certificate...")
+            server = stage.issue_server_certificate(authority, config)
+            report("publishing the first CRL...")
+            crl = authority.generate_crl(actor=Actor.operator())
+        finally:
+            authority.store.close()
+        move_into_place(staging, home)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Initialised(root, intermediate, server, crl)
+
+
+def refuse_existing_ca(home: Home) -> None:
+    if home.has_root() or home.has_intermediate():
+        raise CAError(f"{home.root} already has a CA; refusing to touch it")
+    for path in (home.db, home.server_dir, home.services_dir):
+        if path.exists():
+            raise CAError(f"{home.root} already holds {path.name} (from an earlier run?); "
+                          "use an empty folder as --home")
+
+
+def move_into_place(staging: Path, home: Home) -> None:
+    """Move a staged home into ``home``: one rename if it does not exist yet, else entry by entry
+    with ``ca/`` last (a home without ``ca/`` counts as uninitialised)."""
+    target = home.root
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    refuse_existing_ca(home)
+    names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "ca")
+    moved: list[str] = []
+    try:
+        for name in names:
+            os.replace(staging / name, target / name)
+            moved.append(name)
+    except OSError:
+        for name in reversed(moved):
+            if name != "config.toml":
+                os.rename(target / name, staging / name)
+        raise
+    os.chmod(target, 0o700)
+    staging.rmdir()
+
+
+def check_public_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise InvalidRequest(f"invalid --public-url {url!r}: use https://HOST[:PORT][/PATH]")
+    if "." not in parts.hostname and ":" not in parts.hostname:
+        progress(f"{PROG}: warning: single-label host {parts.hostname!r} in the public URL: "
+                 "pkilint flags such URIs in CRL distribution points; prefer an IP or a FQDN")
+    return url.rstrip("/")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home)
+    refuse_existing_ca(home)
+    config = home.config()
+    dns, ips = normalize_sans(["localhost", *args.server_san_dns], ["127.0.0.1", *args.server_san_ip])
+    config = attrs.evolve(config, server_san_dns=dns, server_san_ip=tuple(str(i) for i in ips))
+    if args.public_url is not None:
+        config = attrs.evolve(config, public_url=check_public_url(args.public_url))
+    root_pw = root_password(args, confirm=True)
+    ca_pw = ca_password(args, confirm=True)
+    done = initialize(home, config, root_password=root_pw, ca_password=ca_pw,
+                      root_key_type=args.root_key_type,
+                      intermediate_key_type=args.intermediate_key_type)
+    server = done.server.record
+    data: JSON = {
+        "home": str(home.root.absolute()), "public_url": config.public_url,
+        "root": ca_certificate_json(done.root, home.root_cert),
+        "intermediate": ca_certificate_json(done.intermediate, home.intermediate_cert),
+        "server_certificate": {"serial_number": server.serial, "san_dns": list(server.san_dns),
+                               "san_ip": list(server.san_ip), "not_after": utc_text(server.not_after),
+                               "path": str(home.server_cert)},
+        "crl": crl_json(done.crl),
+    }
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"initialised the CA home {data['home']}")
+    print_fields([
+        ("root CA", f"{data['root']['key']}, sha256 {data['root']['fingerprint_sha256']}, "
+                    f"until {data['root']['not_after']}"),
+        ("intermediate CA", f"{data['intermediate']['key']}, until {data['intermediate']['not_after']}"),
+        ("server cert", f"{home.server_cert} for {sans_text(server)}"),
+        ("CRL", f"number {done.crl.number}, served at {config.crl_url}"),
+    ])
+    print("\nnext: pki-admin token create --name ops   (an admin token for the API)\n"
+          "      vcc-pki-server --home DIR --password-file FILE")
+    return 0

@@ -1,0 +1,213 @@
+"""The ``pki-admin`` argument parser: subcommands, help texts, global and password options."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from ..ca import KEY_TYPES, REASONS
+from .ca_commands import (INTERMEDIATE_KEY_TYPES, ROOT_KEY_TYPES, cmd_ca_create_intermediate, cmd_ca_info,
+                          cmd_ca_init_root, cmd_init)
+from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
+from .crl_commands import cmd_crl_generate, cmd_crl_list
+from .output import PROG
+from .service_commands import cmd_service_info, cmd_service_list, cmd_service_register
+from .token_commands import cmd_token_create, cmd_token_list, cmd_token_revoke
+
+Command = Callable[[argparse.Namespace], int]
+
+
+EPILOG = """\
+examples:
+  # a new CA home in one go (asks for the root and the intermediate password)
+  pki-admin --home /srv/pki init --public-url https://10.0.0.5:8443 --server-san-dns pki.internal
+
+  # the prototype's step-by-step flow, passwords from files
+  pki-admin ca init-root --root-password-file root.pw
+  pki-admin ca create-intermediate --root-password-file root.pw --password-file ca.pw
+  pki-admin cert issue --service-id veritas-backend --cn veritas-backend \\
+      --san-dns veritas-backend localhost --san-ip 127.0.0.1 --password-file ca.pw
+  pki-admin cert list --json
+  pki-admin cert revoke --service-id veritas-backend --reason keyCompromise --password-file ca.pw
+
+  # a service that enrols itself with the SDK
+  pki-admin service register --service-id billing --name Billing --san-dns billing.internal
+
+passwords: the root key's from --root-password-file, else $VCC_PKI_ROOT_PASSWORD, else a
+prompt; the intermediate key's from --password-file, else $VCC_PKI_CA_PASSWORD, else a
+prompt. --password / --root-password work but are unsafe (visible in process lists).
+The home is --home, else $VCC_PKI_HOME, else ./pki-data.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        super().__init__(prog, max_help_position=34, **kwargs)
+
+
+def global_options(*, suppress: bool) -> argparse.ArgumentParser:
+    """``--home`` and ``--json``; on subcommands with SUPPRESS defaults, so that a value given
+    before the subcommand is not reset by the subparser's default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("global options")
+    group.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS if suppress else None,
+                       help="the CA home (default: $VCC_PKI_HOME, else ./pki-data)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                       help="machine-readable JSON on stdout")
+    return parser
+
+
+def password_options(*, root: bool, ca: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    if root:
+        group = parser.add_argument_group("root CA password")
+        group.add_argument("--root-password-file", metavar="FILE",
+                           help="file holding the root key's password "
+                                "(else $VCC_PKI_ROOT_PASSWORD, else a prompt)")
+        group.add_argument("--root-password", metavar="PASSWORD",
+                           help="UNSAFE: visible in process lists and shell history")
+    if ca:
+        group = parser.add_argument_group("intermediate CA password")
+        group.add_argument("--password-file", "--ca-password-file", dest="password_file", metavar="FILE",
+                           help="file holding the intermediate key's password (else $VCC_PKI_CA_PASSWORD, "
+                                "else a prompt)")
+        group.add_argument("--password", "--ca-password", dest="password", metavar="PASSWORD",
+                           help="UNSAFE: visible in process lists and shell history")
+    return parser
+
+
+def san_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(f"--{prefix}san-dns", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="DNS names (one or more; the option may repeat)")
+    parser.add_argument(f"--{prefix}san-ip", nargs="+", action="extend", default=[], metavar="IP",
+                        help="IPv4/IPv6 addresses (one or more; the option may repeat)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter, epilog=EPILOG, parents=[global_options(suppress=False)],
+        description="Administer the VCC private CA: CA keys, certificates, services, CRLs, API tokens.")
+    common = global_options(suppress=True)
+    ca_pw = password_options(root=False, ca=True)
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        sub = top.add_parser(name, parents=[common], formatter_class=_Formatter, help=help_text,
+                             description=textwrap.fill(help_text, 88), epilog=EPILOG)
+        return sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def command(actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Command,
+                help_text: str, *parents: argparse.ArgumentParser, epilog: str | None = None
+                ) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common, *parents], formatter_class=_Formatter,
+                                 help=help_text, description=textwrap.fill(help_text, 88),
+                                 epilog=epilog)
+        sub.set_defaults(func=func)
+        return sub
+
+    # ca
+    ca = group("ca", "the root and intermediate CA")
+    p = command(ca, "init-root", cmd_ca_init_root, "create the root CA (key encrypted, 0400)",
+                password_options(root=True, ca=False),
+                epilog="example:\n  pki-admin ca init-root --key-type ec-p384 --root-password-file root.pw")
+    p.add_argument("--key-type", choices=ROOT_KEY_TYPES, default="rsa-4096", help="default: %(default)s")
+    p = command(ca, "create-intermediate", cmd_ca_create_intermediate,
+                "create the issuing intermediate CA, signed by the root",
+                password_options(root=True, ca=True),
+                epilog="example:\n  pki-admin ca create-intermediate --root-password-file root.pw "
+                       "--password-file ca.pw")
+    p.add_argument("--key-type", choices=INTERMEDIATE_KEY_TYPES, default="rsa-2048",
+                   help="default: %(default)s")
+    command(ca, "info", cmd_ca_info, "show the CA certificates and URLs (no password needed)")
+
+    # cert
+    cert = group("cert", "service certificates")
+    p = command(cert, "issue", cmd_cert_issue,
+                "issue a certificate with a key generated here; writes "
+                "service_certificates/<id>/{cert,key,ca_chain}.pem (key 0400). An unknown service is "
+                "registered with the given names as its SAN allow-list", ca_pw,
+                epilog="example:\n  pki-admin cert issue --service-id veritas-backend "
+                       "--cn veritas-backend \\\n"
+                       "      --san-dns veritas-backend localhost --san-ip 127.0.0.1 --password-file ca.pw")
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p.add_argument("--cn", required=True, metavar="CN", help="common name (also put into the SANs)")
+    san_options(p)
+    p.add_argument("--key-type", choices=KEY_TYPES, default="rsa-2048", help="default: %(default)s")
+    p.add_argument("--validity-days", type=int, metavar="DAYS", help="default and maximum from config.toml")
+    p.add_argument("--name", help="service name when the service is new (default: the id)")
+    p = command(cert, "list", cmd_cert_list, "list certificates")
+    p.add_argument("--service-id", metavar="ID")
+    p.add_argument("--status", choices=("valid", "revoked", "expired"))
+    p.add_argument("--expiring-within-days", type=int, metavar="DAYS",
+                   help="only valid certificates that expire within DAYS")
+    p = command(cert, "info", cmd_cert_info, "show a service's current certificate")
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p = command(cert, "renew", cmd_cert_renew,
+                "renew a service's current certificate with the same key (new serial and validity); "
+                "updates service_certificates/<id>/ if it holds the matching key", ca_pw)
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p.add_argument("--validity-days", type=int, metavar="DAYS")
+    p = command(cert, "revoke", cmd_cert_revoke,
+                "revoke a certificate (the current one unless --serial) and publish a new CRL", ca_pw,
+                epilog="reasons: " + ", ".join(REASONS))
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p.add_argument("--reason", required=True, metavar="REASON", help="an RFC 5280 reason, e.g. keyCompromise")
+    p.add_argument("--serial", metavar="HEX", help="a specific certificate of the service")
+
+    # service
+    service = group("service", "the service registry")
+    p = command(service, "register", cmd_service_register,
+                "register a service and print its one-time enrolment token",
+                epilog="example:\n  pki-admin service register --service-id billing --name Billing \\\n"
+                       "      --san-dns billing billing.internal --endpoint https://billing:9443")
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p.add_argument("--name", required=True, help="a human-readable name")
+    san_options(p)
+    p.add_argument("--endpoint", nargs="+", action="extend", default=[], metavar="URL")
+    p.add_argument("--health-check-url", metavar="URL")
+    p.add_argument("--owner")
+    p.add_argument("--version")
+    p = command(service, "list", cmd_service_list, "list services with health and certificate expiry")
+    p.add_argument("--healthy", action="store_true", help="only services whose last probe succeeded")
+    p = command(service, "info", cmd_service_info, "show a registry entry and its certificate history")
+    p.add_argument("--service-id", required=True, metavar="ID")
+
+    # crl
+    crl = group("crl", "certificate revocation lists")
+    p = command(crl, "generate", cmd_crl_generate, "sign and publish a new CRL", ca_pw)
+    p.add_argument("--out", metavar="FILE", help="also write it to FILE (PEM if FILE ends in .pem, else DER)")
+    p = command(crl, "list", cmd_crl_list, "list the newest CRLs")
+    p.add_argument("--limit", type=int, default=20, help="default: %(default)s")
+
+    # token
+    token = group("token", "admin API tokens")
+    p = command(token, "create", cmd_token_create, "create an admin token; it is printed only once")
+    p.add_argument("--name", help="what the token is for")
+    p.add_argument("--expires-days", type=int, metavar="DAYS", help="default: until revoked")
+    p = command(token, "list", cmd_token_list, "list tokens (never their values)")
+    p.add_argument("--kind", choices=("admin", "enrolment", "all"), default="admin",
+                   help="default: %(default)s")
+    p = command(token, "revoke", cmd_token_revoke, "revoke a token")
+    p.add_argument("token_id", metavar="TOKEN_ID")
+
+    # init
+    p = top.add_parser("init", parents=[common, password_options(root=True, ca=True)],
+                       formatter_class=_Formatter,
+                       help="one-shot setup of a new home: root, intermediate, server certificate, CRL",
+                       description=textwrap.fill(
+                           "Create a new CA home: config.toml, root CA, intermediate CA, the API "
+                           "server's certificate (always for localhost and 127.0.0.1) and the first "
+                           "CRL. Refuses a home that already has a CA; a failure leaves the home as "
+                           "it was.", 88),
+                       epilog="example:\n  pki-admin --home /srv/pki init --public-url https://10.0.0.5:8443 "
+                              "\\\n      --server-san-dns pki.internal --server-san-ip 10.0.0.5")
+    p.set_defaults(func=cmd_init)
+    p.add_argument("--public-url", metavar="URL",
+                   help="base URL of the API server for CRL and AIA URLs (default: https://127.0.0.1:8443)")
+    san_options(p, prefix="server-")
+    p.add_argument("--root-key-type", choices=ROOT_KEY_TYPES, default="rsa-4096", help="default: %(default)s")
+    p.add_argument("--intermediate-key-type", choices=INTERMEDIATE_KEY_TYPES, default="rsa-2048",
+                   help="default: %(default)s")
+    return parser
