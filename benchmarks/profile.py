@@ -30,15 +30,16 @@ COMPONENTS = (
     ("policy (CSR names, allow-list)", ("Policy.template",)),
     ("sign the certificate", ("CertificateAuthority.sign_leaf",)),
     ("record + rows for the store", ("Authority._issued", "_PendingCertificate.__init__")),
-    ("authenticate (token lookup)", ("authenticate",)),
+    ("authenticate (token lookup)", ("authenticate", "authenticate_scope")),
     ("service lookup", ("Authority.service",)),
     ("hand over to group commit", ("SQLiteStore.add_certificate_async", "SQLiteStore._flush_loop_batch")),
     ("logging (access + issuance lines)", ("Logger.info", "Logger._log")),
-    ("read + parse the JSON body", ("read_json",)),
-    ("render + JSON response", ("issued", "JSONResponse.__init__")),
+    ("read + parse the JSON body", ("read_json", "parse_json_body")),
+    ("render + JSON response", ("issued", "JSONResponse.__init__", "JSONEncoder.encode")),
     ("send the response (TLS + socket)", ("RequestResponseCycle.send", "_CoalescingTransport._flush")),
     ("HTTP parsing (httptools callbacks)", ("HttpToolsProtocol.data_received",)),
-    ("Starlette + middleware + handler glue", ("Starlette.__call__", "RequestResponseCycle.run_asgi")),
+    ("Starlette + middleware + handler glue", ("Starlette.__call__", "IssueFastPath.__call__",
+                                               "RequestResponseCycle.run_asgi")),
 )
 
 

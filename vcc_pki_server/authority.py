@@ -297,9 +297,10 @@ class Authority:
             if exc.code == "invalid_token":
                 raise NotAuthenticated("enrolment token was already used", code="invalid_token") from None
             raise
-        record = issued.record
-        log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s", record.service_id,
-                 record.serial, utc_text(record.not_after), actor.label)
+        if log.isEnabledFor(logging.INFO):  # utc_text() is work even when the line is dropped
+            record = issued.record
+            log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
+                     record.service_id, record.serial, utc_text(record.not_after), actor.label)
 
     def _sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
                       validity_days: object) -> Issued:

@@ -127,14 +127,27 @@ def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str
         return cn, [], []
     except ValueError as exc:
         raise InvalidCSR(f"CSR extensions cannot be parsed: {exc}") from None
-    others = [g for g in san if not isinstance(g, (x509.DNSName, x509.IPAddress))]
+    # One pass over the names (get_values_for_type() walks them all on every call).
+    dns: list[str] = []
+    ips: list[IPAddress] = []
+    others: list[x509.GeneralName] = []
+    network = False
+    for name in san:
+        if isinstance(name, x509.DNSName):
+            dns.append(name.value)
+        elif isinstance(name, x509.IPAddress):
+            value = name.value
+            if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                ips.append(value)
+            else:
+                network = True
+        else:
+            others.append(name)
     if others:
         raise InvalidCSR(f"CSR asks for unsupported SAN types: {', '.join(type(g).__name__ for g in others)}")
-    ips = [ip for ip in san.get_values_for_type(x509.IPAddress)
-           if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))]
-    if len(ips) != len(san.get_values_for_type(x509.IPAddress)):
+    if network:
         raise InvalidCSR("CSR asks for an IP network, not an address, in its SANs")
-    return cn, list(san.get_values_for_type(x509.DNSName)), ips
+    return cn, dns, ips
 
 
 _IPV4_CHARS = frozenset("0123456789.")

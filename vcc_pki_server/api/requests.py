@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -20,9 +20,7 @@ T = TypeVar("T")
 
 async def read_json(request: Request, *, optional: bool = False) -> dict[str, Any]:
     """The request's JSON object; the body is capped at 64 KiB even without a Content-Length."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise Problem("body_too_large", f"request body of {length} bytes exceeds the {MAX_BODY}-byte limit")
+    check_declared_length(request.headers.get("content-length"))
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -30,12 +28,23 @@ async def read_json(request: Request, *, optional: bool = False) -> dict[str, An
         if size > MAX_BODY:
             raise Problem("body_too_large", f"request body exceeds the {MAX_BODY}-byte limit")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return parse_json_body(b"".join(chunks), request.headers.get("content-type"), optional=optional)
+
+
+def check_declared_length(length: str | None) -> None:
+    """Refuse a Content-Length over the cap before reading the body."""
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise Problem("body_too_large", f"request body of {length} bytes exceeds the {MAX_BODY}-byte limit")
+
+
+def parse_json_body(raw: bytes, content_type: str | None, *, optional: bool = False) -> dict[str, Any]:
+    """A whole request body (at most :data:`MAX_BODY`) as its JSON object, else a problem:
+    empty, not ``application/json``, not JSON, not an object."""
     if not raw.strip():
         if optional:
             return {}
         raise Problem("malformed_request", "request body is empty; send a JSON object")
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = (content_type or "").split(";")[0].strip().lower()
     if media != "application/json":
         raise Problem("unsupported_media_type",
                       f"content type {media or '(none)'!r} is not supported; send application/json")
@@ -95,19 +104,24 @@ def authenticate(request: Request) -> Actor:
     Certificates are re-checked on every request (fingerprint, revocation, expiry), never
     trusted because a handshake or a resumed session once accepted them.
     """
-    authority: Authority = request.app.state.authority
-    header = request.headers.get("authorization")
+    return authenticate_scope(request.app.state.authority, request.headers.get("authorization"),
+                              request.scope)
+
+
+def authenticate_scope(authority: Authority, header: str | None, scope: MutableMapping[str, Any]) -> Actor:
+    """:func:`authenticate` over an ASGI scope and its ``Authorization`` header (or None);
+    the actor's label goes to ``scope["state"]["actor"]`` for the access log."""
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise NotAuthenticated("Authorization must be 'Bearer <token>'", code="invalid_token")
         actor = authority.authenticate_token(value.strip())
     else:
-        der = peer_certificate_der(request.scope)
+        der = peer_certificate_der(scope)
         if der is None:
             raise NotAuthenticated("no credentials: present a client certificate or a bearer token")
         actor = authority.authenticate_certificate(der)
-    request.scope.setdefault("state", {})["actor"] = actor.label
+    scope.setdefault("state", {})["actor"] = actor.label
     return actor
 
 

@@ -35,17 +35,27 @@ def _page(items: list[dict[str, Any]], cursor: Any, limit: int) -> JSONResponse:
 
 
 # -- certificates ---------------------------------------------------------------------------
-async def request_certificate(request: Request) -> Response:
-    body = await read_json(request)
+ISSUE_PATH = "/api/v1/certificates/request"
+
+
+def issue_arguments(body: dict[str, Any]) -> tuple[str, str, object]:
+    """``(service_id, csr, validity_days)`` of a certificate request's body, checked."""
     service_id = check_service_id(field(body, "service_id", str))
     csr = field(body, "csr", str)
-    validity = body.get("validity_days")
+    return service_id, csr or "", body.get("validity_days")
+
+
+async def request_certificate(request: Request) -> Response:
+    # The server normally answers this path from app.IssueFastPath (same checks, same
+    # answers, without Starlette's routing and middleware); this is the route behind it.
+    body = await read_json(request)
+    service_id, csr, validity = issue_arguments(body)
     authority = _authority(request)
     # The hot path: no worker-thread hop. Authentication and signing are short CPU-bound work
     # (store reads use their own connection, never waiting for a commit); the group commit is
     # awaited without blocking the loop.
     actor = authenticate(request)
-    issued = await authority.issue_async(service_id, csr or "", actor=actor, validity_days=validity)
+    issued = await authority.issue_async(service_id, csr, actor=actor, validity_days=validity)
     return JSONResponse(render.issued(issued), status_code=201)
 
 
@@ -251,7 +261,7 @@ async def openapi(request: Request) -> Response:
 
 API = "/api/v1"
 ROUTES: list[BaseRoute] = [
-    Route(f"{API}/certificates/request", request_certificate, methods=["POST"]),
+    Route(ISSUE_PATH, request_certificate, methods=["POST"]),
     Route(f"{API}/certificates/", list_certificates, methods=["GET"]),
     Route(f"{API}/certificates/{{service_id}}", get_certificate, methods=["GET"]),
     Route(f"{API}/certificates/{{service_id}}/download", download_certificate, methods=["GET"]),
