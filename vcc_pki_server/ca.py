@@ -36,7 +36,7 @@ REASONS: dict[str, x509.ReasonFlags] = {
 
 
 # One shared CRL entry extension per reason (RFC 5280 §5.3.1).
-_REASON_EXTENSIONS: dict[str, x509.Extension[x509.CRLReason]] = {
+_REASON_EXTENSIONS: dict[str, x509.Extension[x509.ExtensionType]] = {
     name: x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag)) for name, flag in REASONS.items()
 }
 
@@ -248,7 +248,7 @@ class CertificateAuthority:
             if when is None:
                 when = dates[revoked_at] = _naive_utc(revoked_at)
             # RFC 5280 §5.3.1: omit the reason code rather than use unspecified.
-            extensions = [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else []
+            extensions: list[x509.Extension[x509.ExtensionType]] = [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else []
             entries.append(x509.RevokedCertificateBuilder(serial, when, extensions).build())
         builder = x509.CertificateRevocationListBuilder(
             issuer_name=self.certificate.subject,

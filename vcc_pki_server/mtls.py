@@ -147,6 +147,7 @@ class TLSExtensionMixin(asyncio.Protocol):
     """
 
     app: ASGIApp
+    transport: Any  # set by uvicorn's connection_made; replaced by a _CoalescingTransport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Run uvicorn's setup, then bind this connection's TLS facts to its app."""

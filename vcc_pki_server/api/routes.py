@@ -233,7 +233,9 @@ async def crl(request: Request) -> Response:
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
     authority = _authority(request)
     # Served from memory: the store is asked at most every crl_cache_ttl seconds (in a thread).
-    record = authority.cached_crl() or await run_in_threadpool(authority.crl)
+    record = authority.cached_crl()
+    if record is None:
+        record = await run_in_threadpool(authority.crl)
     headers = {"Cache-Control": "no-cache"}
     if fmt == "pem":
         pem = authority.cached_crl_pem(record) or await run_in_threadpool(authority.crl_pem, record)

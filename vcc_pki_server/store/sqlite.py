@@ -272,7 +272,7 @@ class SQLiteStore:
                     raise
                 self._db.execute("COMMIT")
             finally:
-                if locked:
+                if locked and self._writer_lock_fd is not None:
                     fcntl.flock(self._writer_lock_fd, fcntl.LOCK_UN)
 
     def _take_writer_lock(self) -> bool:
