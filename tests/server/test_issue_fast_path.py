@@ -1,0 +1,71 @@
+"""The issuance fast path in front of Starlette answers exactly as the Starlette route does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from support import make_csr
+from vcc_pki_server.app import create_app
+from vcc_pki_server.authority import Actor, Authority
+
+URL = "http://pki.test/api/v1/certificates/request"
+
+
+def _cases(service_id: str, admin: str) -> dict[str, dict[str, Any]]:
+    good_csr = make_csr(service_id)[0].decode()
+    outside_csr = make_csr(service_id, dns=["elsewhere.example"])[0].decode()
+    auth = {"authorization": f"Bearer {admin}"}
+    js = {"content-type": "application/json", **auth}
+    body = lambda **kw: json.dumps({"service_id": service_id, "csr": good_csr, **kw})  # noqa: E731
+    return {
+        "issued": {"headers": js, "content": body()},
+        "no credentials": {"headers": {"content-type": "application/json"}, "content": body()},
+        "bad token": {"headers": {**js, "authorization": "Bearer nope"}, "content": body()},
+        "malformed json": {"headers": js, "content": "{not json"},
+        "not an object": {"headers": js, "content": "[1, 2]"},
+        "wrong content type": {"headers": {**auth, "content-type": "text/plain"}, "content": body()},
+        "too large": {"headers": js, "content": "x" * (64 * 1024 + 1)},
+        "missing csr": {"headers": js, "content": json.dumps({"service_id": service_id})},
+        "bad service id": {"headers": js, "content": json.dumps({"service_id": "../../etc", "csr": good_csr})},
+        "garbage csr": {"headers": js, "content": json.dumps({"service_id": service_id, "csr": "garbage"})},
+        "outside allow-list": {"headers": js, "content": json.dumps({"service_id": service_id,
+                                                                       "csr": outside_csr})},
+        "validity too long": {"headers": js, "content": body(validity_days=4000)},
+        "empty body": {"headers": js, "content": ""},
+    }
+
+
+async def _answer(authority: Authority, fast: bool, request: dict[str, Any]) -> httpx.Response:
+    app = create_app(authority)
+    if not fast:
+        app.issue_fast_path = None
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        return await client.post(URL, **request)
+
+
+def _shape(response: httpx.Response) -> tuple[int, str, Any]:
+    body = response.json()
+    if response.status_code == 201:
+        return 201, response.headers["content-type"], sorted(body)  # serials differ; members must not
+    return response.status_code, response.headers["content-type"], body
+
+
+@pytest.mark.parametrize("case", list(_cases("x", "y")))
+def test_fast_path_and_starlette_route_answer_alike(authority: Authority, admin_token: str,
+                                                    service_id: str, case: str) -> None:
+    authority.register_service(service_id, san_dns=[service_id], actor=Actor.operator())
+    request = _cases(service_id, admin_token)[case]
+    fast = asyncio.run(_answer(authority, True, request))
+    routed = asyncio.run(_answer(authority, False, request))
+    assert _shape(fast) == _shape(routed)
+    assert fast.headers.get("www-authenticate") == routed.headers.get("www-authenticate")
+    if case == "issued":
+        assert fast.status_code == 201
+        assert authority.store.get_certificate(fast.json()["serial_number"]) is not None
+    else:
+        assert fast.status_code >= 400 and fast.headers["content-type"] == "application/problem+json"
