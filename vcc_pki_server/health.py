@@ -6,9 +6,11 @@ Every ``interval`` seconds (``[health] interval_seconds`` in config.toml, 30, or
 
 - over HTTPS only, trusting only this CA's root, presenting the server's own certificate
   (service id ``pki-server``, EKU serverAuth + clientAuth) as its client certificate;
-- only to a host among the service's endpoints' hosts or its SAN allow-list: any other host
-  is recorded unhealthy without a connection, so a registry entry cannot point the CA at
-  arbitrary hosts on its network;
+- only to a host in the service's SAN allow-list: any other host is recorded unhealthy
+  without a connection, so a registry entry cannot point the CA at arbitrary hosts on its
+  network. Only an admin changes an allow-list, while a service edits its own ``endpoints``;
+  and a host outside the allow-list could not pass TLS verification anyway, since the
+  service's certificates name only allow-listed hosts;
 - no redirects, no proxies from the environment, a hard per-probe deadline
   (``timeout_seconds``, 5) and at most ``concurrency`` (16) probes at once, so a hanging
   service delays nobody else.
@@ -33,8 +35,7 @@ Usage (what ``vcc-pki-server`` does through :func:`lifecycle`)::
 Known limits: the client certificate is read once, at start (restart the server after its
 certificate is reissued, as uvicorn needs anyway); host names are compared as names, so a
 name in the allow-list is probed wherever DNS sends it (TLS then requires a certificate from
-this CA valid for that name); a service may change its own ``endpoints``, and so widen the
-set of hosts its probe may reach, within what TLS verification then accepts. A round lasts
+this CA valid for that name). A round lasts
 as long as its slowest probe (at most ``timeout`` per ``concurrency`` services) and the next
 one waits for it (APScheduler logs a skipped run when a round outlasts the interval). Each
 probe is one store write (``last_checked``).
@@ -89,26 +90,16 @@ def _host_key(host: str) -> str:
         return host.lower().rstrip(".")
 
 
-def _endpoint_host(endpoint: str) -> str | None:
-    # Endpoints are URLs ("https://billing:9443"); tolerate a bare "host:port" too.
-    try:
-        return urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname
-    except ValueError:  # e.g. an unbalanced "[" in an IPv6 literal: allows no host
-        return None
-
-
 def allowed_hosts(service: ServiceRecord) -> set[str]:
-    """The hosts a probe of ``service`` may reach: its endpoints' hosts and its SAN allow-list."""
-    hosts = {_host_key(h) for h in (*service.san_dns, *service.san_ip) if h}
-    hosts |= {_host_key(h) for h in map(_endpoint_host, service.endpoints) if h}
-    return hosts
+    """The hosts a probe of ``service`` may reach: its SAN allow-list (set by an admin only)."""
+    return {_host_key(h) for h in (*service.san_dns, *service.san_ip) if h}
 
 
 def probe_refusal(service: ServiceRecord) -> str | None:
     """Why ``service.health_check_url`` must not be probed, or None when it may be.
 
-    Checked before any connection: the host must be among the service's endpoints' hosts or
-    SANs, the scheme https.
+    Checked before any connection: the host must be in the service's SAN allow-list, the
+    scheme https.
     """
     url = service.health_check_url or ""
     try:
@@ -120,7 +111,7 @@ def probe_refusal(service: ServiceRecord) -> str | None:
     if not host:
         return "health_check_url has no host"
     if _host_key(host) not in allowed_hosts(service):
-        return f"health_check_url host {host} is not among the service's endpoints or SANs"
+        return f"health_check_url host {host} is not in the service's SAN allow-list"
     if parts.scheme.lower() != "https":
         return f"health_check_url must use https, not {parts.scheme or 'no scheme'}"
     return None

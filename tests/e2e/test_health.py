@@ -277,7 +277,7 @@ def test_foreign_certificate_and_refused_connection_are_unhealthy(local_authorit
     assert (refused.status, refused.last_error) == ("unhealthy", "connection refused")
 
 
-def test_health_url_outside_endpoints_and_sans_is_refused_without_connecting(
+def test_health_url_outside_the_san_allow_list_is_refused_without_connecting(
         local_authority: Authority, ca_home: Home) -> None:
     own = ["https://127.0.0.1:9443/"]
     link_local = register(local_authority, "https://169.254.1.1/health", endpoints=own)
@@ -289,16 +289,17 @@ def test_health_url_outside_endpoints_and_sans_is_refused_without_connecting(
     errors = {sid: local_authority.service(sid).health.last_error
               for sid in (link_local, plain, named, cleartext)}
     assert errors == {
-        link_local: "health_check_url host 169.254.1.1 is not among the service's endpoints or SANs",
-        plain: "health_check_url host 169.254.1.1 is not among the service's endpoints or SANs",
-        named: "health_check_url host metadata.internal is not among the service's endpoints or SANs",
+        link_local: "health_check_url host 169.254.1.1 is not in the service's SAN allow-list",
+        plain: "health_check_url host 169.254.1.1 is not in the service's SAN allow-list",
+        named: "health_check_url host metadata.internal is not in the service's SAN allow-list",
         cleartext: "health_check_url must use https, not http",
     }
     assert all(local_authority.service(sid).health.status == "unhealthy" for sid in errors)
 
 
 @pytest.mark.parametrize(("url", "allowed"), [
-    ("https://billing.internal:9443/health", True),       # an endpoint's host
+    ("https://billing.internal:9443/health", True),       # a SAN that is also an endpoint
+    ("https://endpoint-only.internal/health", False),     # an endpoint the service set itself
     ("https://BILLING.internal./health", True),           # names: any case, final dot
     ("https://b.internal/health", True),                  # a SAN
     ("https://[::1]:8443/health", True),                  # a SAN, IPv6 written another way
@@ -307,9 +308,11 @@ def test_health_url_outside_endpoints_and_sans_is_refused_without_connecting(
     ("https://billing.internal.evil.example/health", False),
     ("https://user@evil.example/health", False),
 ])
-def test_probe_refusal_allows_only_endpoint_hosts_and_sans(url: str, allowed: bool) -> None:
+def test_probe_refusal_allows_only_hosts_in_the_san_allow_list(url: str, allowed: bool) -> None:
     now = datetime.now(timezone.utc)
     service = ServiceRecord(service_id="billing", service_name="Billing", created_at=now,
-                            updated_at=now, endpoints=("https://billing.internal:9443", "10.0.0.8:80"),
-                            san_dns=("b.internal",), san_ip=("::1",), health_check_url=url)
+                            updated_at=now, endpoints=("https://billing.internal:9443", "10.0.0.8:80",
+                                                      "https://endpoint-only.internal"),
+                            san_dns=("b.internal", "billing.internal"), san_ip=("::1",),
+                            health_check_url=url)
     assert (probe_refusal(service) is None) is allowed
