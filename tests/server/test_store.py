@@ -300,3 +300,14 @@ def test_two_store_objects_writing_concurrently_lose_nothing(store: SQLiteStore,
     issues = [e for e in store.audit_log(limit=1000) if e.action == "certificate.issue"]
     assert len(issues) == 300
     assert store.integrity_check() == "ok"
+
+
+def test_superseded_crl_bodies_are_dropped_but_their_history_is_listed(store: SQLiteStore,
+                                                                       db_path: Path) -> None:
+    made = [store.new_crl(crl_builder(), actor="t") for _ in range(5)]
+    with sqlite3.connect(db_path) as db:
+        bodies = dict(db.execute("SELECT number, length(der) FROM crls").fetchall())
+    db.close()
+    assert bodies == {1: 0, 2: 0, 3: 0, 4: len(made[3].der), 5: len(made[4].der)}
+    assert store.latest_crl() == made[4]
+    assert [(c.number, c.entries) for c in store.list_crls()] == [(c.number, c.entries) for c in made[::-1]]

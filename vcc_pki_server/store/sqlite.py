@@ -650,8 +650,11 @@ class SQLiteStore:
             db.execute("INSERT INTO crls (number, this_update, next_update, entries, der) "
                        "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
                                               utc_text(crl.next_update), crl.entries, crl.der))
-            # Superseded CRLs: keep a short history for `crl list`, not every body.
+            # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
+            # bodies; with 100k revocations every body is 5 MB.
             db.execute("DELETE FROM crls WHERE number < ?", (crl.number - 50,))
+            db.execute("UPDATE crls SET der = x'' WHERE number < ? AND length(der) > 0",
+                       (crl.number - 1,))
             self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
                                        details={"number": crl.number, "entries": crl.entries}))
         return crl
@@ -671,7 +674,9 @@ class SQLiteStore:
         return self._crl(rows[0]) if rows else None
 
     def list_crls(self, limit: int = 20) -> list[CRLRecord]:
-        rows = self._read(f"SELECT {self._CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT ?", (limit,))
+        """The newest CRLs' numbers, dates and sizes, without their bodies (``der`` is empty)."""
+        rows = self._read("SELECT number, this_update, next_update, x'', entries FROM crls "
+                          "ORDER BY number DESC LIMIT ?", (limit,))
         return [self._crl(r) for r in rows]
 
     # -- tokens -----------------------------------------------------------------------------
