@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = {int(c): base.get(int(c), base[32]) for c in args.concurrency.split(",")}
     memory = args.memory if args.memory is not None else (0 if args.quick else 100_000)
     work = Path(tempfile.mkdtemp(prefix="vcc-bench-issuance-"))
-    print(f"issuance: generating CSRs ...", flush=True)
+    print("issuance: generating CSRs ...", flush=True)
     csrs = make_csrs(2000 if not args.quick else 500)
     configs = []
     try:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from . import tokens
 from .ca import REASONS, CertificateAuthority, LeafPublicKey, LeafTemplate, generate_key
 from .errors import (CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound,
-                     NotPermitted, PolicyRefused, UnknownService)
+                     NotPermitted, UnknownService)
 from .policy import Policy, check_public_key, check_service_id, load_csr_key, normalize_sans
 from .store import (CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord, Store,
                     TokenRecord, pem_text, utc_text)

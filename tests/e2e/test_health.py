@@ -187,7 +187,7 @@ def test_server_marks_service_unhealthy_and_healthy_again(pki_server: RunningSer
 
         flaky, steady = ids
         for sid in ids:
-            wait_for(lambda: health(sid)["status"] == "healthy", 4 * INTERVAL + 4, f"{sid} healthy")
+            wait_for(lambda sid=sid: health(sid)["status"] == "healthy", 4 * INTERVAL + 4, f"{sid} healthy")
         assert health(flaky) == {"status": "healthy", "last_checked": health(flaky)["last_checked"],
                                  "last_error": None, "consecutive_failures": 0}
         # The probe presented the server's own certificate, issued by this CA.
