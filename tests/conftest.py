@@ -65,3 +65,24 @@ def pki_server(ca_home: Home, authority: Authority) -> Iterator[RunningServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the session (started only if a test asks for it): the
+    DSN of its ``postgres`` database. Skips where PostgreSQL is not installed (CI has it)."""
+    import pg
+
+    reason = pg.unavailable()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    with pg.cluster() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def pg_database(postgres_dsn: str) -> str:
+    """The DSN of a new, empty database in the session's PostgreSQL cluster."""
+    import pg
+
+    return pg.create_database(postgres_dsn)

@@ -18,6 +18,7 @@ from .authority import Actor, Authority, Issued, Settings, utc_now
 from .ca import CAPrivateKey, CertificateAuthority, create_intermediate, create_root, generate_key
 from .errors import CAError, CAUnavailable
 from .policy import Policy
+from .store import Store
 from .store.sqlite import SQLiteStore
 
 SERVER_SERVICE_ID = "pki-server"
@@ -37,6 +38,9 @@ class Config:
     health_interval_seconds: float = 30.0
     health_timeout_seconds: float = 5.0
     health_concurrency: int = 16
+    # SPEC §9: replicas share one PostgreSQL database; None is SQLite in <home>/pki.db.
+    # $VCC_PKI_DATABASE_URL overrides it (so a password need not sit in this file).
+    database_url: str | None = attrs.field(default=None, repr=False)
 
     @property
     def crl_url(self) -> str:
@@ -74,7 +78,9 @@ class Config:
             "# The public URL goes into every certificate's CRL distribution point and AIA.\n"
             f"public_url = {q(self.public_url)}\n"
             f"server_san_dns = {arr(self.server_san_dns)}\n"
-            f"server_san_ip = {arr(self.server_san_ip)}\n\n"
+            f"server_san_ip = {arr(self.server_san_ip)}\n"
+            + (f"database_url = {q(self.database_url)}\n" if self.database_url else "")
+            + "\n"
             "[policy]\n"
             f"default_validity_days = {self.default_validity_days}\n"
             f"max_validity_days = {self.max_validity_days}\n"
@@ -219,7 +225,20 @@ class Home:
         return CertificateAuthority(root=self.root_certificate(), certificate=cert, key=key,
                                     crl_url=config.crl_url, issuer_url=config.issuer_url)
 
-    def open_store(self) -> SQLiteStore:
+    def database_url(self, config: Config | None = None) -> str | None:
+        """The PostgreSQL URL: ``$VCC_PKI_DATABASE_URL``, else config.toml's ``database_url``,
+        else None (SQLite)."""
+        return os.environ.get("VCC_PKI_DATABASE_URL") or (config or self.config()).database_url
+
+    def open_store(self, config: Config | None = None) -> Store:
+        """The store: PostgreSQL when a database URL is set (SPEC §9), else ``<home>/pki.db``."""
+        url = self.database_url(config)
+        if url:
+            try:
+                from .store.postgres import PostgresStore
+            except ImportError as exc:
+                raise CAError(f"database_url is set but {exc}") from None
+            return PostgresStore(url)
         self.ensure()
         return SQLiteStore(self.db)
 
@@ -227,7 +246,7 @@ class Home:
         """An Authority over this home; with ``password`` it can sign."""
         config = self.config()
         ca = self.load_ca(password, config) if password is not None else None
-        return Authority(self.open_store(), ca, policy=config.policy(), settings=config.settings())
+        return Authority(self.open_store(config), ca, policy=config.policy(), settings=config.settings())
 
     # -- issued files -----------------------------------------------------------------------
     def write_service_files(self, service_id: str, issued: Issued, key: Any) -> Path:

@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not home.server_cert.exists():
             raise CAError(f"{home.server_cert} is missing: run `pki-admin init` (or start with --dev)")
         home.load_ca(password)  # fail early, in the parent, on a wrong password
+        home.open_store().close()  # ... and on an unreachable database; migrations run once, here
         renew_server_certificate_if_due(home, password)
         write_file(home.ca_dir / "ca_chain.pem",
                    cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)

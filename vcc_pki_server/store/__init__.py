@@ -1,6 +1,7 @@
 """The store: records the CA keeps, and the small interface every backend implements.
 
-:class:`Store` is a ``typing.Protocol``; :mod:`.sqlite` is the embedded default. Each method is
+:class:`Store` is a ``typing.Protocol``; :mod:`.sqlite` is the embedded default and
+:mod:`.postgres` the store of several replicas sharing one database (SPEC §9). Each method is
 one transaction, and every state change writes its audit-log row inside that transaction.
 """
 
@@ -171,7 +172,8 @@ class CertificateQuery:
 
 
 class Store(Protocol):
-    """What the authority needs from storage. Implementations: :class:`.sqlite.SQLiteStore`."""
+    """What the authority needs from storage. Implementations: :class:`.sqlite.SQLiteStore`,
+    :class:`.postgres.PostgresStore`."""
 
     def close(self) -> None: ...
 

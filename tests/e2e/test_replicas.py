@@ -1,0 +1,82 @@
+"""Two server replicas over one PostgreSQL database (SPEC §9): what one does, the other sees."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from conftest import CA_PASSWORD, build_home
+from support import RunningServer, make_csr, tls_context
+from vcc_pki_server.authority import Actor
+from vcc_pki_server.home import Home
+
+API = "/api/v1"
+
+
+@pytest.fixture
+def replicas(pg_database: str, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RunningServer, RunningServer, str]]:
+    """Replicas A and B: two copies of one home (same CA, keys, server certificate), one database
+    named by ``$VCC_PKI_DATABASE_URL``; and an admin token made through A's store."""
+    monkeypatch.setenv("VCC_PKI_DATABASE_URL", pg_database)
+    home_a = build_home(tmp_path / "a" / "home")
+    (tmp_path / "b").mkdir()
+    home_b = Home(shutil.copytree(home_a.root, tmp_path / "b" / "home"))
+    assert not home_a.db.exists() and not home_b.db.exists()  # nothing went to SQLite
+    authority = home_a.authority()
+    try:
+        admin_token = authority.create_admin_token(name="replicas", expires_days=None,
+                                                   actor=Actor.operator()).value
+    finally:
+        authority.store.close()
+    env = {"VCC_PKI_DATABASE_URL": pg_database}
+    a = RunningServer(home_a, CA_PASSWORD, env=env)
+    b = RunningServer(home_b, CA_PASSWORD, env=env)
+    with a, b:
+        yield a, b, admin_token
+
+
+def test_replicas_share_services_tokens_revocations_and_crls(
+        replicas: tuple[RunningServer, RunningServer, str]) -> None:
+    a, b, admin_token = replicas
+    ctx = tls_context(a.home.root_cert)
+    bearer = {"Authorization": f"Bearer {admin_token}"}
+    with httpx.Client(base_url=a.url, verify=ctx, timeout=30) as on_a, \
+            httpx.Client(base_url=b.url, verify=ctx, timeout=30) as on_b:
+        r = on_a.post(f"{API}/services/register", json={"service_id": "shared", "san_dns": ["shared.internal"]},
+                      headers=bearer)
+        assert r.status_code == 201, r.text
+        enrolment = {"Authorization": f"Bearer {r.json()['enrolment_token']}"}
+
+        csr, _ = make_csr("shared")
+        r = on_b.post(f"{API}/certificates/request", json={"service_id": "shared", "csr": csr.decode()},
+                      headers=enrolment)
+        assert r.status_code == 201, r.text
+        serial = x509.load_pem_x509_certificate(r.json()["certificate"].encode()).serial_number
+
+        again, _ = make_csr("shared")  # the token is spent for the whole cluster
+        for replica in (on_a, on_b):
+            r = replica.post(f"{API}/certificates/request",
+                             json={"service_id": "shared", "csr": again.decode()}, headers=enrolment)
+            assert r.status_code == 401 and r.json()["code"] == "invalid_token", r.text
+
+        def served_by_a() -> set[int]:
+            return {entry.serial_number for entry in x509.load_der_x509_crl(on_a.get(f"{API}/crl").content)}
+
+        assert serial not in served_by_a()
+        r = on_b.delete(f"{API}/certificates/shared/revoke", params={"reason": "keyCompromise"},
+                        headers=bearer)
+        assert r.status_code == 200, r.text
+        revoked_at = time.monotonic()
+        while serial not in served_by_a():
+            assert time.monotonic() - revoked_at < 10, "replica A still serves a CRL without B's revocation"
+            time.sleep(0.2)
+
+        r = on_a.get(f"{API}/services/shared", headers=bearer)
+        assert r.status_code == 200, r.text

@@ -1,0 +1,398 @@
+"""The Store contract, run against both backends: SQLite (a temp file) and PostgreSQL (a fresh database)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from vcc_pki_server.errors import CAError, Conflict, NotFound
+from vcc_pki_server.store import (CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
+                                  Store, TokenRecord)
+from vcc_pki_server.store.sqlite import MIGRATIONS, SQLiteStore
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+_serials = itertools.count(0x2000_0000_0000_0000_0001)
+
+
+def cert(service_id: str, *, serial: int | None = None, not_before: datetime = NOW - timedelta(days=1),
+         not_after: datetime = NOW + timedelta(days=100), fingerprint: str | None = None) -> CertificateRecord:
+    """A certificate record as the store sees it (the store never parses the PEM)."""
+    number = next(_serials) if serial is None else serial
+    return CertificateRecord(
+        serial=format(number, "x"), service_id=service_id, subject=f"CN={service_id}",
+        san_dns=(service_id,), san_ip=("10.0.0.1",), not_before=not_before, not_after=not_after,
+        fingerprint=fingerprint or hashlib.sha256(f"{number}".encode()).hexdigest(),
+        pem="-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n", issued_at=NOW)
+
+
+def service(service_id: str) -> ServiceRecord:
+    return ServiceRecord(service_id=service_id, service_name=service_id, san_dns=(service_id,),
+                         created_at=NOW, updated_at=NOW)
+
+
+def token(service_id: str) -> TokenRecord:
+    return TokenRecord(token_id=hashlib.sha256(service_id.encode()).hexdigest()[:12], kind="enrolment",
+                       secret_hash="0" * 64, service_id=service_id, created_at=NOW,
+                       expires_at=NOW + timedelta(hours=24))
+
+
+@attrs.frozen
+class Backend:
+    """One database, and how to open store objects on it and look inside it directly."""
+
+    name: str
+    open: Callable[[], Store]
+    rows: Callable[[str], list[tuple[Any, ...]]]
+    schema_stamp: Callable[[], Any]  # changes if a migration runs again
+
+    def count(self, table: str) -> int:
+        return int(self.rows(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def _sqlite(path: Path) -> Backend:
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        db = sqlite3.connect(path)
+        try:
+            with db:
+                return list(db.execute(sql).fetchall())
+        finally:
+            db.close()
+
+    return Backend("sqlite", lambda: SQLiteStore(path), rows,
+                   lambda: rows("PRAGMA schema_version")[0][0])
+
+
+def _postgres(dsn: str) -> Backend:
+    import psycopg
+
+    from vcc_pki_server.store.postgres import PostgresStore
+
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            cur = db.execute(sql.encode())
+            return list(cur.fetchall()) if cur.description else []
+
+    return Backend("postgres", lambda: PostgresStore(dsn), rows,
+                   lambda: rows("SELECT (SELECT oid FROM pg_class WHERE relname = 'certificates'), "
+                                "(SELECT xmin::text FROM schema_version)"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return _sqlite(tmp_path / "pki.db")
+    return _postgres(request.getfixturevalue("pg_database"))
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
+    s.add_service(service("alpha"), actor="test")
+    s.add_service(service("beta"), actor="test")
+    yield s
+    s.close()
+
+
+def crl_builder(seen: dict[int, set[str]] | None = None) -> Callable[..., CRLRecord]:
+    def build(number: int, revoked: list[tuple[str, datetime, str]]) -> CRLRecord:
+        if seen is not None:
+            seen[number] = {serial for serial, _, _ in revoked}
+        return CRLRecord(number=number, this_update=NOW, next_update=NOW + timedelta(days=7),
+                         der=b"crl-%d" % number, entries=len(revoked))
+    return build
+
+
+def run_threads(count: int, target: Callable[[int], None]) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+def test_schema_is_at_the_latest_version_and_reopening_does_not_migrate_again(backend: Backend) -> None:
+    first = backend.open()
+    record = cert("alpha")
+    try:
+        assert first.schema_version() == len(MIGRATIONS)  # type: ignore[attr-defined]
+        assert first.integrity_check() == "ok"  # type: ignore[attr-defined]
+        first.add_service(service("alpha"), actor="test")
+        first.add_certificate(record, actor="test")
+    finally:
+        first.close()
+        first.close()  # idempotent
+    stamp = backend.schema_stamp()
+    again = backend.open()
+    try:
+        assert again.schema_version() == len(MIGRATIONS)  # type: ignore[attr-defined]
+        stored = again.get_certificate(record.serial)
+        assert stored is not None and attrs.evolve(stored, row_id=None) == record
+    finally:
+        again.close()
+    assert backend.schema_stamp() == stamp
+
+
+def test_postgres_stores_opened_together_on_a_new_database_migrate_once(pg_database: str) -> None:
+    # PostgreSQL only: replicas starting together queue on an advisory lock. (SQLite's switch to
+    # WAL on a brand-new file can fail with "database is locked" under concurrent first opens;
+    # there `init` creates the file before any worker starts.)
+    backend = _postgres(pg_database)
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start(_: int) -> None:
+        barrier.wait()
+        try:
+            opened.append(backend.open())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    run_threads(4, start)
+    try:
+        assert errors == []
+        assert backend.rows("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_a_database_from_a_newer_version_is_refused(backend: Backend) -> None:
+    backend.open().close()
+    backend.rows(f"UPDATE schema_version SET version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(CAError, match="newer"):
+        backend.open()
+
+
+# --- uniqueness and atomicity ----------------------------------------------------------------
+
+def test_same_serial_twice_is_a_conflict_and_nothing_is_half_written(store: Store, backend: Backend) -> None:
+    first = cert("alpha")
+    store.add_token(token("alpha"), actor="test")
+    store.add_certificate(first, actor="test")
+    audit_before = backend.count("audit_log")
+    duplicate = cert("beta", serial=int(first.serial, 16), fingerprint="f" * 64)
+    with pytest.raises(Conflict, match=first.serial):
+        store.add_certificate(duplicate, actor="test", consume_token=token("alpha").token_id)
+    assert backend.count("certificates") == 1
+    assert backend.count("audit_log") == audit_before
+    kept = store.get_token(token("alpha").token_id)
+    assert kept is not None and kept.used_at is None  # the token survived the failed write
+    batch = [(cert("alpha"), "test"), (duplicate, "test")]
+    with pytest.raises(Conflict):
+        store.add_certificates(batch)
+    assert backend.count("certificates") == 1
+    assert store.get_certificate(batch[0][0].serial) is None
+
+
+def test_revoke_then_again_is_already_revoked_and_unknown_serial_is_not_found(store: Store) -> None:
+    record = cert("alpha")
+    store.add_certificate(record, actor="test")
+    revoked = store.revoke_certificate(record.serial, reason="keyCompromise", at=NOW, actor="test")
+    assert revoked.revoked_at == NOW and revoked.status(NOW) == "revoked"
+    with pytest.raises(Conflict) as info:
+        store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="test")
+    assert info.value.code == "already_revoked"
+    with pytest.raises(NotFound):
+        store.revoke_certificate("abcdef", reason="superseded", at=NOW, actor="test")
+    assert store.revoked() == [(record.serial, NOW, "keyCompromise")]
+
+
+def test_a_token_is_consumed_exactly_once_by_eight_concurrent_writers(store: Store, backend: Backend) -> None:
+    store.add_token(token("alpha"), actor="test")
+    writers = [backend.open() for _ in range(4)]  # two threads per store object
+    records = [cert("alpha") for _ in range(8)]
+    outcomes: list[str] = [""] * 8
+    barrier = threading.Barrier(8)
+
+    def enrol(index: int) -> None:
+        barrier.wait()
+        try:
+            writers[index % 4].add_certificate(records[index], actor="enrolment",
+                                               consume_token=token("alpha").token_id, now=NOW)
+            outcomes[index] = "ok"
+        except Conflict as exc:
+            outcomes[index] = exc.code
+
+    try:
+        run_threads(8, enrol)
+    finally:
+        for w in writers:
+            w.close()
+    assert sorted(outcomes) == ["invalid_token"] * 7 + ["ok"]
+    assert len(store.certificates_for("alpha")) == 1
+    spent = store.get_token(token("alpha").token_id)
+    assert spent is not None and spent.used_at == NOW
+    issues = [e for e in store.audit_log(limit=100) if e.action == "certificate.issue"]
+    assert len(issues) == 1
+
+
+def test_text_a_backend_cannot_hold_is_a_core_error_not_a_driver_error(store: Store) -> None:
+    # PostgreSQL text cannot hold NUL; SQLite can. Either way no driver exception escapes.
+    try:
+        store.add_service(service("nul\x00id"), actor="test")
+    except CAError:
+        pass
+    try:
+        store.get_service("nul\x00id")
+    except CAError:
+        pass
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+def test_list_certificates_filters_and_paginates_by_cursor(store: Store) -> None:
+    valid = cert("alpha")
+    expiring = cert("alpha", not_after=NOW + timedelta(days=10))
+    expired = cert("alpha", not_before=NOW - timedelta(days=30), not_after=NOW - timedelta(days=1))
+    revoked = cert("alpha")
+    other = cert("beta", not_after=NOW + timedelta(days=5))
+    store.add_certificates([(r, "test") for r in (valid, expiring, expired, revoked, other)])
+    store.revoke_certificate(revoked.serial, reason="superseded", at=NOW, actor="test")
+
+    def serials(**kwargs: Any) -> list[str]:
+        return [r.serial for r in store.list_certificates(CertificateQuery(now=NOW, **kwargs))]
+
+    assert serials(status="valid") == [valid.serial, expiring.serial, other.serial]
+    assert serials(status="revoked") == [revoked.serial]
+    assert serials(status="expired") == [expired.serial]
+    assert serials(expiring_before=NOW + timedelta(days=30)) == [expiring.serial, other.serial]
+    assert serials(service_id="beta") == [other.serial]
+
+    records = [cert("alpha" if i % 2 == 0 else "beta") for i in range(250)]
+    store.add_certificates([(r, "test") for r in records])
+    for service_id in (None, "alpha"):
+        wanted = [r.serial for r in records if service_id is None or r.service_id == service_id]
+        seen: list[str] = []
+        after = max(r.row_id or 0 for r in store.list_certificates(CertificateQuery(now=NOW, limit=5)))
+        while page := store.list_certificates(
+                CertificateQuery(now=NOW, service_id=service_id, limit=37, after=after)):
+            assert len(page) <= 37
+            seen += [r.serial for r in page]
+            after = page[-1].row_id
+        assert seen == wanted and len(set(seen)) == len(wanted)
+
+
+def test_services_add_update_list_and_filter_by_health(store: Store) -> None:
+    with pytest.raises(Conflict):
+        store.add_service(service("alpha"), actor="test")
+    gamma = attrs.evolve(service("gamma"), metadata={"team": "pay", "tier": 1}, endpoints=("https://g",))
+    store.add_service(gamma, actor="test")
+    updated = attrs.evolve(gamma, version="2.0", updated_at=NOW + timedelta(hours=1))
+    store.update_service(updated, actor="test")
+    with pytest.raises(NotFound):
+        store.update_service(service("nobody"), actor="test")
+    assert store.get_service("gamma") == updated
+    assert store.get_service("nobody") is None
+    store.record_health("beta", Health(status="healthy", last_checked=NOW, consecutive_failures=0),
+                        event="service.healthy")
+    assert [s.service_id for s in store.list_services(healthy=True)] == ["beta"]
+    assert [s.service_id for s in store.list_services(healthy=False)] == ["alpha", "gamma"]
+    assert [s.service_id for s in store.list_services(limit=2)] == ["alpha", "beta"]
+    assert [s.service_id for s in store.list_services(after="beta")] == ["gamma"]
+    beta = store.get_service("beta")
+    assert beta is not None and beta.health == Health(status="healthy", last_checked=NOW)
+
+
+def test_every_change_writes_its_audit_row(store: Store) -> None:
+    record = cert("alpha")
+    store.add_token(token("alpha"), actor="admin:1")
+    store.add_certificate(record, actor="enrolment:1", consume_token=token("alpha").token_id)
+    store.update_service(service("alpha"), actor="admin:1")
+    store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="admin:1")
+    store.new_crl(crl_builder(), actor="system:crl")
+    store.revoke_token(token("alpha").token_id, at=NOW, actor="admin:1")
+    entries = store.audit_log(limit=100)
+    assert [e.action for e in entries][::-1] == [
+        "service.register", "service.register", "token.create.enrolment", "certificate.issue",
+        "service.update", "certificate.revoke", "crl.generate", "token.revoke.enrolment"]
+    assert entries[2].serial == record.serial and entries[2].details == {"reason": "superseded"}
+    assert [e.action for e in store.audit_log(service_id="beta")] == ["service.register"]
+
+
+# --- CRLs ------------------------------------------------------------------------------------
+
+def test_crl_numbers_strictly_increase_and_the_newest_sees_every_revocation(store: Store,
+                                                                           backend: Backend) -> None:
+    records = [cert("alpha") for _ in range(10)]
+    store.add_certificates([(r, "test") for r in records])
+    stores = [backend.open(), backend.open()]
+    seen: dict[int, set[str]] = {}
+    numbers: list[list[int]] = [[], [], []]
+    barrier = threading.Barrier(3)
+
+    def work(index: int) -> None:
+        barrier.wait()
+        if index < 2:
+            for _ in range(12):
+                numbers[index].append(stores[index].new_crl(crl_builder(seen), actor=f"t{index}").number)
+        else:  # revoke, then publish, as the authority does
+            for record in records:
+                store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="t2")
+                numbers[2].append(store.new_crl(crl_builder(seen), actor="t2").number)
+
+    try:
+        run_threads(3, work)
+    finally:
+        for s in stores:
+            s.close()
+    for per_thread in numbers:
+        assert per_thread == sorted(per_thread) and len(set(per_thread)) == len(per_thread)
+    assert sorted(numbers[0] + numbers[1] + numbers[2]) == list(range(1, 35))
+    # A CRL never drops what an earlier one listed, and the newest lists every revocation.
+    ordered = [seen[n] for n in sorted(seen)]
+    assert all(a <= b for a, b in zip(ordered, ordered[1:]))
+    assert ordered[-1] == {r.serial for r in records}
+    latest = store.latest_crl()
+    assert latest is not None and latest.number == 34 and latest.entries == 10
+
+
+def test_crl_history_keeps_fifty_rows_and_two_bodies(store: Store, backend: Backend) -> None:
+    made = [store.new_crl(crl_builder(), actor="t") for _ in range(53)]
+    bodies = dict(backend.rows("SELECT number, length(der) FROM crls"))
+    assert sorted(bodies) == list(range(3, 54))
+    assert {n for n, size in bodies.items() if size} == {52, 53}
+    assert store.latest_crl() == made[-1]
+    assert [c.number for c in store.list_crls(limit=3)] == [53, 52, 51]
+    assert all(c.der == b"" for c in store.list_crls(limit=3))
+    assert store.latest_crl_number() == 53
+
+
+# --- selecting the backend -------------------------------------------------------------------
+
+def test_home_opens_postgres_from_the_environment_before_config_toml(
+        pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vcc_pki_server.errors import CAUnavailable
+    from vcc_pki_server.home import Config, Home
+    from vcc_pki_server.store.postgres import PostgresStore
+
+    monkeypatch.delenv("VCC_PKI_DATABASE_URL", raising=False)
+    home = Home(tmp_path / "home")
+    home.ensure()
+    s = home.open_store()
+    assert isinstance(s, SQLiteStore)
+    s.close()
+    unreachable = "postgresql://vcc:secret-pw@127.0.0.1:1/vcc"
+    home.save_config(Config(database_url=unreachable))
+    assert home.config().database_url == unreachable and "secret-pw" not in repr(home.config())
+    with pytest.raises(CAUnavailable) as info:
+        home.open_store()
+    assert "127.0.0.1:1/vcc" in str(info.value) and "secret-pw" not in str(info.value)
+    monkeypatch.setenv("VCC_PKI_DATABASE_URL", pg_database)
+    s = home.open_store()
+    try:
+        assert isinstance(s, PostgresStore)
+    finally:
+        s.close()
