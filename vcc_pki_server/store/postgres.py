@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,9 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
 from ..errors import CAError, CAUnavailable, Conflict, InvalidRequest, NotFound
 from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
                TokenRecord, dumps, parse_utc, utc_text)
+from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
+                   audit_entry, certificate_record, crl_record, opt_text, service_params,
+                   service_record, token_record)
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to. The tables and
 # columns are SQLiteStore's: times are RFC 3339 'Z' text (COLLATE "C": sorted and compared as
@@ -100,15 +102,6 @@ MIGRATIONS: tuple[str, ...] = (
 MIGRATION_LOCK = 0x7663_6370_6B69_0001
 CRL_LOCK = 0x7663_6370_6B69_0002
 
-_CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c.not_before, "
-                 "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason")
-_CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
-_SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
-                    "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
-                    "last_checked, last_error, consecutive_failures")
-_TOKEN_COLUMNS = ("token_id, kind, secret_hash, name, service_id, created_at, expires_at, "
-                  "used_at, revoked_at")
-_CRL_COLUMNS = "number, this_update, next_update, der, entries"
 _INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
                        "not_before, not_after, fingerprint, pem, issued_at) "
                        "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)")
@@ -116,14 +109,6 @@ _INSERT_AUDIT = ("INSERT INTO audit_log (at, actor, action, service_id, serial, 
                  "VALUES (%s,%s,%s,%s,%s,%s)")
 
 Row = tuple[Any, ...]
-
-
-def _opt_time(text: str | None) -> datetime | None:
-    return parse_utc(text) if text else None
-
-
-def _opt_text(moment: datetime | None) -> str | None:
-    return utc_text(moment) if moment else None
 
 
 def describe(dsn: str) -> str:
@@ -259,28 +244,14 @@ class PostgresStore:
 
     def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
         where, params = ("WHERE service_id = %s", [service_id]) if service_id else ("", [])
-        rows = self._read(f"SELECT at, actor, action, service_id, serial, details FROM audit_log "
-                          f"{where} ORDER BY id DESC LIMIT %s", [*params, limit])
-        return [AuditEntry(at=parse_utc(r[0]), actor=r[1], action=r[2], service_id=r[3],
-                           serial=r[4], details=json.loads(r[5])) for r in rows]
+        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT %s",
+                          [*params, limit])
+        return [audit_entry(r) for r in rows]
 
     # -- services ---------------------------------------------------------------------------
-    @staticmethod
-    def _service_row(s: ServiceRecord) -> Row:
-        return (s.service_name, dumps(list(s.endpoints)), s.health_check_url, s.version, s.owner,
-                dumps(s.metadata), dumps(list(s.san_dns)), dumps(list(s.san_ip)),
-                utc_text(s.created_at), utc_text(s.updated_at), s.service_id)
+    _service_row = staticmethod(service_params)
 
-    @staticmethod
-    def _service(r: Row) -> ServiceRecord:
-        return ServiceRecord(
-            service_id=r[0], service_name=r[1], endpoints=tuple(json.loads(r[2])),
-            health_check_url=r[3], version=r[4], owner=r[5], metadata=json.loads(r[6]),
-            san_dns=tuple(json.loads(r[7])), san_ip=tuple(json.loads(r[8])),
-            created_at=parse_utc(r[9]), updated_at=parse_utc(r[10]),
-            health=Health(status=r[11], last_checked=_opt_time(r[12]), last_error=r[13],
-                          consecutive_failures=r[14]),
-        )
+    _service = staticmethod(service_record)
 
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
         with self._write() as db:
@@ -311,7 +282,7 @@ class PostgresStore:
                                        service_id=service.service_id))
 
     def get_service(self, service_id: str) -> ServiceRecord | None:
-        rows = self._read(f"SELECT {_SERVICE_COLUMNS} FROM services WHERE service_id=%s", (service_id,))
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=%s", (service_id,))
         return self._service(rows[0]) if rows else None
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
@@ -324,7 +295,7 @@ class PostgresStore:
             clauses.append("service_id > %s")
             params.append(after)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {_SERVICE_COLUMNS} FROM services {where} "
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
                           f"ORDER BY service_id LIMIT %s", [*params, limit])
         return [self._service(r) for r in rows]
 
@@ -332,7 +303,7 @@ class PostgresStore:
         with self._write() as db:
             db.execute("UPDATE services SET health_status=%s, last_checked=%s, last_error=%s, "
                        "consecutive_failures=%s WHERE service_id=%s",
-                       (health.status, _opt_text(health.last_checked), health.last_error,
+                       (health.status, opt_text(health.last_checked), health.last_error,
                         health.consecutive_failures, service_id))
             if event and health.last_checked is not None:
                 details = {"error": health.last_error} if health.last_error else {}
@@ -340,14 +311,7 @@ class PostgresStore:
                                            action=event, service_id=service_id, details=details))
 
     # -- certificates -----------------------------------------------------------------------
-    @staticmethod
-    def _cert(r: Row) -> CertificateRecord:
-        return CertificateRecord(
-            row_id=r[0], serial=r[1], service_id=r[2], subject=r[3],
-            san_dns=tuple(json.loads(r[4])), san_ip=tuple(json.loads(r[5])),
-            not_before=parse_utc(r[6]), not_after=parse_utc(r[7]), fingerprint=r[8], pem=r[9],
-            issued_at=parse_utc(r[10]), revoked_at=_opt_time(r[11]), revocation_reason=r[12],
-        )
+    _cert = staticmethod(certificate_record)
 
     @staticmethod
     def _insert_certificate(db: psycopg.Connection[Row], record: CertificateRecord, actor: str) -> None:
@@ -396,15 +360,15 @@ class PostgresStore:
                 self._insert_certificate(db, record, actor)
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=%s", (serial,))
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=%s", (serial,))
         return self._cert(rows[0]) if rows else None
 
     def find_certificate(self, fingerprint: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.fingerprint=%s", (fingerprint,))
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.fingerprint=%s", (fingerprint,))
         return self._cert(rows[0]) if rows else None
 
     def certificates_for(self, service_id: str) -> list[CertificateRecord]:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.service_id=%s "
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.service_id=%s "
                           f"ORDER BY c.id DESC", (service_id,))
         return [self._cert(r) for r in rows]
 
@@ -430,14 +394,14 @@ class PostgresStore:
             clauses.append("c.id > %s")
             params.append(query.after)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} {where} ORDER BY c.id LIMIT %s",
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} {where} ORDER BY c.id LIMIT %s",
                           [*params, query.limit])
         return [self._cert(r) for r in rows]
 
     def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
         with self._write() as db:
             # FOR UPDATE OF c: two replicas revoking one serial queue here; the second sees the first's row.
-            row = db.execute(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=%s FOR UPDATE OF c",
+            row = db.execute(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=%s FOR UPDATE OF c",
                              (serial,)).fetchone()
             if row is None:
                 raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
@@ -487,13 +451,10 @@ class PostgresStore:
     def latest_crl_number(self) -> int:
         return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
 
-    @staticmethod
-    def _crl(r: Row) -> CRLRecord:
-        return CRLRecord(number=int(r[0]), this_update=parse_utc(r[1]), next_update=parse_utc(r[2]),
-                         der=bytes(r[3]), entries=r[4])
+    _crl = staticmethod(crl_record)
 
     def latest_crl(self) -> CRLRecord | None:
-        rows = self._read(f"SELECT {_CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
+        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
         return self._crl(rows[0]) if rows else None
 
     def list_crls(self, limit: int = 20) -> list[CRLRecord]:
@@ -510,8 +471,8 @@ class PostgresStore:
                 db.execute("INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
                            "expires_at, used_at, revoked_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                            (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
-                            utc_text(token.created_at), _opt_text(token.expires_at),
-                            _opt_text(token.used_at), _opt_text(token.revoked_at)))
+                            utc_text(token.created_at), opt_text(token.expires_at),
+                            opt_text(token.used_at), opt_text(token.revoked_at)))
         except pgerrors.UniqueViolation:
             raise Conflict(f"token {token.token_id} already exists") from None
         PostgresStore._audit(db, AuditEntry(at=token.created_at, actor=actor,
@@ -523,25 +484,21 @@ class PostgresStore:
         with self._write() as db:
             self._insert_token(db, token, actor)
 
-    @staticmethod
-    def _token(r: Row) -> TokenRecord:
-        return TokenRecord(token_id=r[0], kind=r[1], secret_hash=r[2], name=r[3], service_id=r[4],
-                           created_at=parse_utc(r[5]), expires_at=_opt_time(r[6]),
-                           used_at=_opt_time(r[7]), revoked_at=_opt_time(r[8]))
+    _token = staticmethod(token_record)
 
     def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id=%s", (token_id,))
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=%s", (token_id,))
         return self._token(rows[0]) if rows else None
 
     def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
         where, params = ("WHERE kind=%s", (kind,)) if kind else ("", ())
-        rows = self._read(f"SELECT {_TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
         return [self._token(r) for r in rows]
 
     def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
         with self._write() as db:
             row = db.execute(f"UPDATE tokens SET revoked_at=%s WHERE token_id=%s AND revoked_at IS NULL "
-                             f"RETURNING {_TOKEN_COLUMNS}", (utc_text(at), token_id)).fetchone()
+                             f"RETURNING {TOKEN_COLUMNS}", (utc_text(at), token_id)).fetchone()
             if row is None:
                 exists = db.execute("SELECT 1 FROM tokens WHERE token_id=%s", (token_id,)).fetchone()
                 if exists:

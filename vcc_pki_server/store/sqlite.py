@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import sqlite3
 import threading
@@ -27,6 +26,9 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
                TokenRecord, dumps, parse_utc, utc_text)
+from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
+                   audit_entry, certificate_record, crl_record, opt_text, service_params,
+                   service_record, token_record)
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to.
 MIGRATIONS: tuple[str, ...] = (
@@ -98,18 +100,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_service ON audit_log(service_id, id);
     """,
 )
-
-_CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c.not_before, "
-                 "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason")
-_CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
-
-
-def _opt_time(text: str | None) -> datetime | None:
-    return parse_utc(text) if text else None
-
-
-def _opt_text(moment: datetime | None) -> str | None:
-    return utc_text(moment) if moment else None
 
 
 _INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
@@ -296,10 +286,10 @@ class SQLiteStore:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.001)
 
-    def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
             cur = self._reader.execute(sql, params)
-            return cur.fetchall()
+            return cur.fetchall()  # plain tuples: no row_factory is set
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -335,35 +325,15 @@ class SQLiteStore:
 
     def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
         where, params = ("WHERE service_id = ?", [service_id]) if service_id else ("", [])
-        rows = self._read(f"SELECT at, actor, action, service_id, serial, details FROM audit_log "
-                          f"{where} ORDER BY id DESC LIMIT ?", [*params, limit])
-        return [AuditEntry(at=parse_utc(r[0]), actor=r[1], action=r[2], service_id=r[3],
-                           serial=r[4], details=json.loads(r[5])) for r in rows]
+        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
+                          [*params, limit])
+        return [audit_entry(r) for r in rows]
 
     # -- services ---------------------------------------------------------------------------
-    @staticmethod
-    def _service_row(s: ServiceRecord) -> tuple[Any, ...]:
-        return (s.service_name, dumps(list(s.endpoints)), s.health_check_url, s.version, s.owner,
-                dumps(s.metadata), dumps(list(s.san_dns)), dumps(list(s.san_ip)),
-                utc_text(s.created_at), utc_text(s.updated_at), s.service_id)
+    _service_row = staticmethod(service_params)
 
-    @staticmethod
-    @functools.lru_cache(maxsize=512)
-    def _service(r: tuple[Any, ...]) -> ServiceRecord:
-        # Remembered by row: the same rows are read on every request, and records are
-        # immutable (nothing mutates ``metadata``), so equal rows may share one.
-        return ServiceRecord(
-            service_id=r[0], service_name=r[1], endpoints=tuple(json.loads(r[2])),
-            health_check_url=r[3], version=r[4], owner=r[5], metadata=json.loads(r[6]),
-            san_dns=tuple(json.loads(r[7])), san_ip=tuple(json.loads(r[8])),
-            created_at=parse_utc(r[9]), updated_at=parse_utc(r[10]),
-            health=Health(status=r[11], last_checked=_opt_time(r[12]), last_error=r[13],
-                          consecutive_failures=r[14]),
-        )
-
-    _SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
-                        "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
-                        "last_checked, last_error, consecutive_failures")
+    # Remembered by row: the same rows are read on every request, and records are immutable.
+    _service = staticmethod(functools.lru_cache(maxsize=512)(service_record))
 
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
         with self._write() as db:
@@ -393,7 +363,7 @@ class SQLiteStore:
                                        service_id=service.service_id))
 
     def get_service(self, service_id: str) -> ServiceRecord | None:
-        rows = self._read(f"SELECT {self._SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
         return self._service(rows[0]) if rows else None
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
@@ -406,7 +376,7 @@ class SQLiteStore:
             clauses.append("service_id > ?")
             params.append(after)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {self._SERVICE_COLUMNS} FROM services {where} "
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
                           f"ORDER BY service_id LIMIT ?", [*params, limit])
         return [self._service(r) for r in rows]
 
@@ -414,7 +384,7 @@ class SQLiteStore:
         with self._write() as db:
             db.execute("UPDATE services SET health_status=?, last_checked=?, last_error=?, "
                        "consecutive_failures=? WHERE service_id=?",
-                       (health.status, _opt_text(health.last_checked), health.last_error,
+                       (health.status, opt_text(health.last_checked), health.last_error,
                         health.consecutive_failures, service_id))
             if event and health.last_checked is not None:
                 details = {"error": health.last_error} if health.last_error else {}
@@ -422,14 +392,7 @@ class SQLiteStore:
                                            action=event, service_id=service_id, details=details))
 
     # -- certificates -----------------------------------------------------------------------
-    @staticmethod
-    def _cert(r: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
-        return CertificateRecord(
-            row_id=r[0], serial=r[1], service_id=r[2], subject=r[3],
-            san_dns=tuple(json.loads(r[4])), san_ip=tuple(json.loads(r[5])),
-            not_before=parse_utc(r[6]), not_after=parse_utc(r[7]), fingerprint=r[8], pem=r[9],
-            issued_at=parse_utc(r[10]), revoked_at=_opt_time(r[11]), revocation_reason=r[12],
-        )
+    _cert = staticmethod(certificate_record)
 
     def _insert_certificate(self, db: sqlite3.Connection, record: CertificateRecord, actor: str) -> None:
         row, audit = _certificate_rows(record, actor)
@@ -576,15 +539,15 @@ class SQLiteStore:
                 self._insert_certificate(db, record, actor)
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=?", (serial,))
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,))
         return self._cert(rows[0]) if rows else None
 
     def find_certificate(self, fingerprint: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.fingerprint=?", (fingerprint,))
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.fingerprint=?", (fingerprint,))
         return self._cert(rows[0]) if rows else None
 
     def certificates_for(self, service_id: str) -> list[CertificateRecord]:
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.service_id=? "
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.service_id=? "
                           f"ORDER BY c.id DESC", (service_id,))
         return [self._cert(r) for r in rows]
 
@@ -610,13 +573,13 @@ class SQLiteStore:
             clauses.append("c.id > ?")
             params.append(query.after)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} {where} ORDER BY c.id LIMIT ?",
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} {where} ORDER BY c.id LIMIT ?",
                           [*params, query.limit])
         return [self._cert(r) for r in rows]
 
     def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
         with self._write() as db:
-            row = db.execute(f"SELECT {_CERT_COLUMNS} FROM {_CERT_FROM} WHERE c.serial=?", (serial,)).fetchone()
+            row = db.execute(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,)).fetchone()
             if row is None:
                 raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
             record = self._cert(row)
@@ -662,15 +625,10 @@ class SQLiteStore:
     def latest_crl_number(self) -> int:
         return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
 
-    _CRL_COLUMNS = "number, this_update, next_update, der, entries"
-
-    @staticmethod
-    def _crl(r: sqlite3.Row | tuple[Any, ...]) -> CRLRecord:
-        return CRLRecord(number=r[0], this_update=parse_utc(r[1]), next_update=parse_utc(r[2]),
-                         der=bytes(r[3]), entries=r[4])
+    _crl = staticmethod(crl_record)
 
     def latest_crl(self) -> CRLRecord | None:
-        rows = self._read(f"SELECT {self._CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
+        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
         return self._crl(rows[0]) if rows else None
 
     def list_crls(self, limit: int = 20) -> list[CRLRecord]:
@@ -685,8 +643,8 @@ class SQLiteStore:
         db.execute("INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
                    "expires_at, used_at, revoked_at) VALUES (?,?,?,?,?,?,?,?,?)",
                    (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
-                    utc_text(token.created_at), _opt_text(token.expires_at),
-                    _opt_text(token.used_at), _opt_text(token.revoked_at)))
+                    utc_text(token.created_at), opt_text(token.expires_at),
+                    opt_text(token.used_at), opt_text(token.revoked_at)))
         SQLiteStore._audit(db, AuditEntry(at=token.created_at, actor=actor,
                                           action=f"token.create.{token.kind}",
                                           service_id=token.service_id,
@@ -696,24 +654,16 @@ class SQLiteStore:
         with self._write() as db:
             self._insert_token(db, token, actor)
 
-    _TOKEN_COLUMNS = ("token_id, kind, secret_hash, name, service_id, created_at, expires_at, "
-                      "used_at, revoked_at")
-
-    @staticmethod
-    @functools.lru_cache(maxsize=512)
-    def _token(r: tuple[Any, ...]) -> TokenRecord:
-        # Remembered by row (all of it, so a revocation or use is a different row).
-        return TokenRecord(token_id=r[0], kind=r[1], secret_hash=r[2], name=r[3], service_id=r[4],
-                           created_at=parse_utc(r[5]), expires_at=_opt_time(r[6]),
-                           used_at=_opt_time(r[7]), revoked_at=_opt_time(r[8]))
+    # Remembered by row (all of it, so a revocation or use is a different row).
+    _token = staticmethod(functools.lru_cache(maxsize=512)(token_record))
 
     def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._read(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,))
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,))
         return self._token(rows[0]) if rows else None
 
     def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
         where, params = ("WHERE kind=?", (kind,)) if kind else ("", ())
-        rows = self._read(f"SELECT {self._TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
         return [self._token(r) for r in rows]
 
     def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
@@ -725,7 +675,7 @@ class SQLiteStore:
                 if exists:
                     raise Conflict(f"token {token_id} is already revoked")
                 raise NotFound(f"unknown token '{token_id}'")
-            row = db.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,)).fetchone()
+            row = db.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,)).fetchone()
             token = self._token(row)
             self._audit(db, AuditEntry(at=at, actor=actor, action=f"token.revoke.{token.kind}",
                                        service_id=token.service_id, details={"token_id": token_id}))
