@@ -12,6 +12,8 @@ Example::
         with pki.httpx_client() as http:
             http.get("https://inventory:9443/items")
 
+Asyncio services use :class:`AsyncPKIClient` (same surface, ``await``-able network calls).
+
 Everything the SDK raises on purpose derives from :class:`PKIError` (see
 :mod:`vcc_pki_client.errors`).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .aio import AsyncPKIClient
 from .client import PKIClient
 from .errors import (
     APIError,
@@ -49,6 +52,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that 
 
 __all__ = [
     "APIError",
+    "AsyncPKIClient",
     "AuthenticationError",
     "CertificateFiles",
     "CertificateInfo",

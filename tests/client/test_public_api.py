@@ -10,6 +10,7 @@ from vcc_pki_server.api.problems import STATUS_BY_CODE
 
 PUBLIC_API = [
     "APIError",
+    "AsyncPKIClient",
     "AuthenticationError",
     "CertificateFiles",
     "CertificateInfo",
@@ -84,3 +85,24 @@ def test_spec_names_and_constructor_keywords() -> None:
                     "enrollment_token", "http_client"):
         assert keyword in params, keyword
     assert "on_renewed" in inspect.signature(vcc_pki_client.PKIClient.enable_auto_renewal).parameters
+
+
+ASYNC_METHODS = [
+    "enroll", "request_certificate", "renew", "revoke", "register_service", "discover", "list_services",
+    "get_service_certificate", "get_ca_bundle", "get_crl", "is_revoked", "renew_now",
+]
+SYNC_METHODS = ["server_ssl_context", "client_ssl_context", "enable_auto_renewal", "disable_auto_renewal"]
+
+
+def test_async_client_mirrors_the_sync_client() -> None:
+    sync, aio = vcc_pki_client.PKIClient, vcc_pki_client.AsyncPKIClient
+    assert inspect.signature(aio) == inspect.signature(sync)  # same constructor
+    for name in ASYNC_METHODS:
+        assert inspect.iscoroutinefunction(getattr(aio, name)), name
+        assert inspect.signature(getattr(aio, name)) == inspect.signature(getattr(sync, name)), name
+    for name in SYNC_METHODS:
+        assert not inspect.iscoroutinefunction(getattr(aio, name)), name
+        assert inspect.signature(getattr(aio, name)) == inspect.signature(getattr(sync, name)), name
+    for name in ("enrolled", "certificate"):
+        assert isinstance(getattr(aio, name), property), name
+    assert inspect.iscoroutinefunction(aio.aclose) and inspect.iscoroutinefunction(aio.httpx_async_client) is False
