@@ -11,12 +11,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 
 from cryptography import x509
 
 import uvicorn
 
+from . import passwords
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
 from .errors import CAError
@@ -100,18 +100,11 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
 
 
 def resolve_password(args: argparse.Namespace, home: Home) -> str:
-    if args.password_file:
-        return Path(args.password_file).read_text().removesuffix("\n").removesuffix("\r")
-    if os.environ.get("VCC_PKI_CA_PASSWORD"):
-        return os.environ["VCC_PKI_CA_PASSWORD"]
+    """The intermediate's password as pki-admin finds it, with the --dev secret before the prompt."""
     dev_secret = home.secrets_dir / "ca_password"
-    if dev_secret.exists():
-        return dev_secret.read_text()
-    if sys.stdin.isatty():
-        import getpass
-
-        return getpass.getpass("intermediate CA password: ")
-    raise CAError("no CA password: use --password-file or $VCC_PKI_CA_PASSWORD")
+    if args.password_file is None and not os.environ.get(passwords.CA.env) and dev_secret.exists():
+        return passwords.read_password_file(str(dev_secret), passwords.CA.what)
+    return passwords.resolve(passwords.CA, file=args.password_file)
 
 
 def _background(home: Home, args: argparse.Namespace, authority: object) -> list[Lifecycle]:
@@ -156,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dev and not home.has_root():
             password = dev_init(home)
         else:
+            if not home.has_intermediate() or not home.server_cert.exists():
+                raise CAError(f"{home.root} has no CA and server certificate: run `pki-admin init` "
+                              "(or start with --dev)")
             password = resolve_password(args, home)
-        if not home.server_cert.exists():
-            raise CAError(f"{home.server_cert} is missing: run `pki-admin init` (or start with --dev)")
         home.load_ca(password)  # fail early, in the parent, on a wrong password
         home.open_store().close()  # ... and on an unreachable database; migrations run once, here
         renew_server_certificate_if_due(home, password)

@@ -93,3 +93,15 @@ def test_server_certificate_expiring_within_30_days_is_renewed_at_start(tmp_path
     assert presented.serial_number != before.serial_number
     assert presented.not_valid_after_utc - before.not_valid_after_utc > timedelta(days=300)
     assert "server certificate renewed" in server.log()
+
+
+def test_home_without_a_ca_fails_with_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "empty"
+    proc = subprocess.run([str(BIN / "vcc-pki-server"), "--home", str(home), "--port", str(free_port())],
+                          env=env_without_secrets(), capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"vcc-pki-server: error: {home} has no CA and server certificate: run `pki-admin init` "
+        "(or start with --dev)"]
+    assert not home.exists()
