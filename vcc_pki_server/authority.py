@@ -20,10 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import tokens
-from .ca import REASONS, CertificateAuthority, LeafPublicKey, LeafTemplate, generate_key
+from .ca import REASONS, CertificateAuthority, LeafTemplate, generate_key
 from .errors import (CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound,
                      NotPermitted, UnknownService)
-from .policy import Policy, check_public_key, check_service_id, load_csr_key, normalize_sans
+from .policy import Policy, check_public_key, check_service_id, is_ip, load_csr_key, normalize_sans
 from .store import (CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord, Store,
                     TokenRecord, pem_text, utc_text)
 
@@ -271,9 +271,6 @@ class Authority:
             service_id=service_id, status=status, expiring_before=expiring, now=now, limit=limit,
             after=after))
 
-    def _sign(self, service: ServiceRecord, public_key: LeafPublicKey, template: LeafTemplate) -> x509.Certificate:
-        return self.ca.sign_leaf(public_key, template)
-
     def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
                 consume_token: str | None = None, template: LeafTemplate | None = None) -> Issued:
         issued = self._issued(service_id, cert, template)
@@ -310,7 +307,7 @@ class Authority:
         csr, public_key = load_csr_key(csr_pem)
         template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
                                         now=self.clock(), validity_days=validity_days)
-        cert = self._sign(service, public_key, template)
+        cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
@@ -347,16 +344,9 @@ class Authority:
         An unknown service is registered first with the given names as its allow-list.
         """
         check_service_id(service_id)
-        names = list(san_dns)
-        if common_name and common_name not in names:
-            try:
-                normalize_sans([], [common_name])
-                ips = [*san_ip, common_name]
-            except InvalidRequest:
-                names.insert(0, common_name)
-                ips = list(san_ip)
-        else:
-            ips = list(san_ip)
+        names, ips = list(san_dns), list(san_ip)
+        if common_name and common_name not in names and common_name not in ips:
+            (ips if is_ip(common_name) else names).insert(0, common_name)  # the CN is one of the SANs
         # Check what can fail before registering: a refused request must not leave a new
         # service behind without its certificate.
         if self._ca is None:
@@ -371,7 +361,7 @@ class Authority:
                                                    cn=common_name, dns=names, ips=ips)
         template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list,
                                 not_before=not_before, not_after=not_after)
-        cert = self._sign(service, key.public_key(), template)
+        cert = self.ca.sign_leaf(key.public_key(), template)
         return self._record(service_id, cert, actor, template=template), key
 
     def renew(self, service_id: str, *, actor: Actor, csr_pem: str | bytes | None = None,
@@ -401,7 +391,7 @@ class Authority:
             template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, not_before=not_before,
                                     not_after=not_after)
             public_key = check_public_key(old.public_key())
-        return self._record(service_id, self._sign(service, public_key, template), actor,
+        return self._record(service_id, self.ca.sign_leaf(public_key, template), actor,
                             template=template)
 
     def revoke(self, service_id: str, *, reason: str = "unspecified", serial: str | None = None,

@@ -165,7 +165,8 @@ def _ip_or_none(value: str) -> IPAddress | None:
         return None
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
+    """True for an IPv4 or IPv6 address literal."""
     return _ip_or_none(value) is not None
 
 
@@ -240,7 +241,7 @@ class Policy:
         try:
             req_dns, req_ip = normalize_sans(dns, ips)
             if cn is not None:
-                cn_is_ip = _is_ip(cn)
+                cn_is_ip = is_ip(cn)
                 if not cn_is_ip:
                     normalize_dns_name(cn)
         except InvalidRequest as exc:
