@@ -106,10 +106,15 @@ class Authority:
     # -- authentication ---------------------------------------------------------------------
     def authenticate_certificate(self, der: bytes) -> Actor:
         """The service a client certificate belongs to. The handshake already checked the chain;
-        here it must be ours (same fingerprint in the store), unrevoked and in its validity window
-        — checked on every request, since resumed TLS sessions skip the handshake's checks."""
-        record = self.store.find_certificate(hashlib.sha256(der).hexdigest())
-        if record is None:
+        here it must be ours (the store's certificate of that serial, same fingerprint), unrevoked
+        and in its validity window — checked on every request, since resumed TLS sessions skip
+        the handshake's checks."""
+        try:
+            serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
+        except ValueError:
+            raise NotAuthenticated("client certificate cannot be parsed") from None
+        record = self.store.get_certificate(serial)
+        if record is None or record.fingerprint != hashlib.sha256(der).hexdigest():
             raise NotAuthenticated("client certificate is not known to this CA")
         status = record.status(self.clock())
         if status != "valid":

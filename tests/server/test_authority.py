@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from conftest import CA_PASSWORD, ROOT_PASSWORD
 from support import make_csr
 from vcc_pki_server.authority import Actor, Authority, Issued
+from vcc_pki_server.ca import LeafTemplate
 from vcc_pki_server.errors import (Conflict, InvalidRequest, NotAuthenticated, NotFound, NotPermitted,
                                    PolicyRefused, UnknownService)
 from vcc_pki_server.home import Home
@@ -466,6 +467,22 @@ def test_authenticate_certificate_rejects_certificates_it_did_not_issue(ca_home:
         with pytest.raises(NotAuthenticated):
             authority.authenticate_certificate(data)
 
+
+
+def test_authenticate_certificate_rejects_a_certificate_that_only_shares_a_stored_serial(
+        authority: Authority, operator: Actor, service_id: str) -> None:
+    # Found by serial, then compared whole: a certificate of this CA's key that the store does
+    # not hold (here: the stored one's serial on another key) authenticates nobody.
+    issued = enrol(authority, service_id, operator)
+    other_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    twin = authority.ca.sign_leaf(other_key, LeafTemplate(
+        common_name=dns_name(service_id), san_dns=(dns_name(service_id),), san_ip=(),
+        not_before=now() - timedelta(minutes=1), not_after=now() + timedelta(days=1),
+        serial_number=issued.certificate.serial_number))
+    assert twin.serial_number == issued.certificate.serial_number
+    with pytest.raises(NotAuthenticated, match="not known"):
+        authority.authenticate_certificate(der(twin))
+    assert authority.authenticate_certificate(der(issued.certificate)).service_id == service_id
 
 # --- audit -----------------------------------------------------------------------------------
 

@@ -87,7 +87,6 @@ def test_a_record_is_readable_as_soon_as_add_certificate_returns(store: SQLiteSt
         record = cert()
         store.add_certificate(record, actor="test")
         assert store.get_certificate(record.serial) is not None
-        assert store.find_certificate(record.fingerprint) is not None
 
 
 def _queue_behind_held_lock(store: SQLiteStore, jobs: list[object]) -> list[object]:

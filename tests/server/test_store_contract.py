@@ -141,6 +141,55 @@ def test_postgres_stores_opened_together_on_a_new_database_migrate_once(pg_datab
             s.close()
 
 
+def _fingerprint_indexes(backend: Backend) -> list[str]:
+    if backend.name == "sqlite":
+        return [name for (name,) in backend.rows("SELECT name FROM pragma_index_list('certificates')")
+                if ("fingerprint",) in backend.rows(f"SELECT name FROM pragma_index_info('{name}')")]
+    return [d for (d,) in backend.rows("SELECT indexdef FROM pg_indexes WHERE tablename = 'certificates'")
+            if "fingerprint" in d]
+
+
+def test_a_version_1_database_migrates_keeping_every_row(backend: Backend,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Version 1 had a UNIQUE index on fingerprint; version 2 finds certificates by serial only.
+    from vcc_pki_server.store import postgres, sqlite
+
+    module = sqlite if backend.name == "sqlite" else postgres
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+        old = backend.open()
+        try:
+            old.add_service(service("alpha"), actor="test")
+            records = [cert("alpha") for _ in range(3)]
+            for record in records:
+                old.add_certificate(record, actor="test")
+            old.revoke_certificate(records[1].serial, reason="keyCompromise", at=NOW, actor="test")
+            before = {r.serial: r for r in old.certificates_for("alpha")}
+        finally:
+            old.close()
+    assert backend.rows("SELECT version FROM schema_version") == [(1,)]
+    assert _fingerprint_indexes(backend) != []
+
+    migrated = backend.open()
+    try:
+        assert migrated.schema_version() == len(MIGRATIONS) == 2  # type: ignore[attr-defined]
+        assert {r.serial: r for r in migrated.certificates_for("alpha")} == before
+        assert [serial for serial, _, _ in migrated.revoked()] == [records[1].serial]
+        newer = cert("alpha")
+        migrated.add_certificate(newer, actor="test")
+        stored = migrated.get_certificate(newer.serial)
+        assert stored is not None and stored.row_id is not None
+        assert stored.row_id > max(r.row_id or 0 for r in before.values())  # ids go on, not reused
+        with pytest.raises(Conflict):  # the serial is still unique
+            migrated.add_certificate(attrs.evolve(cert("alpha"), serial=newer.serial), actor="test")
+    finally:
+        migrated.close()
+    assert _fingerprint_indexes(backend) == []
+    if backend.name == "sqlite":
+        assert backend.rows("PRAGMA foreign_key_check") == []
+        assert backend.rows("PRAGMA integrity_check") == [("ok",)]
+
+
 def test_a_database_from_a_newer_version_is_refused(backend: Backend) -> None:
     backend.open().close()
     backend.rows(f"UPDATE schema_version SET version = {len(MIGRATIONS) + 1}")

@@ -96,6 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_service ON audit_log(service_id, id);
     """,
+    # 2: no UNIQUE index on fingerprint (certificates are found by serial; see the SQLite store).
+    """
+    ALTER TABLE certificates DROP CONSTRAINT IF EXISTS certificates_fingerprint_key
+    """,
 )
 
 # Transaction-level advisory lock keys (bigint; ASCII "vccpki" and a number).
@@ -361,10 +365,6 @@ class PostgresStore:
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=%s", (serial,))
-        return self._cert(rows[0]) if rows else None
-
-    def find_certificate(self, fingerprint: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.fingerprint=%s", (fingerprint,))
         return self._cert(rows[0]) if rows else None
 
     def certificates_for(self, service_id: str) -> list[CertificateRecord]:

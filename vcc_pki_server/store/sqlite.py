@@ -99,6 +99,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_service ON audit_log(service_id, id);
     """,
+    # 2: no UNIQUE index on fingerprint. Certificates are found by serial (itself unique, and a
+    # fingerprint is of the whole DER, serial included); a second index of random keys doubled
+    # the pages every issuance writes. SQLite cannot drop a constraint's index, so the table is
+    # rebuilt (sqlite.org/lang_altertable.html, "other kinds of table schema changes"; foreign
+    # keys are off during migrations and checked after them).
+    """
+    CREATE TABLE certificates_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        serial TEXT NOT NULL UNIQUE,
+        service_id TEXT NOT NULL REFERENCES services(service_id),
+        subject TEXT NOT NULL,
+        san_dns TEXT NOT NULL,
+        san_ip TEXT NOT NULL,
+        not_before TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        pem TEXT NOT NULL,
+        issued_at TEXT NOT NULL
+    );
+    INSERT INTO certificates_v2 SELECT id, serial, service_id, subject, san_dns, san_ip, not_before,
+        not_after, fingerprint, pem, issued_at FROM certificates ORDER BY id;
+    DROP TABLE certificates;
+    ALTER TABLE certificates_v2 RENAME TO certificates;
+    CREATE INDEX certificates_service ON certificates(service_id, id);
+    CREATE INDEX certificates_not_after ON certificates(not_after)
+    """,
 )
 
 
@@ -208,9 +234,10 @@ class SQLiteStore:
         self._db = self._connect(timeout)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        # Statement journals (a multi-row INSERT that may fail halfway) in memory, not temp files.
+        self._db.execute("PRAGMA temp_store=MEMORY")
         try:
-            self._migrate()
+            self._migrate()  # and then foreign_keys=ON
         except BaseException:
             self._db.close()
             if self._writer_lock_fd is not None:
@@ -292,6 +319,14 @@ class SQLiteStore:
             return cur.fetchall()  # plain tuples: no row_factory is set
 
     def _migrate(self) -> None:
+        # Foreign keys cannot be switched inside a transaction; a table rebuild needs them off.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            self._migrate_schema()
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
+
+    def _migrate_schema(self) -> None:
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
@@ -304,6 +339,10 @@ class SQLiteStore:
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute("UPDATE schema_version SET version = ?", (number,))
+            broken = db.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise CAError(f"{self.path}: migration left {len(broken)} rows with broken references "
+                              f"(first: {broken[0]}); nothing was changed")
 
     def schema_version(self) -> int:
         return int(self._read("SELECT version FROM schema_version")[0][0])
@@ -540,10 +579,6 @@ class SQLiteStore:
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,))
-        return self._cert(rows[0]) if rows else None
-
-    def find_certificate(self, fingerprint: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.fingerprint=?", (fingerprint,))
         return self._cert(rows[0]) if rows else None
 
     def certificates_for(self, service_id: str) -> list[CertificateRecord]:
