@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import secrets
@@ -128,6 +129,12 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
         signal.signal(signum, lambda *_: None)
     config = uvicorn_config(app, host=args.host, port=args.port, ssl_context=ctx, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, backlog=2048)
+    # What exists now (modules, the app, the CA) lives as long as the process: keep the cyclic
+    # collector from walking it again and again under load. Requests make few cycles, so young
+    # objects are collected less often (every 10,000 new containers rather than 700).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
