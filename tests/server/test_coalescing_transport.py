@@ -51,16 +51,25 @@ def test_writes_of_one_loop_pass_go_out_as_one() -> None:
     assert run(body).writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"next"]
 
 
-def test_large_bodies_are_not_copied_to_be_joined() -> None:
-    big = b"x" * (_CoalescingTransport.JOIN_LIMIT + 1)
+def test_large_bodies_are_not_joined_but_written_in_slices_of_themselves() -> None:
+    slice_ = _CoalescingTransport.SLICE
+    big = bytes(range(256)) * (3 * slice_ // 256) + b"t" * 100
+    small_enough = b"y" * slice_
 
     async def body(t: _CoalescingTransport, raw: FakeTransport) -> None:
         t.write(b"head")
         t.write(big)
         await asyncio.sleep(0)
+        t.write(small_enough)  # alone and not over a slice: written as it is
+        await asyncio.sleep(0)
 
     writes = run(body).writes
-    assert writes == [b"head", big] and writes[1] is big
+    assert writes[0] == b"head" and writes[-1] is small_enough
+    slices = writes[1:-1]
+    assert [len(w) for w in slices] == [slice_, slice_, slice_, len(big) - 3 * slice_]
+    # Views of the body, not copies, and together exactly the body.
+    assert all(isinstance(w, memoryview) and w.obj is big for w in slices)
+    assert b"".join(slices) == big
 
 
 def test_close_sends_what_is_held_first_and_other_calls_pass_through() -> None:

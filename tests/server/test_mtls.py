@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -162,10 +162,18 @@ async def echo(request: Request) -> JSONResponse:
     )
 
 
+# 3 MB and a bit, not a multiple of the 64 KiB slices the transport writes large bodies in.
+BIG = bytes(range(256)) * (3 * 4096 + 7)
+
+
+async def big(request: Request) -> Response:
+    return Response(BIG, media_type="application/octet-stream")
+
+
 @pytest.fixture(scope="module")
 def base_url(pki: PKI) -> Iterator[str]:
     """Run uvicorn with the mTLS hook on a free port in a thread; stop it afterwards."""
-    app = Starlette(routes=[Route("/", echo)])
+    app = Starlette(routes=[Route("/", echo), Route("/big", big)])
     ctx = server_ssl_context(pki.server_chain, pki.server_key, pki.ca_bundle)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -249,6 +257,20 @@ def test_every_request_on_a_keep_alive_connection_carries_the_certificate(
         seen = [client.get(base_url).json() for _ in range(4)]
     assert {s["client_port"] for s in seen} == {seen[0]["client_port"]}  # one connection
     assert [s["fingerprint"] for s in seen] == [pki.client_fingerprint] * 4
+
+
+def test_large_bodies_arrive_whole_and_in_order_on_a_keep_alive_connection(
+    pki: PKI, base_url: str
+) -> None:
+    # Written to TLS in slices (see _CoalescingTransport): the bytes must still be the body's.
+    ctx = _client_context(pki, pki.client_chain, pki.client_key)
+    with httpx.Client(verify=ctx) as client:
+        for _ in range(3):
+            response = client.get(base_url + "big")
+            assert response.status_code == 200
+            assert response.headers["content-length"] == str(len(BIG))
+            assert hashlib.sha256(response.content).digest() == hashlib.sha256(BIG).digest()
+        assert client.get(base_url).json()["fingerprint"] == pki.client_fingerprint
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
