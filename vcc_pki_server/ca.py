@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -48,6 +49,36 @@ def _naive_utc(moment: datetime) -> datetime:
     if moment.year < 1950:
         raise ValueError("times before 1950 cannot be encoded")
     return moment
+
+
+def _raw_extension(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
+    """``value`` encoded once: the builder copies an UnrecognizedExtension's bytes as they are,
+    where a typed one is walked attribute by attribute on every signature. The certificate's
+    bytes are the same either way."""
+    return x509.Extension(value.oid, critical, x509.UnrecognizedExtension(value.oid, value.public_bytes()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _san_extension(dns: tuple[str, ...],
+                   ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]) -> x509.Extension[x509.ExtensionType]:
+    """A leaf's subjectAltName, encoded once per set of names (a service's few sets repeat)."""
+    names: list[x509.GeneralName] = [*map(x509.DNSName, dns), *map(x509.IPAddress, ips)]
+    return _raw_extension(x509.SubjectAlternativeName(names), False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _ski_extension(public_key: LeafPublicKey) -> x509.Extension[x509.ExtensionType]:
+    """subjectKeyIdentifier (RFC 5280 §4.2.1.2 method 1: SHA-1 of the key's BIT STRING), as
+    its DER: an OCTET STRING of the 20-byte digest."""
+    digest = x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+    return x509.Extension(_SKI_OID, False, x509.UnrecognizedExtension(_SKI_OID, b"\x04\x14" + digest))
+
+
+_SKI_OID = x509.SubjectKeyIdentifier.oid
 
 
 def generate_key(key_type: str) -> CAPrivateKey:
@@ -162,12 +193,7 @@ class CertificateAuthority:
         object.__setattr__(self, "_chain_pem", b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, self.root)))
 
-        def ext(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
-            # Encoded once: the builder copies an UnrecognizedExtension's bytes as they are,
-            # where a typed one is walked attribute by attribute on every signature. The
-            # certificate's bytes are the same either way.
-            raw = x509.UnrecognizedExtension(value.oid, value.public_bytes())
-            return x509.Extension(value.oid, critical, raw)
+        ext = _raw_extension
 
         def head(is_rsa: bool) -> tuple[x509.Extension[x509.ExtensionType], ...]:
             return (
@@ -204,8 +230,6 @@ class CertificateAuthority:
     def sign_leaf(self, public_key: LeafPublicKey, template: LeafTemplate) -> x509.Certificate:
         """Sign a service certificate for ``public_key`` as described by ``template`` (SPEC §3)."""
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
-        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in template.san_dns]
-        sans += [x509.IPAddress(ip) for ip in template.san_ip]
         not_after = min(template.not_after, self.certificate.not_valid_after_utc)
         # Backdating for clock skew never reaches before the issuer itself was valid.
         not_before = max(template.not_before, self.certificate.not_valid_before_utc)
@@ -214,14 +238,13 @@ class CertificateAuthority:
         # Handed to the builder as one list: add_extension() one by one costs more than signing.
         extensions = [
             *self._leaf_head[is_rsa],
-            x509.Extension(x509.SubjectAlternativeName.oid, False, x509.SubjectAlternativeName(sans)),
-            x509.Extension(x509.SubjectKeyIdentifier.oid, False,
-                           x509.SubjectKeyIdentifier.from_public_key(public_key)),
+            _san_extension(template.san_dns, template.san_ip),
+            _ski_extension(public_key),
             *self._leaf_tail,
         ]
         builder = (
             x509.CertificateBuilder(extensions=extensions)
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, template.common_name)]))
+            .subject_name(_subject(template.common_name))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(template.serial_number)
