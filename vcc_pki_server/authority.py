@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import tokens
-from .ca import REASONS, CertificateAuthority, LeafTemplate, generate_key
+from .ca import REASONS, CertificateAuthority, LeafTemplate, generate_key, leaf_subject_text
 from .errors import (CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound,
                      NotPermitted, UnknownService)
 from .policy import Policy, check_public_key, check_service_id, is_ip, load_csr_key, normalize_sans
@@ -286,8 +286,12 @@ class Authority:
     def _issued(self, service_id: str, cert: x509.Certificate,
                 template: LeafTemplate | None = None) -> Issued:
         """The record of a certificate just signed (from ``template``, the SANs it was given)."""
-        sans = (template.san_dns, template.san_ip) if template is not None else None
-        record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(), sans=sans)
+        if template is None:
+            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock())
+        else:
+            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(),
+                                                 sans=(template.san_dns, template.san_ip),
+                                                 subject=leaf_subject_text(template.common_name))
         return Issued(cert, record, self.ca.chain)
 
     @contextlib.contextmanager

@@ -71,6 +71,12 @@ def _subject(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+@functools.lru_cache(maxsize=1024)
+def leaf_subject_text(common_name: str) -> str:
+    """The RFC 4514 text of the subject :meth:`CertificateAuthority.sign_leaf` gives a leaf."""
+    return _subject(common_name).rfc4514_string()
+
+
 def _ski_extension(public_key: LeafPublicKey) -> x509.Extension[x509.ExtensionType]:
     """subjectKeyIdentifier (RFC 5280 §4.2.1.2 method 1: SHA-1 of the key's BIT STRING), as
     its DER: an OCTET STRING of the 20-byte digest."""

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,6 +22,7 @@ from vcc_pki_server.ca import LeafTemplate
 from vcc_pki_server.errors import (Conflict, InvalidRequest, NotAuthenticated, NotFound, NotPermitted,
                                    PolicyRefused, UnknownService)
 from vcc_pki_server.home import Home
+from vcc_pki_server.store import CertificateRecord
 from vcc_pki_server.store.sqlite import SQLiteStore
 
 ClockedAuthority = Callable[[datetime], Authority]
@@ -433,6 +435,21 @@ def test_revoke_accepts_serials_in_upper_case_and_refuses_unknown_reasons(
                               actor=operator)
     assert record.serial == issued.record.serial
 
+
+
+def test_the_stored_record_says_what_the_certificate_itself_says(authority: Authority, operator: Actor,
+                                                                 service_id: str) -> None:
+    # The record is made from what was signed (names, subject) without parsing the new
+    # certificate back; parsed back, it must be the same record.
+    token = register(authority, service_id, operator)
+    csr, _ = make_csr(dns_name(service_id), ips=["10.9.8.7"])
+    issued = authority.issue(service_id, csr, actor=authority.authenticate_token(token))
+    stored = authority.store.get_certificate(issued.record.serial)
+    parsed = CertificateRecord.from_cert(service_id, issued.certificate, issued_at=issued.record.issued_at)
+    assert issued.record == parsed
+    assert stored is not None  # stored times are to the second
+    assert attrs.evolve(stored, row_id=None, issued_at=parsed.issued_at) == parsed
+    assert parsed.subject == f"CN={dns_name(service_id)}" and parsed.san_ip == ("10.9.8.7",)
 
 # --- certificate authentication --------------------------------------------------------------
 

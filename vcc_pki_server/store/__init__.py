@@ -91,10 +91,11 @@ class CertificateRecord:
 
     @classmethod
     def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime,
-                  sans: tuple[Sequence[str], Sequence[Any]] | None = None) -> CertificateRecord:
-        """The record of ``cert``. ``sans`` (DNS names, IP addresses) may say what its SAN
-        extension holds when the caller just signed it: parsing a fresh certificate's
-        extensions costs more than the rest of this."""
+                  sans: tuple[Sequence[str], Sequence[Any]] | None = None,
+                  subject: str | None = None) -> CertificateRecord:
+        """The record of ``cert``. ``sans`` (DNS names, IP addresses) and ``subject`` (its
+        RFC 4514 text) may say what it holds when the caller just signed it: parsing a fresh
+        certificate's extensions and name costs more than the rest of this."""
         if sans is not None:
             dns, ips = tuple(sans[0]), tuple(str(ip) for ip in sans[1])
         else:
@@ -107,7 +108,8 @@ class CertificateRecord:
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
             serial=format(cert.serial_number, "x"), service_id=service_id,
-            subject=cert.subject.rfc4514_string(), san_dns=dns, san_ip=ips,
+            subject=subject if subject is not None else cert.subject.rfc4514_string(),
+            san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
             fingerprint=hashlib.sha256(der).hexdigest(), pem=pem_text(der), issued_at=issued_at,
         )

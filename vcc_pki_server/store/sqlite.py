@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import sqlite3
 import threading
@@ -29,6 +30,8 @@ from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Healt
 from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
                    audit_entry, certificate_record, crl_record, opt_text, service_params,
                    service_record, token_record)
+
+log = logging.getLogger(__name__)
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to.
 MIGRATIONS: tuple[str, ...] = (
@@ -335,6 +338,9 @@ class SQLiteStore:
                 db.execute("INSERT INTO schema_version VALUES (0)")
             if version > len(MIGRATIONS):
                 raise CAError(f"{self.path} has schema version {version}, newer than this program; upgrade vcc-pki")
+            if 0 < version < len(MIGRATIONS):  # a new file needs no word; an existing one may take seconds
+                log.info("store %s: migrating from schema version %d to %d (about 2 s per 100,000 "
+                         "certificates)", self.path, version, len(MIGRATIONS))
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
