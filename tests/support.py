@@ -10,7 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,16 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_once(self, done: Callable[[str], bool], timeout: float = 5.0) -> str:
+        """The log as soon as ``done(log)`` holds: the server writes INFO lines in batches
+        (``vcc_pki_server.logs``), a fraction of a second after they happen."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not done(log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
 
     def stop(self, sig: int | None = None) -> int | None:
         import signal as _signal

@@ -17,7 +17,7 @@ from cryptography import x509
 
 import uvicorn
 
-from . import passwords
+from . import logs, passwords
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
 from .errors import CAError
@@ -143,14 +143,7 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The format uses none of these: skip collecting them for every record (two records per
-    # issuance). See "Optimization" in the logging HOWTO.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
+    logs.configure(args.log_level)
     home = Home.resolve(args.home)
     try:
         if args.dev and not home.has_root():
@@ -197,6 +190,7 @@ def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Nam
             try:
                 run_worker(sock, home, password, args)
             finally:
+                logging.shutdown()  # os._exit skips it: write out what is buffered
                 os._exit(0)
         children.append(pid)
 
