@@ -127,8 +127,12 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
     # that ends in a clean exit 0 instead of death by SIGTERM or a KeyboardInterrupt traceback.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
+    # No proxy headers: this server terminates TLS itself (mTLS needs the client's certificate),
+    # so no proxy sits in front to vouch for X-Forwarded-For; trusting it from 127.0.0.1, as
+    # uvicorn does by default, would let any local process choose the client the log shows.
     config = uvicorn_config(app, host=args.host, port=args.port, ssl_context=ctx, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=5, backlog=2048)
+                            access_log=False, proxy_headers=False, timeout_graceful_shutdown=5,
+                            backlog=2048)
     # What exists now (modules, the app, the CA) lives as long as the process: keep the cyclic
     # collector from walking it again and again under load. Requests make few cycles, so young
     # objects are collected less often (every 10,000 new containers rather than 700).

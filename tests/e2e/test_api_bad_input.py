@@ -316,6 +316,18 @@ def test_control_characters_in_a_path_cannot_forge_log_lines(admin: httpx.Client
     assert not any(c in log for c in "\x00\x1b\r"), "control characters reached the log"
 
 
+
+def test_a_forwarded_for_header_does_not_change_the_client_in_the_log(admin: httpx.Client,
+                                                                      pki_server: RunningServer) -> None:
+    # The server terminates TLS itself: no proxy in front vouches for X-Forwarded-For.
+    marker = f"fwd-{uuid.uuid4().hex[:12]}"
+    response = admin.get(f"{API}/services/{marker}",
+                         headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"})
+    assert response.status_code == 404
+    log = pki_server.log_once(lambda text: marker in text)
+    [line] = [line for line in log.splitlines() if marker in line]
+    assert " client=127.0.0.1 " in line and "203.0.113.9" not in line, line
+
 # --- afterwards ---------------------------------------------------------------------------
 def test_server_survives_the_barrage_without_tracebacks(anon: httpx.Client, pki_server: RunningServer,
                                                         admin_token: str) -> None:
