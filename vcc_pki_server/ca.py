@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Union
 
@@ -157,13 +157,22 @@ def create_intermediate(root: x509.Certificate, root_key: CAPrivateKey, key: CAP
     return builder.sign(root_key, signature_hash(root_key))
 
 
+def _dns_tuple(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(names)
+
+
+def _ip_tuple(ips: Iterable[IPAddress]) -> tuple[IPAddress, ...]:
+    return tuple(ips)
+
+
 @attrs.frozen(kw_only=True)
 class LeafTemplate:
     """What a service certificate says; filled in by the policy, never copied from a CSR."""
 
     common_name: str
-    san_dns: tuple[str, ...]
-    san_ip: tuple[IPAddress, ...]
+    # Tuples (lists are made tuples): sign_leaf remembers encoded SAN extensions by these.
+    san_dns: tuple[str, ...] = attrs.field(converter=_dns_tuple)
+    san_ip: tuple[IPAddress, ...] = attrs.field(converter=_ip_tuple)
     not_before: datetime
     not_after: datetime
     serial_number: int = attrs.field(factory=x509.random_serial_number)

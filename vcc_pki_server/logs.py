@@ -1,13 +1,14 @@
 """The server's log output: one line per record on stderr, written in batches.
 
 A busy server logs two INFO lines per certificate (the access line and the issuance line);
-at INFO a server spent about 9 % more CPU per certificate than at WARNING. Flushed one by one,
-as ``logging.StreamHandler`` does, each line is a ``write`` system call; written in batches,
-with the date text made once a second, a certificate costs ~20 µs less. Here INFO and DEBUG
+at INFO a server spent about 10 % more CPU per certificate than at WARNING. Flushed one by
+one, as ``logging.StreamHandler`` does, each line is a ``write`` system call; written in
+batches, with the date text made once a second, a certificate costs ~20 µs less (measured
+with ``benchmarks/fastpath.py``). Here INFO and DEBUG
 lines wait in the stream's buffer for at most ``interval`` seconds (a background thread
 flushes them), WARNING and above are written at once together with everything before them,
 and the buffer is flushed before a fork, when the handler closes (``logging.shutdown()``,
-which runs at exit) and by :func:`flush`. Only a process killed outright (SIGKILL, power loss)
+which runs at exit) and by the handler's ``flush()``. Only a process killed outright (SIGKILL, power loss)
 loses its last fraction of a second of INFO lines; every state change is also in the audit
 log, which is committed with the change.
 """

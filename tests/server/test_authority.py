@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -500,6 +501,20 @@ def test_authenticate_certificate_rejects_a_certificate_that_only_shares_a_store
     with pytest.raises(NotAuthenticated, match="not known"):
         authority.authenticate_certificate(der(twin))
     assert authority.authenticate_certificate(der(issued.certificate)).service_id == service_id
+
+
+def test_a_leaf_template_given_lists_signs_the_same_names(authority: Authority) -> None:
+    # sign_leaf remembers encoded SAN extensions by the template's names, which must be hashable.
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    moment = now()
+    template = LeafTemplate(common_name="a.internal", san_dns=["a.internal", "b.internal"],
+                            san_ip=[ipaddress.ip_address("10.1.2.3")],
+                            not_before=moment, not_after=moment + timedelta(days=1))
+    assert template.san_dns == ("a.internal", "b.internal")
+    cert = authority.ca.sign_leaf(key, template)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["a.internal", "b.internal"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
 
 # --- audit -----------------------------------------------------------------------------------
 
