@@ -105,9 +105,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: no UNIQUE index on fingerprint. Certificates are found by serial (itself unique, and a
     # fingerprint is of the whole DER, serial included); a second index of random keys cost
     # every issuance half as many WAL pages again (4.5 against 3.0 per certificate in batches
-    # of 16) and the commit about twice the CPU. SQLite cannot drop a constraint's index, so the table is
-    # rebuilt (sqlite.org/lang_altertable.html, "other kinds of table schema changes"; foreign
-    # keys are off during migrations and checked after them).
+    # of 16) and the commit about twice the CPU. SQLite cannot drop a constraint's index, so
+    # the table is rebuilt (sqlite.org/lang_altertable.html, "other kinds of table schema
+    # changes"; foreign keys are off during migrations and checked after them).
     """
     CREATE TABLE certificates_v2 (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
