@@ -36,13 +36,28 @@ def wait_for(path: Path, count: int, timeout: float = 3.0) -> list[str]:
     return lines
 
 
-def test_info_lines_are_held_briefly_then_written_in_order(handler: tuple[logging.Logger, Path, logs.BatchedStreamHandler]) -> None:
-    logger, path, _ = handler
-    for i in range(100):
-        logger.info("line %d", i)
-    assert path.read_text() == ""  # in the buffer, not yet one write per line
-    lines = wait_for(path, 100)
-    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(i) for i in range(100)]
+def test_info_lines_are_held_then_written_together_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "held.log"
+    stream = open(path, "w", buffering=1 << 16, encoding="utf-8")
+    h = logs.BatchedStreamHandler(stream, interval=60)  # no periodic flush during this test
+    h.setFormatter(logs.Formatter())
+    try:
+        for i in range(100):
+            h.handle(logging.makeLogRecord({"msg": "line %d", "args": (i,), "levelno": logging.INFO,
+                                            "levelname": "INFO"}))
+        assert path.read_text() == ""  # in the buffer: not one write per line
+        h.flush()
+        assert [line.rsplit(" ", 1)[1] for line in path.read_text().splitlines()] == [str(i) for i in range(100)]
+    finally:
+        h.close()
+        stream.close()
+
+
+def test_the_flusher_writes_held_lines_within_its_interval(
+        handler: tuple[logging.Logger, Path, logs.BatchedStreamHandler]) -> None:
+    logger, path, _ = handler  # interval 0.2 s
+    logger.info("soon")
+    assert [line.split(" ", 3)[3] for line in wait_for(path, 1)] == [f"{logger.name} soon"]
 
 
 def test_a_warning_is_written_at_once_with_everything_before_it(handler: tuple[logging.Logger, Path, logs.BatchedStreamHandler]) -> None:
@@ -73,7 +88,9 @@ def test_a_forked_child_neither_repeats_the_parents_lines_nor_loses_its_own(
     if pid == 0:  # the child: its flusher thread must run again after the fork
         try:
             logger.info("child")
-            time.sleep(0.6)
+            deadline = time.monotonic() + 5  # exit (without flushing) once it is written
+            while "child" not in path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.02)
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
