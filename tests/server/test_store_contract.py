@@ -366,6 +366,25 @@ def test_services_add_update_list_and_filter_by_health(store: Store) -> None:
     assert beta is not None and beta.health == Health(status="healthy", last_checked=NOW)
 
 
+def test_tokens_duplicate_revoke_twice_and_unknown_are_clear_errors_that_change_nothing(
+        store: Store, backend: Backend) -> None:
+    first = token("alpha")
+    store.add_token(first, actor="admin:1")
+    audit_rows = backend.count("audit_log")
+    with pytest.raises(Conflict, match="already exists"):
+        store.add_token(attrs.evolve(first, name="again"), actor="admin:1")
+    assert backend.count("tokens") == 1 and backend.count("audit_log") == audit_rows
+    revoked = store.revoke_token(first.token_id, at=NOW, actor="admin:1")
+    assert revoked.revoked_at == NOW and store.get_token(first.token_id) == revoked
+    with pytest.raises(Conflict, match="already revoked"):
+        store.revoke_token(first.token_id, at=NOW + timedelta(hours=1), actor="admin:1")
+    with pytest.raises(NotFound):
+        store.revoke_token("nosuchtoken", at=NOW, actor="admin:1")
+    assert store.get_token(first.token_id) == revoked
+    assert backend.count("audit_log") == audit_rows + 1
+    assert [t.token_id for t in store.list_tokens("enrolment")] == [first.token_id]
+    assert store.list_tokens("admin") == []
+
 def test_every_change_writes_its_audit_row(store: Store) -> None:
     record = cert("alpha")
     store.add_token(token("alpha"), actor="admin:1")

@@ -1,8 +1,9 @@
 """The store: records the CA keeps, and the small interface every backend implements.
 
 :class:`Store` is a ``typing.Protocol``; :mod:`.sqlite` is the embedded default and
-:mod:`.postgres` the store of several replicas sharing one database (SPEC §9). Each method is
-one transaction, and every state change writes its audit-log row inside that transaction.
+:mod:`.postgres` the store of several replicas sharing one database (SPEC §9); the SQL they
+share is in :mod:`.sql`. Each method is one transaction, and every state change writes its
+audit-log row inside that transaction.
 """
 
 from __future__ import annotations

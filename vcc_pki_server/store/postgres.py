@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import attrs
 
 try:
     import psycopg
@@ -18,12 +18,9 @@ try:
 except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("the PostgreSQL store needs psycopg: pip install 'vcc-pki[postgres]'") from exc
 
-from ..errors import CAError, CAUnavailable, Conflict, InvalidRequest, NotFound
-from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
-               TokenRecord, dumps, parse_utc, utc_text)
-from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
-                   audit_entry, certificate_record, crl_record, opt_text, service_params,
-                   service_record, token_record)
+from ..errors import CAError, CAUnavailable, Conflict, InvalidRequest
+from . import CertificateRecord, utc_text
+from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore, certificate_rows
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to. The tables and
 # columns are SQLiteStore's: times are RFC 3339 'Z' text (COLLATE "C": sorted and compared as
@@ -106,13 +103,13 @@ MIGRATIONS: tuple[str, ...] = (
 MIGRATION_LOCK = 0x7663_6370_6B69_0001
 CRL_LOCK = 0x7663_6370_6B69_0002
 
-_INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
-                       "not_before, not_after, fingerprint, pem, issued_at) "
-                       "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)")
-_INSERT_AUDIT = ("INSERT INTO audit_log (at, actor, action, service_id, serial, details) "
-                 "VALUES (%s,%s,%s,%s,%s,%s)")
-
 Row = tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _pg(sql: str) -> str:
+    """A statement of :mod:`.sql` (``?`` placeholders) in psycopg's ``%s`` style."""
+    return sql.replace("?", "%s")
 
 
 def describe(dsn: str) -> str:
@@ -124,7 +121,7 @@ def describe(dsn: str) -> str:
     return f"{parts.get('host') or 'localhost'}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
 
 
-class PostgresStore:
+class PostgresStore(SQLStore):
     """A :class:`~vcc_pki_server.store.Store` in a PostgreSQL database shared by server replicas.
 
     Takes a libpq DSN or URL (``postgresql://user:pass@host:5432/vcc_pki``); raises
@@ -211,7 +208,26 @@ class PostgresStore:
     def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[Row]:
         with self._read_lock, self._errors():
             self._reader = self._usable(self._reader)
-            return self._reader.execute(sql, params).fetchall()
+            return self._reader.execute(_pg(sql), params).fetchall()
+
+    @staticmethod
+    def _exec(db: psycopg.Connection[Row], sql: str, params: tuple[Any, ...] | list[Any] = ()) -> psycopg.Cursor[Row]:
+        return db.execute(_pg(sql), params)
+
+    @contextmanager
+    def _duplicate(self, db: psycopg.Connection[Row], message: str) -> Iterator[None]:
+        try:
+            with db.transaction():  # a savepoint: after the error the transaction goes on
+                yield
+        except pgerrors.UniqueViolation:
+            raise Conflict(message) from None
+
+    EMPTY_BLOB = "''::bytea"
+    # Two replicas revoking one serial queue on the row; the second sees the first's revocation.
+    LOCK_ROW = " FOR UPDATE OF c"
+
+    def _lock_crl_numbers(self, db: psycopg.Connection[Row]) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (CRL_LOCK,))
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -230,110 +246,24 @@ class PostgresStore:
                     db.execute(statement.encode())
                 db.execute("UPDATE schema_version SET version = %s", (number,))
 
-    def schema_version(self) -> int:
-        return int(self._read("SELECT version FROM schema_version")[0][0])
-
     def integrity_check(self) -> str:
         """``"ok"`` when the database answers (PostgreSQL checks its own pages)."""
         return "ok" if self._read("SELECT 1")[0][0] == 1 else "no answer"
 
-    @staticmethod
-    def _audit(db: psycopg.Connection[Row], entry: AuditEntry) -> None:
-        db.execute(_INSERT_AUDIT, (utc_text(entry.at), entry.actor, entry.action, entry.service_id,
-                                   entry.serial, dumps(entry.details)))
-
-    def audit(self, entry: AuditEntry) -> None:
-        with self._write() as db:
-            self._audit(db, entry)
-
-    def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
-        where, params = ("WHERE service_id = %s", [service_id]) if service_id else ("", [])
-        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT %s",
-                          [*params, limit])
-        return [audit_entry(r) for r in rows]
-
-    # -- services ---------------------------------------------------------------------------
-    _service_row = staticmethod(service_params)
-
-    _service = staticmethod(service_record)
-
-    def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
-        with self._write() as db:
-            try:
-                with db.transaction():  # a savepoint: the duplicate is reported, not re-raised raw
-                    db.execute(
-                        "INSERT INTO services (service_name, endpoints, health_check_url, version, owner, "
-                        "metadata, san_dns, san_ip, created_at, updated_at, service_id) "
-                        "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", self._service_row(service))
-            except pgerrors.UniqueViolation:
-                raise Conflict(f"service '{service.service_id}' is already registered") from None
-            self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
-                                       service_id=service.service_id,
-                                       details={"san_dns": list(service.san_dns),
-                                                "san_ip": list(service.san_ip)}))
-            if token is not None:
-                self._insert_token(db, token, actor)
-
-    def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None:
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE services SET service_name=%s, endpoints=%s, health_check_url=%s, version=%s, "
-                "owner=%s, metadata=%s, san_dns=%s, san_ip=%s, created_at=%s, updated_at=%s "
-                "WHERE service_id=%s", self._service_row(service))
-            if cur.rowcount == 0:
-                raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
-            self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
-                                       service_id=service.service_id))
-
-    def get_service(self, service_id: str) -> ServiceRecord | None:
-        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=%s", (service_id,))
-        return self._service(rows[0]) if rows else None
-
-    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
-                      after: str | None = None) -> list[ServiceRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if healthy is not None:
-            clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
-        if after is not None:
-            clauses.append("service_id > %s")
-            params.append(after)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
-                          f"ORDER BY service_id LIMIT %s", [*params, limit])
-        return [self._service(r) for r in rows]
-
-    def record_health(self, service_id: str, health: Health, *, event: str | None) -> None:
-        with self._write() as db:
-            db.execute("UPDATE services SET health_status=%s, last_checked=%s, last_error=%s, "
-                       "consecutive_failures=%s WHERE service_id=%s",
-                       (health.status, opt_text(health.last_checked), health.last_error,
-                        health.consecutive_failures, service_id))
-            if event and health.last_checked is not None:
-                details = {"error": health.last_error} if health.last_error else {}
-                self._audit(db, AuditEntry(at=health.last_checked, actor="health-checker",
-                                           action=event, service_id=service_id, details=details))
-
     # -- certificates -----------------------------------------------------------------------
-    _cert = staticmethod(certificate_record)
-
-    @staticmethod
-    def _insert_certificate(db: psycopg.Connection[Row], record: CertificateRecord, actor: str) -> None:
-        issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
+    @classmethod
+    def _insert_certificate(cls, db: psycopg.Connection[Row], record: CertificateRecord, actor: str) -> None:
+        row, audit = certificate_rows(record, actor)
         try:
             with db.transaction():  # a savepoint, so the constraint error can be reported
-                db.execute(_INSERT_CERTIFICATE, (
-                    record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
-                    dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
-                    record.fingerprint, record.pem, issued_at))
+                cls._exec(db, INSERT_CERTIFICATE, row)
         except pgerrors.UniqueViolation as exc:
             raise Conflict(f"certificate serial {record.serial} is already in the store: "
                            f"{_first_line(exc)}") from None
         except pgerrors.ForeignKeyViolation:
             raise Conflict(f"certificate serial {record.serial}: service '{record.service_id}' "
                            "is not registered") from None
-        db.execute(_INSERT_AUDIT, (issued_at, actor, "certificate.issue", record.service_id,
-                                   record.serial, dumps({"not_after": not_after})))
+        cls._exec(db, INSERT_AUDIT, audit)
 
     def add_certificate(self, record: CertificateRecord, *, actor: str,
                         consume_token: str | None = None, now: datetime | None = None) -> None:
@@ -362,152 +292,6 @@ class PostgresStore:
         with self._write() as db:
             for record, actor in records:
                 self._insert_certificate(db, record, actor)
-
-    def get_certificate(self, serial: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=%s", (serial,))
-        return self._cert(rows[0]) if rows else None
-
-    def certificates_for(self, service_id: str) -> list[CertificateRecord]:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.service_id=%s "
-                          f"ORDER BY c.id DESC", (service_id,))
-        return [self._cert(r) for r in rows]
-
-    def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        now = utc_text(query.now)
-        if query.service_id is not None:
-            clauses.append("c.service_id = %s")
-            params.append(query.service_id)
-        if query.status == "revoked":
-            clauses.append("r.serial IS NOT NULL")
-        elif query.status == "expired":
-            clauses.append("r.serial IS NULL AND c.not_after <= %s")
-            params.append(now)
-        elif query.status == "valid":
-            clauses.append("r.serial IS NULL AND c.not_after > %s AND c.not_before <= %s")
-            params += [now, now]
-        if query.expiring_before is not None:
-            clauses.append("r.serial IS NULL AND c.not_after > %s AND c.not_after <= %s")
-            params += [now, utc_text(query.expiring_before)]
-        if query.after is not None:
-            clauses.append("c.id > %s")
-            params.append(query.after)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} {where} ORDER BY c.id LIMIT %s",
-                          [*params, query.limit])
-        return [self._cert(r) for r in rows]
-
-    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
-        with self._write() as db:
-            # FOR UPDATE OF c: two replicas revoking one serial queue here; the second sees the first's row.
-            row = db.execute(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=%s FOR UPDATE OF c",
-                             (serial,)).fetchone()
-            if row is None:
-                raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
-            record = self._cert(row)
-            if record.revoked_at is not None:
-                raise Conflict(f"certificate {serial} of '{record.service_id}' is already revoked "
-                               f"({record.revocation_reason})", code="already_revoked")
-            db.execute("INSERT INTO revocations (serial, revoked_at, reason) VALUES (%s,%s,%s)",
-                       (serial, utc_text(at), reason))
-            self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
-                                       service_id=record.service_id, serial=serial,
-                                       details={"reason": reason}))
-        return attrs.evolve(record, revoked_at=parse_utc(utc_text(at)), revocation_reason=reason)
-
-    def revoked(self) -> list[tuple[str, datetime, str]]:
-        rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")
-        return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
-
-    # -- CRLs -------------------------------------------------------------------------------
-    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
-                actor: str) -> CRLRecord:
-        """Build and store the next CRL inside one transaction holding an advisory lock.
-
-        ``build(number, revoked)`` signs it. The lock is taken before anything is read, and
-        under READ COMMITTED every later statement sees all that was committed before it: so
-        the number follows the newest CRL of any replica, and the revocations include every
-        one committed before this CRL (one committed meanwhile makes its own, newer CRL).
-        """
-        with self._write() as db:
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (CRL_LOCK,))
-            row = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()
-            assert row is not None
-            number = int(row[0])
-            rows = db.execute("SELECT serial, revoked_at, reason FROM revocations").fetchall()
-            crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
-            db.execute("INSERT INTO crls (number, this_update, next_update, entries, der) "
-                       "VALUES (%s,%s,%s,%s,%s)", (crl.number, utc_text(crl.this_update),
-                                                   utc_text(crl.next_update), crl.entries, crl.der))
-            # As SQLiteStore: 50 rows of history for `crl list`, bodies of the newest two only.
-            db.execute("DELETE FROM crls WHERE number < %s", (crl.number - 50,))
-            db.execute("UPDATE crls SET der = ''::bytea WHERE number < %s AND length(der) > 0",
-                       (crl.number - 1,))
-            self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
-                                       details={"number": crl.number, "entries": crl.entries}))
-        return crl
-
-    def latest_crl_number(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
-
-    _crl = staticmethod(crl_record)
-
-    def latest_crl(self) -> CRLRecord | None:
-        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
-        return self._crl(rows[0]) if rows else None
-
-    def list_crls(self, limit: int = 20) -> list[CRLRecord]:
-        """The newest CRLs' numbers, dates and sizes, without their bodies (``der`` is empty)."""
-        rows = self._read("SELECT number, this_update, next_update, ''::bytea, entries FROM crls "
-                          "ORDER BY number DESC LIMIT %s", (limit,))
-        return [self._crl(r) for r in rows]
-
-    # -- tokens -----------------------------------------------------------------------------
-    @staticmethod
-    def _insert_token(db: psycopg.Connection[Row], token: TokenRecord, actor: str) -> None:
-        try:
-            with db.transaction():
-                db.execute("INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
-                           "expires_at, used_at, revoked_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                           (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
-                            utc_text(token.created_at), opt_text(token.expires_at),
-                            opt_text(token.used_at), opt_text(token.revoked_at)))
-        except pgerrors.UniqueViolation:
-            raise Conflict(f"token {token.token_id} already exists") from None
-        PostgresStore._audit(db, AuditEntry(at=token.created_at, actor=actor,
-                                            action=f"token.create.{token.kind}",
-                                            service_id=token.service_id,
-                                            details={"token_id": token.token_id}))
-
-    def add_token(self, token: TokenRecord, *, actor: str) -> None:
-        with self._write() as db:
-            self._insert_token(db, token, actor)
-
-    _token = staticmethod(token_record)
-
-    def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=%s", (token_id,))
-        return self._token(rows[0]) if rows else None
-
-    def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
-        where, params = ("WHERE kind=%s", (kind,)) if kind else ("", ())
-        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
-        return [self._token(r) for r in rows]
-
-    def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
-        with self._write() as db:
-            row = db.execute(f"UPDATE tokens SET revoked_at=%s WHERE token_id=%s AND revoked_at IS NULL "
-                             f"RETURNING {TOKEN_COLUMNS}", (utc_text(at), token_id)).fetchone()
-            if row is None:
-                exists = db.execute("SELECT 1 FROM tokens WHERE token_id=%s", (token_id,)).fetchone()
-                if exists:
-                    raise Conflict(f"token {token_id} is already revoked")
-                raise NotFound(f"unknown token '{token_id}'")
-            token = self._token(row)
-            self._audit(db, AuditEntry(at=at, actor=actor, action=f"token.revoke.{token.kind}",
-                                       service_id=token.service_id, details={"token_id": token_id}))
-        return token
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,8 @@
-"""SQLiteStore: the embedded store (WAL, one writer at a time, every change audited). The only SQL."""
+"""SQLiteStore: the embedded store (WAL, one writer at a time, every change audited).
+
+The statements it shares with PostgreSQL are in :mod:`.sql`; here are its schema, its
+connections and locking, and the group commit of issued certificates.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,23 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import attrs
 
-from ..errors import CAError, Conflict, NotFound
+from ..errors import CAError, Conflict
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
-from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
-               TokenRecord, dumps, parse_utc, utc_text)
-from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
-                   audit_entry, certificate_record, crl_record, opt_text, service_params,
-                   service_record, token_record)
+from . import CertificateRecord, utc_text
+from .rows import CERT_FROM, service_record, token_record
+from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore, certificate_rows
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-_INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
-                       "not_before, not_after, fingerprint, pem, issued_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
-_INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
-
-
 def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
     """``executemany(insert, rows)`` as multi-row INSERTs of at most 32 rows.
 
@@ -148,17 +144,6 @@ def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]
     for at in range(0, len(rows), 32):
         chunk = rows[at:at + 32]
         db.execute(f"{head} VALUES {','.join([values] * len(chunk))}", [v for row in chunk for v in row])
-
-
-def _certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The ``certificates`` row of a record and its ``certificate.issue`` audit row."""
-    issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
-    row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
-           dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
-           record.fingerprint, record.pem, issued_at)
-    audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
-             dumps({"not_after": not_after}))
-    return row, audit
 
 
 class _PendingCertificate:
@@ -174,7 +159,7 @@ class _PendingCertificate:
     def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None,
                  now: datetime | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.record = record
-        self.row, self.audit = _certificate_rows(record, actor)
+        self.row, self.audit = certificate_rows(record, actor)
         self.consume_token = consume_token
         self.used_at = utc_text(now or record.issued_at)
         self.error: BaseException | None = None
@@ -200,7 +185,7 @@ def _settle(items: list[_PendingCertificate]) -> None:
             item.afuture.set_exception(item.error)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """The default :class:`~vcc_pki_server.store.Store`: one SQLite file in WAL mode.
 
     Two connections per store object: one for writes, serialised by a lock, and one for reads,
@@ -351,102 +336,36 @@ class SQLiteStore:
                 raise CAError(f"{self.path}: migration left {len(broken)} rows with broken references "
                               f"(first: {broken[0]}); nothing was changed")
 
-    def schema_version(self) -> int:
-        return int(self._read("SELECT version FROM schema_version")[0][0])
-
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
 
     @staticmethod
-    def _audit(db: sqlite3.Connection, entry: AuditEntry) -> None:
-        db.execute(
-            "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)",
-            (utc_text(entry.at), entry.actor, entry.action, entry.service_id, entry.serial,
-             dumps(entry.details)),
-        )
+    def _exec(db: sqlite3.Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> sqlite3.Cursor:
+        return db.execute(sql, params)
 
-    def audit(self, entry: AuditEntry) -> None:
-        with self._write() as db:
-            self._audit(db, entry)
+    @contextmanager
+    def _duplicate(self, db: sqlite3.Connection, message: str) -> Iterator[None]:
+        # A failed statement is undone by itself in SQLite; the transaction goes on.
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            raise Conflict(message) from None
 
-    def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
-        where, params = ("WHERE service_id = ?", [service_id]) if service_id else ("", [])
-        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
-                          [*params, limit])
-        return [audit_entry(r) for r in rows]
-
-    # -- services ---------------------------------------------------------------------------
-    _service_row = staticmethod(service_params)
-
-    # Remembered by row: the same rows are read on every request, and records are immutable.
+    # Remembered by row: the same rows are read on every request, and records are immutable;
+    # tokens by the whole row, so a revocation or use is a different row.
     _service = staticmethod(functools.lru_cache(maxsize=512)(service_record))
-
-    def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
-        with self._write() as db:
-            try:
-                db.execute(
-                    "INSERT INTO services (service_name, endpoints, health_check_url, version, owner, "
-                    "metadata, san_dns, san_ip, created_at, updated_at, service_id) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._service_row(service))
-            except sqlite3.IntegrityError:
-                raise Conflict(f"service '{service.service_id}' is already registered") from None
-            self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
-                                       service_id=service.service_id,
-                                       details={"san_dns": list(service.san_dns),
-                                                "san_ip": list(service.san_ip)}))
-            if token is not None:
-                self._insert_token(db, token, actor)
-
-    def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None:
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, version=?, "
-                "owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, updated_at=? "
-                "WHERE service_id=?", self._service_row(service))
-            if cur.rowcount == 0:
-                raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
-            self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
-                                       service_id=service.service_id))
-
-    def get_service(self, service_id: str) -> ServiceRecord | None:
-        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
-        return self._service(rows[0]) if rows else None
-
-    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
-                      after: str | None = None) -> list[ServiceRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if healthy is not None:
-            clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
-        if after is not None:
-            clauses.append("service_id > ?")
-            params.append(after)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
-                          f"ORDER BY service_id LIMIT ?", [*params, limit])
-        return [self._service(r) for r in rows]
-
-    def record_health(self, service_id: str, health: Health, *, event: str | None) -> None:
-        with self._write() as db:
-            db.execute("UPDATE services SET health_status=?, last_checked=?, last_error=?, "
-                       "consecutive_failures=? WHERE service_id=?",
-                       (health.status, opt_text(health.last_checked), health.last_error,
-                        health.consecutive_failures, service_id))
-            if event and health.last_checked is not None:
-                details = {"error": health.last_error} if health.last_error else {}
-                self._audit(db, AuditEntry(at=health.last_checked, actor="health-checker",
-                                           action=event, service_id=service_id, details=details))
+    _token = staticmethod(functools.lru_cache(maxsize=512)(token_record))
 
     # -- certificates -----------------------------------------------------------------------
-    _cert = staticmethod(certificate_record)
-
     def _insert_certificate(self, db: sqlite3.Connection, record: CertificateRecord, actor: str) -> None:
-        row, audit = _certificate_rows(record, actor)
+        row, audit = certificate_rows(record, actor)
         try:
-            db.execute(_INSERT_CERTIFICATE, row)
+            db.execute(INSERT_CERTIFICATE, row)
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"certificate serial {record.serial} is already in the store: {exc}") from None
-        db.execute(_INSERT_AUDIT, audit)
+        db.execute(INSERT_AUDIT, audit)
 
     def add_certificate(self, record: CertificateRecord, *, actor: str,
                         consume_token: str | None = None, now: datetime | None = None) -> None:
@@ -528,8 +447,8 @@ class SQLiteStore:
         if simple:
             try:
                 with self._write() as db:
-                    _insert_rows(db, _INSERT_CERTIFICATE, [item.row for item in simple])
-                    _insert_rows(db, _INSERT_AUDIT, [item.audit for item in simple])
+                    _insert_rows(db, INSERT_CERTIFICATE, [item.row for item in simple])
+                    _insert_rows(db, INSERT_AUDIT, [item.audit for item in simple])
                     self._record_each(db, [item for item in batch if item.consume_token is not None])
                 return
             except sqlite3.IntegrityError:
@@ -573,51 +492,16 @@ class SQLiteStore:
             if cur.rowcount != 1:
                 raise Conflict("enrolment token already used", code="invalid_token")
         try:
-            db.execute(_INSERT_CERTIFICATE, item.row)
+            db.execute(INSERT_CERTIFICATE, item.row)
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"certificate serial {item.record.serial} is already in the store: {exc}") from None
-        db.execute(_INSERT_AUDIT, item.audit)
+        db.execute(INSERT_AUDIT, item.audit)
 
     def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
         """Record several certificates in one transaction (one fsync): group commit."""
         with self._write() as db:
             for record, actor in records:
                 self._insert_certificate(db, record, actor)
-
-    def get_certificate(self, serial: str) -> CertificateRecord | None:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,))
-        return self._cert(rows[0]) if rows else None
-
-    def certificates_for(self, service_id: str) -> list[CertificateRecord]:
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.service_id=? "
-                          f"ORDER BY c.id DESC", (service_id,))
-        return [self._cert(r) for r in rows]
-
-    def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        now = utc_text(query.now)
-        if query.service_id is not None:
-            clauses.append("c.service_id = ?")
-            params.append(query.service_id)
-        if query.status == "revoked":
-            clauses.append("r.serial IS NOT NULL")
-        elif query.status == "expired":
-            clauses.append("r.serial IS NULL AND c.not_after <= ?")
-            params.append(now)
-        elif query.status == "valid":
-            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_before <= ?")
-            params += [now, now]
-        if query.expiring_before is not None:
-            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_after <= ?")
-            params += [now, utc_text(query.expiring_before)]
-        if query.after is not None:
-            clauses.append("c.id > ?")
-            params.append(query.after)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {self._listing_source(query.status, now)} {where} "
-                          f"ORDER BY c.id LIMIT ?", [*params, query.limit])
-        return [self._cert(r) for r in rows]
 
     # Up to this many revoked (or expired) certificates, a status=revoked (expired) page is
     # found from those rows and sorted, rather than by walking every certificate in id order.
@@ -641,108 +525,3 @@ class SQLiteStore:
                 return ("certificates c INDEXED BY certificates_not_after "
                         "LEFT JOIN revocations r ON r.serial = c.serial")
         return CERT_FROM
-
-    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
-        with self._write() as db:
-            row = db.execute(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,)).fetchone()
-            if row is None:
-                raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
-            record = self._cert(row)
-            if record.revoked_at is not None:
-                raise Conflict(f"certificate {serial} of '{record.service_id}' is already revoked "
-                               f"({record.revocation_reason})", code="already_revoked")
-            db.execute("INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
-                       (serial, utc_text(at), reason))
-            self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
-                                       service_id=record.service_id, serial=serial,
-                                       details={"reason": reason}))
-        return attrs.evolve(record, revoked_at=parse_utc(utc_text(at)), revocation_reason=reason)
-
-    def revoked(self) -> list[tuple[str, datetime, str]]:
-        rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")
-        return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
-
-    # -- CRLs -------------------------------------------------------------------------------
-    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
-                actor: str) -> CRLRecord:
-        """Build and store the next CRL inside one write transaction.
-
-        ``build(number, revoked)`` signs it; holding the write lock while it runs keeps CRL
-        numbers strictly increasing *and* makes the newest CRL contain every revocation
-        committed before it, even with several processes revoking at once.
-        """
-        with self._write() as db:
-            number = int(db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
-            rows = db.execute("SELECT serial, revoked_at, reason FROM revocations").fetchall()
-            crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
-            db.execute("INSERT INTO crls (number, this_update, next_update, entries, der) "
-                       "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
-                                              utc_text(crl.next_update), crl.entries, crl.der))
-            # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
-            # bodies; with 100k revocations every body is 5 MB.
-            db.execute("DELETE FROM crls WHERE number < ?", (crl.number - 50,))
-            db.execute("UPDATE crls SET der = x'' WHERE number < ? AND length(der) > 0",
-                       (crl.number - 1,))
-            self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
-                                       details={"number": crl.number, "entries": crl.entries}))
-        return crl
-
-    def latest_crl_number(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
-
-    _crl = staticmethod(crl_record)
-
-    def latest_crl(self) -> CRLRecord | None:
-        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
-        return self._crl(rows[0]) if rows else None
-
-    def list_crls(self, limit: int = 20) -> list[CRLRecord]:
-        """The newest CRLs' numbers, dates and sizes, without their bodies (``der`` is empty)."""
-        rows = self._read("SELECT number, this_update, next_update, x'', entries FROM crls "
-                          "ORDER BY number DESC LIMIT ?", (limit,))
-        return [self._crl(r) for r in rows]
-
-    # -- tokens -----------------------------------------------------------------------------
-    @staticmethod
-    def _insert_token(db: sqlite3.Connection, token: TokenRecord, actor: str) -> None:
-        db.execute("INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
-                   "expires_at, used_at, revoked_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                   (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
-                    utc_text(token.created_at), opt_text(token.expires_at),
-                    opt_text(token.used_at), opt_text(token.revoked_at)))
-        SQLiteStore._audit(db, AuditEntry(at=token.created_at, actor=actor,
-                                          action=f"token.create.{token.kind}",
-                                          service_id=token.service_id,
-                                          details={"token_id": token.token_id}))
-
-    def add_token(self, token: TokenRecord, *, actor: str) -> None:
-        with self._write() as db:
-            self._insert_token(db, token, actor)
-
-    # Remembered by row (all of it, so a revocation or use is a different row).
-    _token = staticmethod(functools.lru_cache(maxsize=512)(token_record))
-
-    def get_token(self, token_id: str) -> TokenRecord | None:
-        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,))
-        return self._token(rows[0]) if rows else None
-
-    def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
-        where, params = ("WHERE kind=?", (kind,)) if kind else ("", ())
-        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
-        return [self._token(r) for r in rows]
-
-    def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
-        with self._write() as db:
-            cur = db.execute("UPDATE tokens SET revoked_at=? WHERE token_id=? AND revoked_at IS NULL",
-                             (utc_text(at), token_id))
-            if cur.rowcount != 1:
-                exists = db.execute("SELECT 1 FROM tokens WHERE token_id=?", (token_id,)).fetchone()
-                if exists:
-                    raise Conflict(f"token {token_id} is already revoked")
-                raise NotFound(f"unknown token '{token_id}'")
-            row = db.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,)).fetchone()
-            token = self._token(row)
-            self._audit(db, AuditEntry(at=at, actor=actor, action=f"token.revoke.{token.kind}",
-                                       service_id=token.service_id, details={"token_id": token_id}))
-        return token
-

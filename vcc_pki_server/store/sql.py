@@ -1,0 +1,289 @@
+"""What the SQL backends share: every store method whose statements are the same in SQLite and
+PostgreSQL, written once with ``?`` placeholders.
+
+A backend supplies the connection handling (:meth:`SQLStore._write`, :meth:`SQLStore._read`,
+:meth:`SQLStore._exec`, the last two turning ``?`` into its own placeholder) and the few
+spots where the dialects differ: how a duplicate key is reported (:meth:`SQLStore._duplicate`),
+an empty blob literal, locking a row or the CRL sequence across processes. Certificate
+recording (group commit in SQLite, one transaction per call in PostgreSQL) and migrations stay
+with each backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from ..errors import Conflict, NotFound
+from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
+               TokenRecord, dumps, parse_utc, utc_text)
+from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
+                   Row, audit_entry, certificate_record, crl_record, opt_text, service_params,
+                   service_record, token_record)
+
+INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
+INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
+                      "not_before, not_after, fingerprint, pem, issued_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
+
+
+def certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The ``certificates`` row of a record and its ``certificate.issue`` audit row."""
+    issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
+    row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
+           dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
+           record.fingerprint, record.pem, issued_at)
+    audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
+             dumps({"not_after": not_after}))
+    return row, audit
+
+
+class SQLStore:
+    """The shared half of :class:`.sqlite.SQLiteStore` and :class:`.postgres.PostgresStore`."""
+
+    # Dialect differences, set by each backend.
+    EMPTY_BLOB = "x''"  # a zero-length blob literal
+    LOCK_ROW = ""  # appended to a SELECT of a row the transaction is about to change
+
+    # Row conversions (a backend may remember them by row).
+    _service = staticmethod(service_record)
+    _token = staticmethod(token_record)
+    _cert = staticmethod(certificate_record)
+    _crl = staticmethod(crl_record)
+
+    # -- what a backend provides ------------------------------------------------------------
+    def _write(self) -> AbstractContextManager[Any]:
+        """One write transaction; yields the connection."""
+        raise NotImplementedError
+
+    def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[Row]:
+        """All rows of one read-only statement (``?`` placeholders)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _exec(db: Any, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+        """Run one statement (``?`` placeholders) in the transaction of ``db``; the cursor."""
+        raise NotImplementedError
+
+    def _duplicate(self, db: Any, message: str) -> AbstractContextManager[None]:
+        """Around an INSERT: a duplicate key raises ``Conflict(message)`` and leaves the
+        transaction usable."""
+        raise NotImplementedError
+
+    def _lock_crl_numbers(self, db: Any) -> None:
+        """Serialise CRL generation across processes sharing the database (if needed)."""
+
+    def _listing_source(self, status: str | None, now: str) -> str:
+        """The FROM clause of :meth:`list_certificates`."""
+        return CERT_FROM
+
+    # -- schema and audit -------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self._read("SELECT version FROM schema_version")[0][0])
+
+    @classmethod
+    def _audit(cls, db: Any, entry: AuditEntry) -> None:
+        cls._exec(db, INSERT_AUDIT, (utc_text(entry.at), entry.actor, entry.action, entry.service_id,
+                                     entry.serial, dumps(entry.details)))
+
+    def audit(self, entry: AuditEntry) -> None:
+        with self._write() as db:
+            self._audit(db, entry)
+
+    def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
+        where, params = ("WHERE service_id = ?", [service_id]) if service_id else ("", [])
+        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
+                          [*params, limit])
+        return [audit_entry(r) for r in rows]
+
+    # -- services ---------------------------------------------------------------------------
+    def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
+        with self._write() as db:
+            with self._duplicate(db, f"service '{service.service_id}' is already registered"):
+                self._exec(db, "INSERT INTO services (service_name, endpoints, health_check_url, version, "
+                               "owner, metadata, san_dns, san_ip, created_at, updated_at, service_id) "
+                               "VALUES (?,?,?,?,?,?,?,?,?,?,?)", service_params(service))
+            self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
+                                       service_id=service.service_id,
+                                       details={"san_dns": list(service.san_dns),
+                                                "san_ip": list(service.san_ip)}))
+            if token is not None:
+                self._insert_token(db, token, actor)
+
+    def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None:
+        with self._write() as db:
+            cur = self._exec(db, "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, "
+                                 "version=?, owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, "
+                                 "updated_at=? WHERE service_id=?", service_params(service))
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
+            self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
+                                       service_id=service.service_id))
+
+    def get_service(self, service_id: str) -> ServiceRecord | None:
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
+        return self._service(rows[0]) if rows else None
+
+    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
+                      after: str | None = None) -> list[ServiceRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if healthy is not None:
+            clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
+        if after is not None:
+            clauses.append("service_id > ?")
+            params.append(after)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
+                          f"ORDER BY service_id LIMIT ?", [*params, limit])
+        return [self._service(r) for r in rows]
+
+    def record_health(self, service_id: str, health: Health, *, event: str | None) -> None:
+        with self._write() as db:
+            self._exec(db, "UPDATE services SET health_status=?, last_checked=?, last_error=?, "
+                           "consecutive_failures=? WHERE service_id=?",
+                       (health.status, opt_text(health.last_checked), health.last_error,
+                        health.consecutive_failures, service_id))
+            if event and health.last_checked is not None:
+                details = {"error": health.last_error} if health.last_error else {}
+                self._audit(db, AuditEntry(at=health.last_checked, actor="health-checker",
+                                           action=event, service_id=service_id, details=details))
+
+    # -- certificates -----------------------------------------------------------------------
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,))
+        return self._cert(rows[0]) if rows else None
+
+    def certificates_for(self, service_id: str) -> list[CertificateRecord]:
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.service_id=? "
+                          f"ORDER BY c.id DESC", (service_id,))
+        return [self._cert(r) for r in rows]
+
+    def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        now = utc_text(query.now)
+        if query.service_id is not None:
+            clauses.append("c.service_id = ?")
+            params.append(query.service_id)
+        if query.status == "revoked":
+            clauses.append("r.serial IS NOT NULL")
+        elif query.status == "expired":
+            clauses.append("r.serial IS NULL AND c.not_after <= ?")
+            params.append(now)
+        elif query.status == "valid":
+            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_before <= ?")
+            params += [now, now]
+        if query.expiring_before is not None:
+            clauses.append("r.serial IS NULL AND c.not_after > ? AND c.not_after <= ?")
+            params += [now, utc_text(query.expiring_before)]
+        if query.after is not None:
+            clauses.append("c.id > ?")
+            params.append(query.after)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(f"SELECT {CERT_COLUMNS} FROM {self._listing_source(query.status, now)} {where} "
+                          f"ORDER BY c.id LIMIT ?", [*params, query.limit])
+        return [self._cert(r) for r in rows]
+
+    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
+        with self._write() as db:
+            row = self._exec(db, f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?{self.LOCK_ROW}",
+                             (serial,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown certificate serial {serial}", code="unknown_certificate")
+            record = self._cert(row)
+            if record.revoked_at is not None:
+                raise Conflict(f"certificate {serial} of '{record.service_id}' is already revoked "
+                               f"({record.revocation_reason})", code="already_revoked")
+            self._exec(db, "INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
+                       (serial, utc_text(at), reason))
+            self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
+                                       service_id=record.service_id, serial=serial,
+                                       details={"reason": reason}))
+        return attrs.evolve(record, revoked_at=parse_utc(utc_text(at)), revocation_reason=reason)
+
+    def revoked(self) -> list[tuple[str, datetime, str]]:
+        rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")
+        return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
+
+    # -- CRLs -------------------------------------------------------------------------------
+    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
+                actor: str) -> CRLRecord:
+        """Build and store the next CRL inside one write transaction.
+
+        ``build(number, revoked)`` signs it. The transaction holds the write lock (SQLite) or
+        an advisory lock taken before anything is read (PostgreSQL, where under READ
+        COMMITTED every later statement sees all committed before it): CRL numbers strictly
+        increase, and the newest CRL holds every revocation committed before it, even with
+        several processes or replicas revoking at once.
+        """
+        with self._write() as db:
+            self._lock_crl_numbers(db)
+            number = int(self._exec(db, "SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
+            rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations").fetchall()
+            crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
+            self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der) "
+                           "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
+                                                  utc_text(crl.next_update), crl.entries, crl.der))
+            # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
+            # bodies; with 100k revocations every body is 5 MB.
+            self._exec(db, "DELETE FROM crls WHERE number < ?", (crl.number - 50,))
+            self._exec(db, f"UPDATE crls SET der = {self.EMPTY_BLOB} WHERE number < ? AND length(der) > 0",
+                       (crl.number - 1,))
+            self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
+                                       details={"number": crl.number, "entries": crl.entries}))
+        return crl
+
+    def latest_crl_number(self) -> int:
+        return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
+
+    def latest_crl(self) -> CRLRecord | None:
+        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
+        return self._crl(rows[0]) if rows else None
+
+    def list_crls(self, limit: int = 20) -> list[CRLRecord]:
+        """The newest CRLs' numbers, dates and sizes, without their bodies (``der`` is empty)."""
+        rows = self._read(f"SELECT number, this_update, next_update, {self.EMPTY_BLOB}, entries FROM crls "
+                          "ORDER BY number DESC LIMIT ?", (limit,))
+        return [self._crl(r) for r in rows]
+
+    # -- tokens -----------------------------------------------------------------------------
+    def _insert_token(self, db: Any, token: TokenRecord, actor: str) -> None:
+        with self._duplicate(db, f"token {token.token_id} already exists"):
+            self._exec(db, "INSERT INTO tokens (token_id, kind, secret_hash, name, service_id, created_at, "
+                           "expires_at, used_at, revoked_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
+                        utc_text(token.created_at), opt_text(token.expires_at),
+                        opt_text(token.used_at), opt_text(token.revoked_at)))
+        self._audit(db, AuditEntry(at=token.created_at, actor=actor, action=f"token.create.{token.kind}",
+                                   service_id=token.service_id, details={"token_id": token.token_id}))
+
+    def add_token(self, token: TokenRecord, *, actor: str) -> None:
+        with self._write() as db:
+            self._insert_token(db, token, actor)
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,))
+        return self._token(rows[0]) if rows else None
+
+    def list_tokens(self, kind: str | None = None) -> list[TokenRecord]:
+        where, params = ("WHERE kind=?", (kind,)) if kind else ("", ())
+        rows = self._read(f"SELECT {TOKEN_COLUMNS} FROM tokens {where} ORDER BY created_at", params)
+        return [self._token(r) for r in rows]
+
+    def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord:
+        with self._write() as db:
+            cur = self._exec(db, "UPDATE tokens SET revoked_at=? WHERE token_id=? AND revoked_at IS NULL",
+                             (utc_text(at), token_id))
+            row = self._exec(db, f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id=?", (token_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown token '{token_id}'")
+            if cur.rowcount != 1:
+                raise Conflict(f"token {token_id} is already revoked")
+            token = self._token(row)
+            self._audit(db, AuditEntry(at=at, actor=actor, action=f"token.revoke.{token.kind}",
+                                       service_id=token.service_id, details={"token_id": token_id}))
+        return token
