@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -97,34 +96,6 @@ def test_integrity_check_is_ok_after_writes(store: SQLiteStore) -> None:
 
 
 # --- queries ---------------------------------------------------------------------------------
-
-def test_list_certificates_filters_by_status_expiry_and_service(store: SQLiteStore) -> None:
-    valid = cert("alpha")
-    expiring = cert("alpha", not_after=NOW + timedelta(days=10))
-    expired = cert("alpha", not_before=NOW - timedelta(days=30), not_after=NOW - timedelta(days=1))
-    revoked = cert("alpha")
-    future = cert("alpha", not_before=NOW + timedelta(days=1))
-    other = cert("beta", not_after=NOW + timedelta(days=5))
-    store.add_certificates([(r, "test") for r in (valid, expiring, expired, revoked, future, other)])
-    store.revoke_certificate(revoked.serial, reason="superseded", at=NOW, actor="test")
-
-    def serials(**kwargs: Any) -> list[str]:
-        return [r.serial for r in store.list_certificates(CertificateQuery(now=NOW, **kwargs))]
-
-    assert serials(status="valid") == [valid.serial, expiring.serial, other.serial]
-    assert serials(status="revoked") == [revoked.serial]
-    assert serials(status="expired") == [expired.serial]
-    assert serials(expiring_before=NOW + timedelta(days=30)) == [expiring.serial, other.serial]
-    assert serials(service_id="beta") == [other.serial]
-    assert serials(service_id="alpha", expiring_before=NOW + timedelta(days=30)) == [expiring.serial]
-    assert len(serials()) == 6
-    # The same rows seen from a later moment: what was valid has expired.
-    later = [r.serial for r in store.list_certificates(
-        CertificateQuery(now=NOW + timedelta(days=200), status="expired"))]
-    assert later == [valid.serial, expiring.serial, expired.serial, future.serial, other.serial]
-    statuses = {r.serial: r.status(NOW) for r in store.certificates_for("alpha")}
-    assert statuses[future.serial] == "not_yet_valid" and statuses[revoked.serial] == "revoked"
-
 
 # --- concurrency -----------------------------------------------------------------------------
 

@@ -282,8 +282,9 @@ def test_list_certificates_filters_and_paginates_by_cursor(store: Store) -> None
     expiring = cert("alpha", not_after=NOW + timedelta(days=10))
     expired = cert("alpha", not_before=NOW - timedelta(days=30), not_after=NOW - timedelta(days=1))
     revoked = cert("alpha")
+    future = cert("alpha", not_before=NOW + timedelta(days=1))
     other = cert("beta", not_after=NOW + timedelta(days=5))
-    store.add_certificates([(r, "test") for r in (valid, expiring, expired, revoked, other)])
+    store.add_certificates([(r, "test") for r in (valid, expiring, expired, revoked, future, other)])
     store.revoke_certificate(revoked.serial, reason="superseded", at=NOW, actor="test")
 
     def serials(**kwargs: Any) -> list[str]:
@@ -294,13 +295,21 @@ def test_list_certificates_filters_and_paginates_by_cursor(store: Store) -> None
     assert serials(status="expired") == [expired.serial]
     assert serials(expiring_before=NOW + timedelta(days=30)) == [expiring.serial, other.serial]
     assert serials(service_id="beta") == [other.serial]
+    assert serials(service_id="alpha", expiring_before=NOW + timedelta(days=30)) == [expiring.serial]
+    assert len(serials()) == 6
+    # The same rows seen from a later moment: what was valid has expired.
+    later = [r.serial for r in store.list_certificates(
+        CertificateQuery(now=NOW + timedelta(days=200), status="expired"))]
+    assert later == [valid.serial, expiring.serial, expired.serial, future.serial, other.serial]
+    statuses = {r.serial: r.status(NOW) for r in store.certificates_for("alpha")}
+    assert statuses[future.serial] == "not_yet_valid" and statuses[revoked.serial] == "revoked"
 
     records = [cert("alpha" if i % 2 == 0 else "beta") for i in range(250)]
     store.add_certificates([(r, "test") for r in records])
     for service_id in (None, "alpha"):
         wanted = [r.serial for r in records if service_id is None or r.service_id == service_id]
         seen: list[str] = []
-        after = max(r.row_id or 0 for r in store.list_certificates(CertificateQuery(now=NOW, limit=5)))
+        after = max(r.row_id or 0 for r in store.list_certificates(CertificateQuery(now=NOW, limit=6)))
         while page := store.list_certificates(
                 CertificateQuery(now=NOW, service_id=service_id, limit=37, after=after)):
             assert len(page) <= 37
