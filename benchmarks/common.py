@@ -282,7 +282,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
 
 
@@ -303,7 +303,7 @@ def machine() -> dict[str, Any]:
     import starlette
     import uvicorn
 
-    versions = {"python": platform.python_version(), "cryptography": cryptography.__version__,
+    versions: dict[str, str | None] = {"python": platform.python_version(), "cryptography": cryptography.__version__,
                 "uvicorn": uvicorn.__version__, "starlette": starlette.__version__}
     for name in ("httptools", "uvloop"):
         try:
@@ -323,11 +323,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += ["| " + " | ".join(c.rjust(w) if isinstance(v, (int, float)) else c.ljust(w)
-                              for c, w, v in zip(r, widths, row)) + " |"
-            for r, row in zip(text, rows)]
+                              for c, w, v in zip(r, widths, row, strict=True)) + " |"
+            for r, row in zip(text, rows, strict=True)]
     return "\n".join(out)
 
 

@@ -22,8 +22,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import (SERVICES, KeepAlive, Server, admin_token, build_home, client_context,
-                     percentile, populate, table, write_result)
+from .common import (
+    SERVICES,
+    KeepAlive,
+    Server,
+    admin_token,
+    build_home,
+    client_context,
+    percentile,
+    populate,
+    table,
+    write_result,
+)
 
 
 def walk(conn: KeepAlive, headers: dict[str, str], query: str, pages: int,

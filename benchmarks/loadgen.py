@@ -148,8 +148,10 @@ def run(port: int, cafile: str, requests: Sequence[bytes], *, concurrency: int, 
                 raise RuntimeError("load generator died")
             result: dict[str, Any] = json.loads(line)
             if isinstance(after, tuple):
-                result["server_cpu"] = [a - b for a, b in zip(after, before)]  # type: ignore[arg-type]
+                assert isinstance(before, tuple)
+                result["server_cpu"] = [a - b for a, b in zip(after, before, strict=True)]
             else:
+                assert not isinstance(before, tuple)
                 result["server_cpu"] = after - before
             proc.wait(timeout=30)
         finally:

@@ -22,7 +22,6 @@ from . import loadgen
 from .common import RESULTS, Server, admin_token, build_home, make_csrs
 from .issuance import requests_for
 
-
 # Where an issuance's time goes, by the function that owns it (first match from the leaf up).
 COMPONENTS = (
     ("CSR parse + signature check", ("load_csr_key",)),
@@ -109,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         csrs = make_csrs(1000)
         with Server(home) as server:
             cafile = str(home.root_cert)
+            assert server.proc is not None
             loadgen.run(server.port, cafile, requests_for(csrs, token, 300, 0), concurrency=8, expected=201)
             cmd = [pyspy, "record", "--pid", str(server.proc.pid), "--rate", str(args.rate),
                    "--format", "raw", "--output", str(collapsed), "--threads"] + ([] if args.all_threads else ["--gil"])
