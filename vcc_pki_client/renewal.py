@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
 import attrs
+
 # APScheduler 3 ships no type information.
 from apscheduler.executors.pool import ThreadPoolExecutor  # type: ignore[import-untyped]
 from apscheduler.schedulers import SchedulerNotRunningError  # type: ignore[import-untyped]
@@ -231,10 +233,8 @@ class Renewer:
             return
         # Waiting from inside the job would join the job's own thread; APScheduler
         # raises for that. Outside the job, wait so no check runs after stop() returns.
-        try:
+        with contextlib.suppress(SchedulerNotRunningError):  # stopped behind our back
             scheduler.shutdown(wait=not getattr(self._in_job, "active", False))
-        except SchedulerNotRunningError:  # pragma: no cover - stopped behind our back
-            pass
 
     def run_now(self) -> None:
         """Run the check synchronously in the calling thread; its exceptions propagate.

@@ -29,9 +29,9 @@ __all__ = [
     "ServiceHealth",
     "certificate_request",
     "format_time",
-    "pem_chain",
     "normalize_fingerprint",
     "parse_time",
+    "pem_chain",
     "renew_request",
 ]
 

@@ -49,7 +49,8 @@ def _error_response(path: str, exc: CAError) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "malformed_request")
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    code = codes.get(exc.status_code, "malformed_request")
     detail = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
     headers = dict(exc.headers or {})
     return problem_response(code, detail, status=exc.status_code, headers=headers or None)
@@ -60,7 +61,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def _unexpected_response(path: str) -> Response:
-    log.exception("unexpected error path=%s", _loggable(path))
+    log.exception("unexpected error path=%s", _loggable(path))  # noqa: LOG004 - called from except blocks
     return problem_response("internal_error", "internal error; the server log has the details")
 
 
@@ -158,9 +159,8 @@ class IssueFastPath:
             elif name == b"content-type":
                 if content_type is None:
                     content_type = value.decode("latin-1")
-            elif name == b"authorization":
-                if authorization is None:
-                    authorization = value.decode("latin-1")
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
         check_declared_length(length)
         chunks: list[bytes] = []
         size = 0

@@ -21,11 +21,19 @@ from cryptography.hazmat.primitives import serialization
 
 from . import tokens
 from .ca import REASONS, CertificateAuthority, LeafTemplate, generate_key, leaf_subject_text
-from .errors import (CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound,
-                     NotPermitted, UnknownService)
+from .errors import CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound, NotPermitted, UnknownService
 from .policy import Policy, check_public_key, check_service_id, is_ip, load_csr_key, normalize_sans
-from .store import (CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord, Store,
-                    TokenRecord, pem_text, utc_text)
+from .store import (
+    CertificateQuery,
+    CertificateRecord,
+    CRLRecord,
+    Health,
+    ServiceRecord,
+    Store,
+    TokenRecord,
+    pem_text,
+    utc_text,
+)
 
 log = logging.getLogger("vcc_pki_server.authority")
 Clock = Callable[[], datetime]

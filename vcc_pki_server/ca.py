@@ -6,7 +6,6 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Union
 
 import attrs
 from cryptography import x509
@@ -14,11 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CAPrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-LeafPublicKey = Union[
-    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey
-]
+CAPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+LeafPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
 KEY_TYPES = ("rsa-2048", "rsa-3072", "rsa-4096", "ec-p256", "ec-p384")
 
@@ -59,8 +56,7 @@ def _raw_extension(value: x509.ExtensionType, critical: bool) -> x509.Extension[
 
 
 @functools.lru_cache(maxsize=1024)
-def _san_extension(dns: tuple[str, ...],
-                   ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]) -> x509.Extension[x509.ExtensionType]:
+def _san_extension(dns: tuple[str, ...], ips: tuple[IPAddress, ...]) -> x509.Extension[x509.ExtensionType]:
     """A leaf's subjectAltName, encoded once per set of names (a service's few sets repeat)."""
     names: list[x509.GeneralName] = [*map(x509.DNSName, dns), *map(x509.IPAddress, ips)]
     return _raw_extension(x509.SubjectAlternativeName(names), False)
@@ -286,7 +282,8 @@ class CertificateAuthority:
             if when is None:
                 when = dates[revoked_at] = _naive_utc(revoked_at)
             # RFC 5280 §5.3.1: omit the reason code rather than use unspecified.
-            extensions: list[x509.Extension[x509.ExtensionType]] = [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else []
+            extensions: list[x509.Extension[x509.ExtensionType]] = (
+                [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else [])
             entries.append(x509.RevokedCertificateBuilder(serial, when, extensions).build())
         builder = x509.CertificateRevocationListBuilder(
             issuer_name=self.certificate.subject,

@@ -259,7 +259,7 @@ class HealthChecker:
         started = time.monotonic()
         services = await self._services()
         results = await asyncio.gather(*(self._check(s) for s in services), return_exceptions=True)
-        for service, result in zip(services, results):
+        for service, result in zip(services, results, strict=False):
             if isinstance(result, BaseException):
                 log.error("health check failed service_id=%s error=%s: %s", service.service_id,
                           type(result).__name__, result)

@@ -108,7 +108,7 @@ class _CoalescingTransport:
     growing buffer, copied out, then sent. For that CRL, p50 went from 5.1 ms to 2.9 ms.
     """
 
-    __slots__ = ("_transport", "_loop", "_held")
+    __slots__ = ("_held", "_loop", "_transport")
     JOIN_LIMIT = 64 * 1024
     SLICE = 64 * 1024
 

@@ -66,7 +66,9 @@ def normalize_sans(dns: Iterable[str], ips: Iterable[str | IPAddress]) -> tuple[
 
 
 @functools.lru_cache(maxsize=1024)
-def _allow_list(dns: tuple[str, ...], ips: tuple[str | IPAddress, ...]) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
+def _allow_list(
+    dns: tuple[str, ...], ips: tuple[str | IPAddress, ...]
+) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
     """:func:`normalize_sans` of a service's allow-list, remembered: the same few lists are
     checked on every issuance."""
     return normalize_sans(dns, ips)

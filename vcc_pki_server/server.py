@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -13,9 +14,8 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 
-from cryptography import x509
-
 import uvicorn
+from cryptography import x509
 
 from . import logs, passwords
 from .app import Lifecycle, create_app
@@ -204,10 +204,8 @@ def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Nam
         nonlocal stopping
         stopping = True
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -128,7 +128,9 @@ def test_write_refuses_a_key_that_does_not_belong(files: CertificateFiles, pair_
     assert not files.cert_file.parent.exists()
 
 
-def test_empty_chain_leaves_chain_file_alone(files: CertificateFiles, pair_a: Pair, pair_b: Pair, mini_ca: MiniCA) -> None:
+def test_empty_chain_leaves_chain_file_alone(
+    files: CertificateFiles, pair_a: Pair, pair_b: Pair, mini_ca: MiniCA
+) -> None:
     files.write(*pair_a, mini_ca.chain)
     files.write(*pair_b)
     assert files.load_chain() == mini_ca.chain
@@ -293,9 +295,9 @@ def test_interrupt_mid_write_rolls_back(
     real = os.replace
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if os.fspath(dst) == os.fspath(files.cert_file) and os.fspath(src).endswith(".next"):
-            if files.key_file.read_bytes() == private_key_pem(pair_b[1]):
-                raise KeyboardInterrupt
+        if (os.fspath(dst) == os.fspath(files.cert_file) and os.fspath(src).endswith(".next")
+                and files.key_file.read_bytes() == private_key_pem(pair_b[1])):
+            raise KeyboardInterrupt
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)

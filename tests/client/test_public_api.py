@@ -45,7 +45,7 @@ SPEC_METHODS = [
 
 def test_all_is_pinned_and_sorted() -> None:
     assert vcc_pki_client.__all__ == PUBLIC_API
-    assert PUBLIC_API == sorted(PUBLIC_API)
+    assert sorted(PUBLIC_API) == PUBLIC_API
 
 
 def test_every_name_in_all_exists() -> None:

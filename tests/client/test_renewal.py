@@ -259,7 +259,7 @@ def test_on_error_that_raises_is_logged_not_propagated(caplog: pytest.LogCapture
         raise RuntimeError("callback bug")
 
     def buggy_check() -> None:
-        1 / 0  # a bug in the check: its traceback is logged
+        _ = 1 / 0  # a bug in the check: its traceback is logged
 
     renewer = Renewer(service_id="billing", on_error=bad_callback)
     renewer.start(buggy_check, HOUR)

@@ -248,7 +248,8 @@ def test_asyncio_server_follows_reload(
         server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
         async with server:
             port = server.sockets[0].getsockname()[1]
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
             presented = serial(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
             assert await reader.read(2) == b"ok"
             writer.close()

@@ -74,7 +74,8 @@ SERVICE = {
     "san_ip": [],
     "created_at": "2026-01-01T00:00:00Z",
     "updated_at": "2026-01-02T00:00:00Z",
-    "health": {"status": "healthy", "last_checked": "2026-01-02T00:00:30Z", "last_error": None, "consecutive_failures": 0},
+    "health": {"status": "healthy", "last_checked": "2026-01-02T00:00:30Z", "last_error": None,
+               "consecutive_failures": 0},
 }
 
 
@@ -147,7 +148,8 @@ def test_issued_certificate_from_json(mini_ca: MiniCA) -> None:
     assert issued.fingerprint_sha256 == fingerprint_sha256(cert)
 
 
-@pytest.mark.parametrize("member", ["service_id", "serial_number", "certificate", "chain", "not_before", "not_after", "fingerprint_sha256"])
+@pytest.mark.parametrize(
+    "member", ["service_id", "serial_number", "certificate", "chain", "not_before", "not_after", "fingerprint_sha256"])
 def test_issued_certificate_missing_member(mini_ca: MiniCA, member: str) -> None:
     data, _ = issued_json(mini_ca)
     del data[member]

@@ -48,7 +48,7 @@ def test_200_concurrent_issuances_succeed_with_unique_recorded_serials(
     bodies = [r.json() for r in responses]
     serials = [b["serial_number"] for b in bodies]
     assert len(set(serials)) == 200
-    for (sid, _), body in zip(jobs, bodies):
+    for (sid, _), body in zip(jobs, bodies, strict=False):
         assert body["service_id"] == sid
         assert _fingerprint(body["certificate"]) == body["fingerprint_sha256"]
         record = authority.store.get_certificate(body["serial_number"])

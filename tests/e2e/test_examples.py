@@ -102,7 +102,7 @@ def test_quickstart_enrols_with_an_enrolment_token_and_a_ca_bundle(example_env: 
 
 
 def test_examples_refuse_to_run_without_credentials(tmp_path: Path) -> None:
-    env = {k: v for k, v in env_without_secrets().items()}
+    env = dict(env_without_secrets().items())
     for name in ("quickstart.py", "two_services_mtls.py", "auto_renewal.py"):
         proc = run_example(name, env, tmp_path)
         assert proc.returncode == 2, (name, proc.stderr)

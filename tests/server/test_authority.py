@@ -20,8 +20,15 @@ from conftest import CA_PASSWORD, ROOT_PASSWORD
 from support import make_csr
 from vcc_pki_server.authority import Actor, Authority, Issued
 from vcc_pki_server.ca import LeafTemplate
-from vcc_pki_server.errors import (Conflict, InvalidRequest, NotAuthenticated, NotFound, NotPermitted,
-                                   PolicyRefused, UnknownService)
+from vcc_pki_server.errors import (
+    Conflict,
+    InvalidRequest,
+    NotAuthenticated,
+    NotFound,
+    NotPermitted,
+    PolicyRefused,
+    UnknownService,
+)
 from vcc_pki_server.home import Home
 from vcc_pki_server.store import CertificateRecord
 from vcc_pki_server.store.sqlite import SQLiteStore

@@ -94,7 +94,7 @@ def snapshot(path: Path) -> dict[str, Any]:
             "audit": len(store.audit_log(limit=100_000)),
             "certs": [(r.serial, r.revoked_at) for r in
                       store.list_certificates(CertificateQuery(now=auth.clock(), limit=100_000))],
-            "services": [s for s in store.list_services(limit=1000)],
+            "services": list(store.list_services(limit=1000)),
             "tokens": store.list_tokens(),
             "crl": store.latest_crl_number(),
         }

@@ -60,7 +60,9 @@ def test_the_flusher_writes_held_lines_within_its_interval(
     assert [line.split(" ", 3)[3] for line in wait_for(path, 1)] == [f"{logger.name} soon"]
 
 
-def test_a_warning_is_written_at_once_with_everything_before_it(handler: tuple[logging.Logger, Path, logs.BatchedStreamHandler]) -> None:
+def test_a_warning_is_written_at_once_with_everything_before_it(
+    handler: tuple[logging.Logger, Path, logs.BatchedStreamHandler],
+) -> None:
     logger, path, _ = handler
     logger.info("before")
     logger.warning("trouble")

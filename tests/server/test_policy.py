@@ -14,8 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from support import make_csr
 from vcc_pki_server.errors import InvalidCSR, InvalidRequest, PolicyRefused
-from vcc_pki_server.policy import (Policy, check_service_id, load_csr, normalize_dns_name,
-                                   normalize_sans)
+from vcc_pki_server.policy import Policy, check_service_id, load_csr, normalize_dns_name, normalize_sans
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -100,7 +99,7 @@ def test_load_csr_refuses_garbage(data: str | bytes) -> None:
 
 
 def test_load_csr_accepts_pem_as_str_or_bytes_and_der() -> None:
-    csr_pem, key = make_csr("api.example", dns=["api.example"])
+    csr_pem, _key = make_csr("api.example", dns=["api.example"])
     der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
     for data in (csr_pem, csr_pem.decode(), der):
         assert load_csr(data).subject.rfc4514_string() == "CN=api.example"

@@ -31,7 +31,8 @@ def _service_id(request: Request) -> str:
 
 
 def _page(items: list[dict[str, Any]], cursor: Any, limit: int) -> JSONResponse:
-    return JSONResponse({"items": items, "next_cursor": str(cursor) if len(items) == limit and cursor is not None else None})
+    more = len(items) == limit and cursor is not None
+    return JSONResponse({"items": items, "next_cursor": str(cursor) if more else None})
 
 
 # -- certificates ---------------------------------------------------------------------------

@@ -20,8 +20,17 @@ from ..home import Config, Home
 from ..policy import normalize_sans
 from ..store import CRLRecord, utc_text
 from .access import audit, ca_password, existing_home, root_password
-from .output import (JSON, PROG, ca_certificate_json, crl_json, key_type_label, print_fields, print_json,
-                     progress, sans_text)
+from .output import (
+    JSON,
+    PROG,
+    ca_certificate_json,
+    crl_json,
+    key_type_label,
+    print_fields,
+    print_json,
+    progress,
+    sans_text,
+)
 
 ROOT_KEY_TYPES = ("rsa-4096", "ec-p384")
 INTERMEDIATE_KEY_TYPES = ("rsa-2048", "ec-p256", "rsa-3072")

@@ -13,8 +13,7 @@ from ..errors import InvalidRequest, NotFound
 from ..home import Home, write_file
 from ..store import CertificateRecord, utc_text
 from .access import open_authority
-from .output import (PROG, certificate_json, key_label, print_fields, print_json, print_table, progress,
-                     sans_text)
+from .output import PROG, certificate_json, key_label, print_fields, print_json, print_table, progress, sans_text
 
 
 def cmd_cert_issue(args: argparse.Namespace) -> int:

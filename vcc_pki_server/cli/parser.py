@@ -8,8 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ca import KEY_TYPES, REASONS
-from .ca_commands import (INTERMEDIATE_KEY_TYPES, ROOT_KEY_TYPES, cmd_ca_create_intermediate, cmd_ca_info,
-                          cmd_ca_init_root, cmd_init)
+from .ca_commands import (
+    INTERMEDIATE_KEY_TYPES,
+    ROOT_KEY_TYPES,
+    cmd_ca_create_intermediate,
+    cmd_ca_info,
+    cmd_ca_init_root,
+    cmd_init,
+)
 from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
 from .crl_commands import cmd_crl_generate, cmd_crl_list
 from .output import PROG

@@ -8,8 +8,7 @@ from datetime import datetime
 from ..authority import Actor, Authority
 from ..store import CertificateRecord, ServiceRecord, utc_text
 from .access import open_authority
-from .output import (JSON, certificate_json, opt_time, print_fields, print_json, print_table, sans_text,
-                     service_json)
+from .output import JSON, certificate_json, opt_time, print_fields, print_json, print_table, sans_text, service_json
 
 
 def current_certificate(authority: Authority, service_id: str, now: datetime) -> CertificateRecord | None:

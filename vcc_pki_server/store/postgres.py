@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-
 try:
     import psycopg
     from psycopg import conninfo as _conninfo

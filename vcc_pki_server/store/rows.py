@@ -6,8 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from . import (AuditEntry, CertificateRecord, CRLRecord, Health, ServiceRecord, TokenRecord, dumps,
-               parse_utc, utc_text)
+from . import AuditEntry, CertificateRecord, CRLRecord, Health, ServiceRecord, TokenRecord, dumps, parse_utc, utc_text
 
 Row = tuple[Any, ...]
 

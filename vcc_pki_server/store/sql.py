@@ -19,11 +19,34 @@ from typing import Any
 import attrs
 
 from ..errors import Conflict, NotFound
-from . import (AuditEntry, CertificateQuery, CertificateRecord, CRLRecord, Health, ServiceRecord,
-               TokenRecord, dumps, parse_utc, utc_text)
-from .rows import (AUDIT_COLUMNS, CERT_COLUMNS, CERT_FROM, CRL_COLUMNS, SERVICE_COLUMNS, TOKEN_COLUMNS,
-                   Row, audit_entry, certificate_record, crl_record, opt_text, service_params,
-                   service_record, token_record)
+from . import (
+    AuditEntry,
+    CertificateQuery,
+    CertificateRecord,
+    CRLRecord,
+    Health,
+    ServiceRecord,
+    TokenRecord,
+    dumps,
+    parse_utc,
+    utc_text,
+)
+from .rows import (
+    AUDIT_COLUMNS,
+    CERT_COLUMNS,
+    CERT_FROM,
+    CRL_COLUMNS,
+    SERVICE_COLUMNS,
+    TOKEN_COLUMNS,
+    Row,
+    audit_entry,
+    certificate_record,
+    crl_record,
+    opt_text,
+    service_params,
+    service_record,
+    token_record,
+)
 
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
 INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "

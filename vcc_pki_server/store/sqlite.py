@@ -7,6 +7,7 @@ connections and locking, and the group commit of issued certificates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
 
 from ..errors import CAError, Conflict
 
@@ -153,8 +153,17 @@ class _PendingCertificate:
     ``afuture`` on ``loop`` (settled with one ``call_soon_threadsafe`` per loop and batch).
     """
 
-    __slots__ = ("record", "row", "audit", "consume_token", "used_at", "future", "loop", "afuture",
-                 "error")
+    __slots__ = (
+        "afuture",
+        "audit",
+        "consume_token",
+        "error",
+        "future",
+        "loop",
+        "record",
+        "row",
+        "used_at",
+    )
 
     def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None,
                  now: datetime | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -480,10 +489,8 @@ class SQLiteStore(SQLStore):
                 else:
                     item.future.set_exception(item.error)
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, items)
-            except RuntimeError:  # that loop is closed: nobody is waiting any more
-                pass
 
     def _record_certificate(self, db: sqlite3.Connection, item: _PendingCertificate) -> None:
         if item.consume_token is not None:
