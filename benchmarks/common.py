@@ -349,8 +349,11 @@ def populate(home: Home, count: int, *, validity_spread: bool = True,
 
     from vcc_pki_server.ca import LeafTemplate
     from vcc_pki_server.store import CertificateRecord
+    from vcc_pki_server.store.sql import SQLStore
 
     authority = open_authority(home)
+    store = authority.store
+    assert isinstance(store, SQLStore)
     ca = authority.ca
     keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(64)]
     now = datetime.now(timezone.utc)
@@ -370,12 +373,12 @@ def populate(home: Home, count: int, *, validity_spread: bool = True,
             chunk.append((record, "bench-populate"))
             out.append((service_id, record.serial))
             if len(chunk) == 1000:
-                authority.store.add_certificates(chunk)
+                store.add_certificates(chunk)
                 chunk = []
                 if report and (i + 1) % 20000 == 0:
                     report(f"  populated {i + 1:,} certificates")
         if chunk:
-            authority.store.add_certificates(chunk)
+            store.add_certificates(chunk)
     finally:
         authority.store.close()
     return out

@@ -2,7 +2,7 @@
 
     python -m benchmarks.fastpath [--logging info|off] [--no-commit] [--repeats 7]
 
-Drives the app's ``IssueFastPath`` (the ASGI callable that answers
+Drives the app (its edge, the issuance handler and the issuer's thread that answer
 ``POST /api/v1/certificates/request``) in-process on uvloop, 32 requests at a time, with the
 real authority and store of a fresh home (P-256 CA) and log lines going to a file as the
 server writes them. Prints the event-loop thread's CPU per certificate and the whole
@@ -19,13 +19,15 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import MutableMapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from vcc_pki_server import logs
-from vcc_pki_server.api.routes import ISSUE_PATH
+from vcc_pki_server.api.issuance import ISSUE_PATH
 from vcc_pki_server.app import create_app
 
 from .common import admin_token, build_home, make_csrs, median, open_authority
@@ -46,11 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.logging == "off":
         logging.disable(logging.CRITICAL)
     if args.no_commit:
-        async def no_commit(*_: Any, **__: Any) -> None:
-            return None
-        authority.store.add_certificate_async = no_commit  # type: ignore[method-assign]
+        def no_commit(*_: Any, **__: Any) -> Future[None]:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+        authority.store.submit_certificate = no_commit  # type: ignore[method-assign]
     app = create_app(authority)
-    fast = app.issue_fast_path  # type: ignore[attr-defined]
     bodies = [json.dumps({"service_id": s, "csr": c}).encode() for s, c in make_csrs(1500)]
     headers = [(b"host", b"localhost"), (b"authorization", f"Bearer {token}".encode()),
                (b"content-type", b"application/json")]
@@ -59,15 +62,15 @@ def main(argv: list[str] | None = None) -> None:
         scope = {"type": "http", "method": "POST", "path": ISSUE_PATH, "root_path": "",
                  "client": ("127.0.0.1", 50000), "extensions": {"tls": {"client_cert_der": None}},
                  "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
-        await fast(scope, receive, send)
+        await app(scope, receive, send)
         if sent[0]["status"] != 201:
             raise AssertionError(f"answered {sent[0]['status']}: {sent[1]['body'][:300]!r}")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vcc_pki_server.authority import Actor
+from vcc_pki_server.store.sql import SQLStore
 
 from .common import (
     KeepAlive,
@@ -43,7 +44,9 @@ def crl_generation(home: Any, revoked: int, runs: int) -> dict[str, float]:
     authority = open_authority(home)
     try:
         now = datetime.now(timezone.utc)
-        entries = [(int(s, 16), at, reason) for s, at, reason in authority.store.revoked()]
+        store = authority.store
+        assert isinstance(store, SQLStore)
+        entries = [(int(s, 16), at, reason) for s, at, reason in store.revoked()]
         assert len(entries) == revoked, (len(entries), revoked)
         build, generate = [], []
         crl_bytes = 0

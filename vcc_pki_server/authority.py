@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -327,30 +328,36 @@ class Authority:
         cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 
-    def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-              validity_days: object = None) -> Issued:
-        """Issue a certificate from a CSR for ``service_id``.
+    def submit_issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+                     validity_days: object = None) -> Future[Issued]:
+        """Check and sign in the calling thread, then queue the certificate for the store's
+        group commit; the future settles once it is recorded (or refused).
 
         An enrolment token is spent only when the certificate is recorded: a refused request
         leaves it usable, and two concurrent uses cannot both get a certificate.
         """
         issued = self._sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
         token = actor.token_id if actor.kind == "enrolment" else None
-        with self._recording(issued, actor):
-            self.store.add_certificate(issued.record, actor=actor.label, consume_token=token)
-        return issued
+        stored = self.store.submit_certificate(issued.record, actor=actor.label, consume_token=token)
+        result: Future[Issued] = Future()
+        result.set_running_or_notify_cancel()
 
-    async def issue_async(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-                          validity_days: object = None) -> Issued:
-        """:meth:`issue` for an event loop: checks and signs in the calling thread (CPU-bound
-        work gains nothing from a thread hop under the GIL; the store's reads never wait for a
-        commit), then awaits the group commit without blocking the loop. Returns only once the
-        certificate is recorded."""
-        issued = self._sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
-        token = actor.token_id if actor.kind == "enrolment" else None
-        with self._recording(issued, actor):
-            await self.store.add_certificate_async(issued.record, actor=actor.label, consume_token=token)
-        return issued
+        def recorded(done: Future[None]) -> None:
+            try:
+                with self._recording(issued, actor):
+                    done.result()
+            except BaseException as exc:
+                result.set_exception(exc)
+            else:
+                result.set_result(issued)
+
+        stored.add_done_callback(recorded)
+        return result
+
+    def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+              validity_days: object = None) -> Issued:
+        """Issue a certificate from a CSR for ``service_id``: :meth:`submit_issue`, waited for."""
+        return self.submit_issue(service_id, csr_pem, actor=actor, validity_days=validity_days).result()
 
     def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
                        san_ip: Iterable[str] = (), key_type: str = "rsa-2048",

@@ -1,4 +1,4 @@
-"""SQLiteStore group commit: concurrent records all land, a failing record fails alone, close is clean.
+"""Group commit (SQLiteStore): concurrent records all land, a failing record fails alone, close is clean.
 
 Correctness only, no timing: batches are forced by holding the store's write lock while
 records queue up behind it.
@@ -6,7 +6,6 @@ records queue up behind it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import sqlite3
@@ -103,10 +102,10 @@ def _queue_behind_held_lock(store: SQLiteStore, jobs: list[object]) -> list[obje
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     with store._lock:  # the writer thread blocks on it with its first batch
         threads[0].start()
-        wait_for(lambda: store._writer is not None and not store._pending)
+        wait_for(lambda: store._group._writer is not None and not store._group._pending)
         for t in threads[1:]:
             t.start()
-        wait_for(lambda: len(store._pending) == len(jobs) - 1)
+        wait_for(lambda: len(store._group._pending) == len(jobs) - 1)
     for t in threads:
         t.join(timeout=30)
     return results
@@ -149,25 +148,30 @@ def test_a_spent_token_in_a_batch_fails_alone_and_is_spent_once(store: SQLiteSto
     assert count(db_path, "SELECT COUNT(*) FROM certificates") == 3
 
 
-def test_asyncio_callers_in_one_loop_pass_share_a_batch_and_fail_alone(store: SQLiteStore,
-                                                                       db_path: Path) -> None:
+def test_submitted_certificates_share_a_batch_and_fail_alone(store: SQLiteStore, db_path: Path) -> None:
     add_token(store, "tok000000002")
     first = cert()
     store.add_certificate(first, actor="test")
     records = [cert() for _ in range(10)]
+    taken: list[int] = []
+    commit = store._group._commit
 
-    async def main() -> list[object]:
-        calls = [store.add_certificate_async(r, actor="test") for r in records]
-        calls.append(store.add_certificate_async(cert(serial=int(first.serial, 16)), actor="test"))
-        calls.append(store.add_certificate_async(cert(), actor="e", consume_token="tok000000002"))
-        calls.append(store.add_certificate_async(cert(), actor="e", consume_token="tok000000002"))
-        return await asyncio.gather(*calls, return_exceptions=True)
+    def spy(batch: list[object]) -> None:
+        taken.append(len(batch))
+        commit(batch)  # type: ignore[arg-type]
 
-    results = asyncio.run(main())
+    store._group._commit = spy  # type: ignore[assignment]
+    with store._lock:  # everything below queues behind the first batch, then goes in together
+        futures = [store.submit_certificate(r, actor="test") for r in records]
+        futures.append(store.submit_certificate(cert(serial=int(first.serial, 16)), actor="test"))
+        futures.append(store.submit_certificate(cert(), actor="e", consume_token="tok000000002"))
+        futures.append(store.submit_certificate(cert(), actor="e", consume_token="tok000000002"))
+    results = [f.exception(timeout=30) for f in futures]
     assert results[:10] == [None] * 10
     assert isinstance(results[10], Conflict)
     assert [isinstance(r, Conflict) for r in results[11:]] == [False, True]
     assert count(db_path, "SELECT COUNT(*) FROM certificates") == 12
+    assert len(taken) <= 2 and sum(taken) == 13  # one batch, or the first alone and the rest
 
 
 def test_close_commits_what_is_queued_and_stops_the_writer(db_path: Path) -> None:
@@ -179,7 +183,7 @@ def test_close_commits_what_is_queued_and_stops_the_writer(db_path: Path) -> Non
         futures = [pool.submit(store.add_certificate, r, actor="test") for r in records]
         for f in futures:
             f.result(timeout=30)
-    writer = store._writer
+    writer = store._group._writer
     assert writer is not None and writer.is_alive()
     store.close()
     assert not writer.is_alive()
@@ -204,15 +208,15 @@ def test_close_while_callers_wait_answers_every_one(db_path: Path) -> None:
         taken.append(len(batch))
         commit_batch(batch)  # type: ignore[arg-type]
 
-    store._commit_batch = spy  # type: ignore[method-assign]
+    store._group._commit = spy  # type: ignore[assignment]
     closer = threading.Thread(target=store.close)
     with store._lock:
         threads = [threading.Thread(target=lambda j=j: results.append(j())) for j in jobs]
         for t in threads:
             t.start()
-        wait_for(lambda: sum(taken) + len(store._pending) == len(jobs))
+        wait_for(lambda: sum(taken) + len(store._group._pending) == len(jobs))
         closer.start()
-        wait_for(lambda: store._closed)
+        wait_for(lambda: store._group._closed)
     closer.join(timeout=30)
     for t in threads:
         t.join(timeout=30)
@@ -223,5 +227,5 @@ def test_close_while_callers_wait_answers_every_one(db_path: Path) -> None:
 
 def test_a_store_that_never_wrote_closes_without_a_writer_thread(db_path: Path) -> None:
     store = SQLiteStore(db_path)
-    assert store._writer is None
+    assert store._group._writer is None
     store.close()

@@ -113,7 +113,7 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
     for route in routes:
         if not isinstance(route, Route) or route.methods is None:
             continue
-        name = route.endpoint.__name__
+        name = route.name
         summary, security, extra, status, schema = OPERATIONS[name]
         for method in sorted(route.methods - {"HEAD"}):
             success: dict[str, Any] = {"description": "success"}

@@ -7,7 +7,8 @@ from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from ..authority import Actor, Authority
 from ..errors import InvalidRequest, NotAuthenticated, NotPermitted
@@ -20,15 +21,28 @@ T = TypeVar("T")
 
 async def read_json(request: Request, *, optional: bool = False) -> dict[str, Any]:
     """The request's JSON object; the body is capped at 64 KiB even without a Content-Length."""
-    check_declared_length(request.headers.get("content-length"))
+    raw = await read_body(request.receive, request.headers.get("content-length"))
+    return parse_json_body(raw, request.headers.get("content-type"), optional=optional)
+
+
+async def read_body(receive: Receive, length: str | None) -> bytes:
+    """The whole body of a request with Content-Length ``length`` (or None), read from the
+    ASGI ``receive`` and capped at :data:`MAX_BODY`, with or without a Content-Length."""
+    check_declared_length(length)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise Problem("body_too_large", f"request body exceeds the {MAX_BODY}-byte limit")
-        chunks.append(chunk)
-    return parse_json_body(b"".join(chunks), request.headers.get("content-type"), optional=optional)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Problem("body_too_large", f"request body exceeds the {MAX_BODY}-byte limit")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_declared_length(length: str | None) -> None:
@@ -125,14 +139,12 @@ def authenticate_scope(authority: Authority, header: str | None, scope: MutableM
     return actor
 
 
-async def as_actor(request: Request, work: Callable[[Actor], T], *, enrolment: bool = False) -> T:
-    """Authenticate and run ``work(actor)`` in one worker-thread hop.
-
-    Enrolment tokens are accepted only where ``enrolment`` is True (certificate requests).
-    """
+async def as_actor(request: Request, work: Callable[[Actor], T]) -> T:
+    """Authenticate and run ``work(actor)`` in one worker-thread hop; enrolment tokens are
+    refused (they may only request the first certificate, :mod:`.issuance`)."""
     def run() -> T:
         actor = authenticate(request)
-        if actor.kind == "enrolment" and not enrolment:
+        if actor.kind == "enrolment":
             raise NotPermitted("an enrolment token may only request the first certificate")
         return work(actor)
 

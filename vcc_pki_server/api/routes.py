@@ -16,8 +16,9 @@ from ..errors import InvalidRequest
 from ..home import cert_pem
 from ..policy import check_service_id
 from . import render
+from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document
-from .requests import as_actor, authenticate, field, query_bool, query_int, read_json
+from .requests import as_actor, field, query_bool, query_int, read_json
 
 PEM = "application/x-pem-file"
 
@@ -36,30 +37,6 @@ def _page(items: list[dict[str, Any]], cursor: Any, limit: int) -> JSONResponse:
 
 
 # -- certificates ---------------------------------------------------------------------------
-ISSUE_PATH = "/api/v1/certificates/request"
-
-
-def issue_arguments(body: dict[str, Any]) -> tuple[str, str, object]:
-    """``(service_id, csr, validity_days)`` of a certificate request's body, checked."""
-    service_id = check_service_id(field(body, "service_id", str))
-    csr = field(body, "csr", str)
-    return service_id, csr or "", body.get("validity_days")
-
-
-async def request_certificate(request: Request) -> Response:
-    # The server normally answers this path from app.IssueFastPath (same checks, same
-    # answers, without Starlette's routing and middleware); this is the route behind it.
-    body = await read_json(request)
-    service_id, csr, validity = issue_arguments(body)
-    authority = _authority(request)
-    # The hot path: no worker-thread hop. Authentication and signing are short CPU-bound work
-    # (store reads use their own connection, never waiting for a commit); the group commit is
-    # awaited without blocking the loop.
-    actor = authenticate(request)
-    issued = await authority.issue_async(service_id, csr, actor=actor, validity_days=validity)
-    return JSONResponse(render.issued(issued), status_code=201)
-
-
 async def list_certificates(request: Request) -> Response:
     authority = _authority(request)
     limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
@@ -264,7 +241,7 @@ async def openapi(request: Request) -> Response:
 
 API = "/api/v1"
 ROUTES: list[BaseRoute] = [
-    Route(ISSUE_PATH, request_certificate, methods=["POST"]),
+    Route(ISSUE_PATH, request_certificate, methods=["POST"], name="request_certificate"),
     Route(f"{API}/certificates/", list_certificates, methods=["GET"]),
     Route(f"{API}/certificates/{{service_id}}", get_certificate, methods=["GET"]),
     Route(f"{API}/certificates/{{service_id}}/download", download_certificate, methods=["GET"]),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 try:
@@ -18,8 +16,8 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("the PostgreSQL store needs psycopg: pip install 'vcc-pki[postgres]'") from exc
 
 from ..errors import CAError, CAUnavailable, Conflict, InvalidRequest
-from . import CertificateRecord, utc_text
-from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore, certificate_rows
+from .group_commit import GroupCommit
+from .sql import SQLStore
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to. The tables and
 # columns are SQLiteStore's: times are RFC 3339 'Z' text (COLLATE "C": sorted and compared as
@@ -155,6 +153,7 @@ class PostgresStore(SQLStore):
         except BaseException:
             self._db.close()
             raise
+        self._group = GroupCommit(self._commit_batch, name="postgres-group-commit")
 
     def __repr__(self) -> str:
         return f"PostgresStore({describe(self.dsn)!r})"
@@ -169,7 +168,9 @@ class PostgresStore(SQLStore):
 
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Close both connections. Idempotent."""
+        """Commit what the writer thread holds, stop it, close both connections. Idempotent."""
+        if hasattr(self, "_group"):
+            self._group.close()
         with self._lock:
             self._closed = True
             self._db.close()
@@ -249,48 +250,10 @@ class PostgresStore(SQLStore):
         """``"ok"`` when the database answers (PostgreSQL checks its own pages)."""
         return "ok" if self._read("SELECT 1")[0][0] == 1 else "no answer"
 
-    # -- certificates -----------------------------------------------------------------------
-    @classmethod
-    def _insert_certificate(cls, db: psycopg.Connection[Row], record: CertificateRecord, actor: str) -> None:
-        row, audit = certificate_rows(record, actor)
-        try:
-            with db.transaction():  # a savepoint, so the constraint error can be reported
-                cls._exec(db, INSERT_CERTIFICATE, row)
-        except pgerrors.UniqueViolation as exc:
-            raise Conflict(f"certificate serial {record.serial} is already in the store: "
-                           f"{_first_line(exc)}") from None
-        except pgerrors.ForeignKeyViolation:
-            raise Conflict(f"certificate serial {record.serial}: service '{record.service_id}' "
-                           "is not registered") from None
-        cls._exec(db, INSERT_AUDIT, audit)
-
-    def add_certificate(self, record: CertificateRecord, *, actor: str,
-                        consume_token: str | None = None, now: datetime | None = None) -> None:
-        """Record an issued certificate; with ``consume_token`` the enrolment token is spent in
-        the same transaction, and a token already spent (by any replica) makes the whole call
-        fail (``Conflict``, code ``invalid_token``). Returns once committed."""
-        with self._write() as db:
-            if consume_token is not None:
-                cur = db.execute("UPDATE tokens SET used_at=%s WHERE token_id=%s AND used_at IS NULL "
-                                 "AND revoked_at IS NULL",
-                                 (utc_text(now or record.issued_at), consume_token))
-                if cur.rowcount != 1:
-                    raise Conflict("enrolment token already used", code="invalid_token")
-            self._insert_certificate(db, record, actor)
-
-    async def add_certificate_async(self, record: CertificateRecord, *, actor: str,
-                                    consume_token: str | None = None,
-                                    now: datetime | None = None) -> None:
-        """:meth:`add_certificate` in a worker thread (no group commit here: PostgreSQL commits
-        concurrent transactions from many connections itself); returns once committed."""
-        await asyncio.to_thread(self.add_certificate, record, actor=actor,
-                                consume_token=consume_token, now=now)
-
-    def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
-        """Record several certificates in one transaction: all or none."""
-        with self._write() as db:
-            for record, actor in records:
-                self._insert_certificate(db, record, actor)
+    @contextmanager
+    def _savepoint(self, db: psycopg.Connection[Row]) -> Iterator[None]:
+        with self._errors(), db.transaction():
+            yield
 
 
 def _first_line(exc: BaseException) -> str:

@@ -88,3 +88,14 @@ def audit_entry(r: Row) -> AuditEntry:
     """A row of :data:`AUDIT_COLUMNS`."""
     return AuditEntry(at=parse_utc(r[0]), actor=r[1], action=r[2], service_id=r[3], serial=r[4],
                       details=json.loads(r[5]))
+
+
+def certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The ``certificates`` row of a record and its ``certificate.issue`` audit row."""
+    issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
+    row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
+           dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
+           record.fingerprint, record.pem, issued_at)
+    audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
+             dumps({"not_after": not_after}))
+    return row, audit

@@ -4,14 +4,14 @@ PostgreSQL, written once with ``?`` placeholders.
 A backend supplies the connection handling (:meth:`SQLStore._write`, :meth:`SQLStore._read`,
 :meth:`SQLStore._exec`, the last two turning ``?`` into its own placeholder) and the few
 spots where the dialects differ: how a duplicate key is reported (:meth:`SQLStore._duplicate`),
-an empty blob literal, locking a row or the CRL sequence across processes. Certificate
-recording (group commit in SQLite, one transaction per call in PostgreSQL) and migrations stay
-with each backend.
+an empty blob literal, locking a row or the CRL sequence across processes. Certificates
+are recorded by group commit (:mod:`.group_commit`) in both; migrations stay with each backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
@@ -31,6 +31,7 @@ from . import (
     parse_utc,
     utc_text,
 )
+from .group_commit import GroupCommit, PendingCertificate
 from .rows import (
     AUDIT_COLUMNS,
     CERT_COLUMNS,
@@ -41,6 +42,7 @@ from .rows import (
     Row,
     audit_entry,
     certificate_record,
+    certificate_rows,
     crl_record,
     opt_text,
     service_params,
@@ -51,17 +53,6 @@ from .rows import (
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
 INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
                       "not_before, not_after, fingerprint, pem, issued_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
-
-
-def certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The ``certificates`` row of a record and its ``certificate.issue`` audit row."""
-    issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
-    row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
-           dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
-           record.fingerprint, record.pem, issued_at)
-    audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
-             dumps({"not_after": not_after}))
-    return row, audit
 
 
 class SQLStore:
@@ -94,6 +85,11 @@ class SQLStore:
     def _duplicate(self, db: Any, message: str) -> AbstractContextManager[None]:
         """Around an INSERT: a duplicate key raises ``Conflict(message)`` and leaves the
         transaction usable."""
+        raise NotImplementedError
+
+    def _savepoint(self, db: Any) -> AbstractContextManager[None]:
+        """Around one certificate of a group commit: if the block raises, its statements are
+        undone, the transaction goes on, and the error is one of the core's."""
         raise NotImplementedError
 
     def _lock_crl_numbers(self, db: Any) -> None:
@@ -176,6 +172,53 @@ class SQLStore:
                                            action=event, service_id=service_id, details=details))
 
     # -- certificates -----------------------------------------------------------------------
+    _group: GroupCommit  # made by each backend's constructor, closed by its close()
+
+    def submit_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None,
+                           now: datetime | None = None) -> Future[None]:
+        """Queue an issued certificate for the group commit; the future settles once it is
+        committed or refused. With ``consume_token`` the enrolment token is spent in the same
+        transaction, and a token already spent (by any process) fails that certificate alone
+        (``Conflict``, code ``invalid_token``)."""
+        return self._group.submit(record, actor=actor, consume_token=consume_token, now=now)
+
+    def add_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None,
+                        now: datetime | None = None) -> None:
+        """:meth:`submit_certificate`, returning once committed."""
+        self.submit_certificate(record, actor=actor, consume_token=consume_token, now=now).result()
+
+    def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
+        """Record several certificates in one transaction: all or none (imports, benchmarks)."""
+        with self._write() as db:
+            for record, actor in records:
+                self._insert_certificate(db, record.serial, *certificate_rows(record, actor))
+
+    def _commit_batch(self, batch: list[PendingCertificate]) -> None:
+        """The group commit's writer: one transaction, a savepoint per certificate."""
+        with self._write() as db:
+            self._record_each(db, batch)
+
+    def _record_each(self, db: Any, items: list[PendingCertificate]) -> None:
+        for item in items:
+            try:
+                with self._savepoint(db):
+                    self._record_certificate(db, item)
+            except Exception as exc:  # this certificate alone fails; its caller gets the error
+                item.error = exc
+
+    def _record_certificate(self, db: Any, item: PendingCertificate) -> None:
+        if item.consume_token is not None:
+            cur = self._exec(db, "UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL "
+                                 "AND revoked_at IS NULL", (item.used_at, item.consume_token))
+            if cur.rowcount != 1:
+                raise Conflict("enrolment token already used", code="invalid_token")
+        self._insert_certificate(db, item.record.serial, item.row, item.audit)
+
+    def _insert_certificate(self, db: Any, serial: str, row: Row, audit: Row) -> None:
+        with self._duplicate(db, f"certificate serial {serial} is already in the store"):
+            self._exec(db, INSERT_CERTIFICATE, row)
+        self._exec(db, INSERT_AUDIT, audit)
+
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?", (serial,))
         return self._cert(rows[0]) if rows else None

@@ -1,24 +1,19 @@
 """SQLiteStore: the embedded store (WAL, one writer at a time, every change audited).
 
 The statements it shares with PostgreSQL are in :mod:`.sql`; here are its schema, its
-connections and locking, and the group commit of issued certificates.
+connections and locking, and its faster way to write a batch of issued certificates.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +23,9 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
-from . import CertificateRecord, utc_text
+from .group_commit import GroupCommit, PendingCertificate
 from .rows import CERT_FROM, service_record, token_record
-from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore, certificate_rows
+from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore
 
 log = logging.getLogger(__name__)
 
@@ -146,54 +141,6 @@ def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]
         db.execute(f"{head} VALUES {','.join([values] * len(chunk))}", [v for row in chunk for v in row])
 
 
-class _PendingCertificate:
-    """One certificate waiting for the group-commit writer thread, its rows made by the caller.
-
-    Its outcome goes to ``future`` (a thread waits on it) or, for an asyncio caller, to
-    ``afuture`` on ``loop`` (settled with one ``call_soon_threadsafe`` per loop and batch).
-    """
-
-    __slots__ = (
-        "afuture",
-        "audit",
-        "consume_token",
-        "error",
-        "future",
-        "loop",
-        "record",
-        "row",
-        "used_at",
-    )
-
-    def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None,
-                 now: datetime | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.record = record
-        self.row, self.audit = certificate_rows(record, actor)
-        self.consume_token = consume_token
-        self.used_at = utc_text(now or record.issued_at)
-        self.error: BaseException | None = None
-        self.loop = loop
-        self.future: Future[None] | None = None
-        self.afuture: asyncio.Future[None] | None = None
-        if loop is None:
-            self.future = Future()
-            self.future.set_running_or_notify_cancel()
-        else:
-            self.afuture = loop.create_future()
-
-
-def _settle(items: list[_PendingCertificate]) -> None:
-    """In an event loop: hand each asyncio caller its outcome."""
-    for item in items:
-        assert item.afuture is not None
-        if item.afuture.done():  # the caller stopped waiting (cancelled)
-            continue
-        if item.error is None:
-            item.afuture.set_result(None)
-        else:
-            item.afuture.set_exception(item.error)
-
-
 class SQLiteStore(SQLStore):
     """The default :class:`~vcc_pki_server.store.Store`: one SQLite file in WAL mode.
 
@@ -204,11 +151,11 @@ class SQLiteStore(SQLStore):
     workers) queue on SQLite's lock instead of failing. ``synchronous=FULL``: a committed
     certificate survives a power loss, not only a crash.
 
-    Group commit: :meth:`add_certificate` hands its record to one writer thread, which puts
-    every record waiting at that moment into one transaction (one fsync) with a SAVEPOINT per
-    record, so a record that fails (a spent enrolment token, a duplicate serial) fails alone.
-    Each caller returns, or raises, only once its own record is committed or refused. Batches
-    form by themselves while a commit is in flight; no caller waits for others to arrive.
+    Group commit (:mod:`.group_commit`): :meth:`submit_certificate` hands its record to one
+    writer thread, which puts every record waiting at that moment into one transaction (one
+    fsync) with a SAVEPOINT per record, so a record that fails (a spent enrolment token, a
+    duplicate serial) fails alone; each future settles once its own record is committed or
+    refused. Batches form by themselves while a commit is in flight; nobody waits for others.
 
     Writers of all store objects on one database (``--workers N``) also queue on an ``flock``
     of ``<db>-writer.lock``, which hands over at once where SQLite's busy handler would sleep.
@@ -243,13 +190,7 @@ class SQLiteStore(SQLStore):
             raise
         self._reader = self._connect(timeout)
         self._reader.execute("PRAGMA query_only=ON")
-        # Group commit: records waiting for the writer thread, and whether it may still take some.
-        self._pending: deque[_PendingCertificate] = deque()
-        self._pending_cv = threading.Condition(threading.Lock())
-        self._writer: threading.Thread | None = None
-        self._closed = False
-        # asyncio callers' records not yet handed to the writer, per event loop.
-        self._loop_batches: dict[asyncio.AbstractEventLoop, list[_PendingCertificate]] = {}
+        self._group = GroupCommit(self._commit_batch, name="sqlite-group-commit", max_batch=self.MAX_BATCH)
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
@@ -260,12 +201,7 @@ class SQLiteStore(SQLStore):
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         """Commit what the writer thread holds, stop it, close both connections. Idempotent."""
-        with self._pending_cv:
-            self._closed = True
-            writer = self._writer
-            self._pending_cv.notify_all()
-        if writer is not None and writer is not threading.current_thread():
-            writer.join()
+        self._group.close()
         with self._lock:
             self._db.close()
         with self._read_lock:
@@ -368,83 +304,7 @@ class SQLiteStore(SQLStore):
     _token = staticmethod(functools.lru_cache(maxsize=512)(token_record))
 
     # -- certificates -----------------------------------------------------------------------
-    def _insert_certificate(self, db: sqlite3.Connection, record: CertificateRecord, actor: str) -> None:
-        row, audit = certificate_rows(record, actor)
-        try:
-            db.execute(INSERT_CERTIFICATE, row)
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"certificate serial {record.serial} is already in the store: {exc}") from None
-        db.execute(INSERT_AUDIT, audit)
-
-    def add_certificate(self, record: CertificateRecord, *, actor: str,
-                        consume_token: str | None = None, now: datetime | None = None) -> None:
-        """Record an issued certificate; with ``consume_token`` the enrolment token is spent in
-        the same transaction, and a token already spent makes the whole call fail (Conflict).
-
-        Returns once the record is committed (group commit, see the class docs)."""
-        item = _PendingCertificate(record, actor, consume_token, now)
-        self._submit(item)
-        assert item.future is not None
-        item.future.result()
-
-    async def add_certificate_async(self, record: CertificateRecord, *, actor: str,
-                                    consume_token: str | None = None,
-                                    now: datetime | None = None) -> None:
-        """:meth:`add_certificate` for a coroutine: the event loop runs on while the record
-        waits for its commit; returns (or raises) once it is committed (or refused)."""
-        loop = asyncio.get_running_loop()
-        item = _PendingCertificate(record, actor, consume_token, now, loop)
-        if self._closed:
-            raise RuntimeError("the store is closed")
-        # Records submitted during one pass of the event loop go to the writer together, with
-        # one wake-up, at the start of the next pass (no timer, no added wait).
-        queued = self._loop_batches.setdefault(loop, [])
-        queued.append(item)
-        if len(queued) == 1:
-            loop.call_soon(self._flush_loop_batch, loop)
-        assert item.afuture is not None
-        await item.afuture
-
-    def _flush_loop_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        items = self._loop_batches.pop(loop, [])
-        try:
-            self._submit(*items)
-        except RuntimeError as exc:  # closed meanwhile
-            for item in items:
-                item.error = exc
-            _settle(items)
-
-    def _submit(self, *items: _PendingCertificate) -> None:
-        with self._pending_cv:
-            if self._closed:
-                raise RuntimeError("the store is closed")
-            self._pending.extend(items)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="sqlite-group-commit",
-                                                daemon=True)
-                self._writer.start()
-            else:
-                self._pending_cv.notify()
-
-    def _write_loop(self) -> None:
-        """The writer thread: commit batches of pending certificates until the store closes."""
-        while True:
-            with self._pending_cv:
-                while not self._pending and not self._closed:
-                    self._pending_cv.wait()
-                if not self._pending:  # closed, and nothing left to commit
-                    return
-                batch = [self._pending.popleft()
-                         for _ in range(min(len(self._pending), self.MAX_BATCH))]
-            try:
-                self._commit_batch(batch)
-            except BaseException as exc:  # BEGIN or COMMIT failed: nothing of this batch is stored
-                # (The writer thread goes on: every later caller still gets an answer.)
-                for item in batch:
-                    item.error = exc
-            self._answer(batch)
-
-    def _commit_batch(self, batch: list[_PendingCertificate]) -> None:
+    def _commit_batch(self, batch: list[PendingCertificate]) -> None:
         """One transaction for the whole batch; each item's ``error`` says whether it failed.
 
         Fast path: the records that spend no token go in with one multi-row INSERT per table
@@ -466,49 +326,19 @@ class SQLiteStore(SQLStore):
         with self._write() as db:
             self._record_each(db, batch)
 
-    def _record_each(self, db: sqlite3.Connection, items: list[_PendingCertificate]) -> None:
-        for item in items:
-            db.execute("SAVEPOINT item")
-            try:
-                self._record_certificate(db, item)
-            except Exception as exc:
-                db.execute("ROLLBACK TO item")
-                item.error = exc
-            db.execute("RELEASE item")
-
-    @staticmethod
-    def _answer(batch: list[_PendingCertificate]) -> None:
-        """Wake the callers: threads through their futures, each event loop once per batch."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[_PendingCertificate]] = {}
-        for item in batch:
-            if item.loop is not None:
-                by_loop.setdefault(item.loop, []).append(item)
-            elif item.future is not None:
-                if item.error is None:
-                    item.future.set_result(None)
-                else:
-                    item.future.set_exception(item.error)
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, items)
-
-    def _record_certificate(self, db: sqlite3.Connection, item: _PendingCertificate) -> None:
-        if item.consume_token is not None:
-            cur = db.execute("UPDATE tokens SET used_at=? WHERE token_id=? AND used_at IS NULL "
-                             "AND revoked_at IS NULL", (item.used_at, item.consume_token))
-            if cur.rowcount != 1:
-                raise Conflict("enrolment token already used", code="invalid_token")
+    @contextmanager
+    def _savepoint(self, db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("SAVEPOINT item")
         try:
-            db.execute(INSERT_CERTIFICATE, item.row)
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"certificate serial {item.record.serial} is already in the store: {exc}") from None
-        db.execute(INSERT_AUDIT, item.audit)
-
-    def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
-        """Record several certificates in one transaction (one fsync): group commit."""
-        with self._write() as db:
-            for record, actor in records:
-                self._insert_certificate(db, record, actor)
+            yield
+        except sqlite3.IntegrityError as exc:  # e.g. a service that is not registered
+            db.execute("ROLLBACK TO item")
+            raise Conflict(f"the change conflicts with the stored data: {exc}") from None
+        except BaseException:
+            db.execute("ROLLBACK TO item")
+            raise
+        finally:
+            db.execute("RELEASE item")
 
     # Up to this many revoked (or expired) certificates, a status=revoked (expired) page is
     # found from those rows and sorted, rather than by walking every certificate in id order.

@@ -1,0 +1,169 @@
+"""``POST /api/v1/certificates/request``: the one handler of certificate requests.
+
+Certificate requests are nearly all of a busy server's traffic. The handler is a plain ASGI
+callable (registered in the route table, reached by the edge's direct dispatch): on the event
+loop it only reads and parses the body; who asks, the policy check and the signature happen in
+the :class:`Issuer`'s thread, and the store records the certificate in its group commit. No
+store call (token, service and certificate reads included) runs on the event loop, so a
+database that stops answering stalls certificate requests, not the server.
+
+Hops are batched both ways: the issuer's thread takes every request waiting when it wakes,
+and answers reach the loop through one mailbox, woken once per batch rather than once per
+request (``loop.call_soon_threadsafe`` writes to the loop's self-pipe each time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from ..authority import Authority, Issued
+from ..policy import check_service_id
+from . import render
+from .requests import authenticate_scope, field, parse_json_body, read_body
+
+log = logging.getLogger(__name__)
+
+ISSUE_PATH = "/api/v1/certificates/request"
+
+# What JSONResponse renders (starlette.responses.JSONResponse.render), with one encoder.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+def issue_arguments(body: dict[str, Any]) -> tuple[str, str, object]:
+    """``(service_id, csr, validity_days)`` of a certificate request's body, checked."""
+    service_id = check_service_id(field(body, "service_id", str))
+    csr = field(body, "csr", str)
+    return service_id, csr or "", body.get("validity_days")
+
+
+class RequestCertificate:
+    """Parse, then hand the request to the issuer; 201 with the certificate and its chain.
+
+    Errors are raised for the edge to answer (problem documents, access log). A class so that
+    Starlette's ``Route`` takes it for the ASGI callable it is."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = content_type = authorization = None
+        for name, value in scope["headers"]:  # the first of each, as Request.headers.get
+            if name == b"content-length":
+                if length is None:
+                    length = value.decode("latin-1")
+            elif name == b"content-type":
+                if content_type is None:
+                    content_type = value.decode("latin-1")
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+        raw = await read_body(receive, length)
+        service_id, csr, validity = issue_arguments(parse_json_body(raw, content_type))
+        issuer: Issuer = scope["app"].state.issuer
+        issued = await issuer.issue(authorization, scope, service_id, csr, validity)
+        body = _JSON.encode(render.issued(issued)).encode("utf-8")
+        await send({"type": "http.response.start", "status": 201,
+                    "headers": [(b"content-length", str(len(body)).encode("latin-1")), _JSON_TYPE]})
+        await send({"type": "http.response.body", "body": body})
+
+
+request_certificate = RequestCertificate()
+
+
+class _Mailbox:
+    """Answers for one event loop, posted from any thread, delivered in batches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]] = []
+
+    def post(self, waiter: asyncio.Future[Issued], outcome: Future[Issued] | BaseException) -> None:
+        with self._lock:
+            self._items.append((waiter, outcome))
+            first = len(self._items) == 1
+        if first:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for waiter, outcome in items:
+            if waiter.done():  # the request was cancelled (client gone, shutdown)
+                continue
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            elif (error := outcome.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(outcome.result())
+
+
+_Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, object]
+
+
+class Issuer:
+    """One thread per process that authenticates, checks and signs certificate requests."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self._jobs: deque[_Job] = deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+        self._closed = False
+
+    async def issue(self, authorization: str | None, scope: Scope, service_id: str, csr: str,
+                    validity_days: object) -> Issued:
+        """The certificate, once recorded; raises what :meth:`Authority.issue` raises."""
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes.setdefault(loop, _Mailbox(loop))
+        waiter: asyncio.Future[Issued] = loop.create_future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the issuer is closed")
+            self._jobs.append((mailbox, waiter, authorization, scope, service_id, csr, validity_days))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="issuer", daemon=True)
+                self._thread.start()
+            else:
+                self._cv.notify()
+        return await waiter
+
+    def close(self) -> None:
+        """Finish the requests taken, then stop the thread. Idempotent."""
+        with self._cv:
+            self._closed = True
+            thread = self._thread
+            self._cv.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        authority = self.authority
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for mailbox, waiter, authorization, scope, service_id, csr, validity in jobs:
+                try:
+                    actor = authenticate_scope(authority, authorization, scope)
+                    recorded = authority.submit_issue(service_id, csr, actor=actor, validity_days=validity)
+                except BaseException as exc:
+                    mailbox.post(waiter, exc)
+                    continue
+                recorded.add_done_callback(functools.partial(mailbox.post, waiter))
