@@ -7,11 +7,12 @@ decides what that actor may do, so both front ends share one set of rules (SPEC 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -286,11 +287,8 @@ class Authority:
             after=after))
 
     def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
-                consume_token: str | None = None, template: LeafTemplate | None = None) -> Issued:
-        issued = self._issued(service_id, cert, template)
-        with self._recording(issued, actor):
-            self.store.add_certificate(issued.record, actor=actor.label, consume_token=consume_token)
-        return issued
+                template: LeafTemplate | None = None) -> Issued:
+        return self.record_issued([(self._issued(service_id, cert, template), actor)])[0].result()
 
     def _issued(self, service_id: str, cert: x509.Certificate,
                 template: LeafTemplate | None = None) -> Issued:
@@ -317,9 +315,10 @@ class Authority:
             log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
                      record.service_id, record.serial, utc_text(record.not_after), actor.label)
 
-    def _sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-                      validity_days: object) -> Issued:
-        """Check who asks, the CSR and the policy; sign. Nothing is recorded yet."""
+    def sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+                     validity_days: object = None) -> Issued:
+        """Check who asks, the CSR and the policy; sign. Nothing is recorded yet: that is
+        :meth:`record_issued`, and a certificate is handed out only once recorded."""
         self._require(actor, service_id, "request a certificate", enrolment=True)
         service = self.service(service_id)
         csr, public_key = load_csr_key(csr_pem)
@@ -328,36 +327,39 @@ class Authority:
         cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 
-    def submit_issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-                     validity_days: object = None) -> Future[Issued]:
-        """Check and sign in the calling thread, then queue the certificate for the store's
-        group commit; the future settles once it is recorded (or refused).
+    def record_issued(self, batch: Sequence[tuple[Issued, Actor]]) -> list[Future[Issued]]:
+        """Queue signed certificates for the store's group commit, all at once (so that they
+        share a transaction); each future settles once its certificate is recorded or refused.
 
-        An enrolment token is spent only when the certificate is recorded: a refused request
-        leaves it usable, and two concurrent uses cannot both get a certificate.
+        An enrolment actor's token is spent in the same transaction: a refused request leaves
+        it usable, and two concurrent uses cannot both get a certificate (the second is 401).
         """
-        issued = self._sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
-        token = actor.token_id if actor.kind == "enrolment" else None
-        stored = self.store.submit_certificate(issued.record, actor=actor.label, consume_token=token)
-        result: Future[Issued] = Future()
-        result.set_running_or_notify_cancel()
+        stored = self.store.submit_certificates(
+            [(issued.record, actor.label, actor.token_id if actor.kind == "enrolment" else None)
+             for issued, actor in batch])
+        results: list[Future[Issued]] = []
+        for (issued, actor), done in zip(batch, stored, strict=True):
+            result: Future[Issued] = Future()
+            result.set_running_or_notify_cancel()
+            done.add_done_callback(functools.partial(self._settle, issued, actor, result))
+            results.append(result)
+        return results
 
-        def recorded(done: Future[None]) -> None:
-            try:
-                with self._recording(issued, actor):
-                    done.result()
-            except BaseException as exc:
-                result.set_exception(exc)
-            else:
-                result.set_result(issued)
-
-        stored.add_done_callback(recorded)
-        return result
+    def _settle(self, issued: Issued, actor: Actor, result: Future[Issued], done: Future[None]) -> None:
+        try:
+            with self._recording(issued, actor):
+                done.result()
+        except BaseException as exc:
+            result.set_exception(exc)
+        else:
+            result.set_result(issued)
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
               validity_days: object = None) -> Issued:
-        """Issue a certificate from a CSR for ``service_id``: :meth:`submit_issue`, waited for."""
-        return self.submit_issue(service_id, csr_pem, actor=actor, validity_days=validity_days).result()
+        """Issue a certificate from a CSR for ``service_id`` (:meth:`sign_request`, then
+        :meth:`record_issued`); returns once it is recorded."""
+        issued = self.sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
+        return self.record_issued([(issued, actor)])[0].result()
 
     def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
                        san_ip: Iterable[str] = (), key_type: str = "rsa-2048",

@@ -248,7 +248,7 @@ def test_a_token_is_consumed_exactly_once_by_eight_concurrent_writers(store: Sto
         barrier.wait()
         try:
             writers[index % 4].add_certificate(records[index], actor="enrolment",
-                                               consume_token=token("alpha").token_id, now=NOW)
+                                               consume_token=token("alpha").token_id)
             outcomes[index] = "ok"
         except Conflict as exc:
             outcomes[index] = exc.code

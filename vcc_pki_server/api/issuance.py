@@ -8,25 +8,26 @@ store call (token, service and certificate reads included) runs on the event loo
 database that stops answering stalls certificate requests, not the server.
 
 Hops are batched both ways: the issuer's thread takes every request waiting when it wakes,
-and answers reach the loop through one mailbox, woken once per batch rather than once per
-request (``loop.call_soon_threadsafe`` writes to the loop's self-pipe each time).
+signs them, waits for the store's group commit of the batch, and answers the whole batch
+through one mailbox per event loop, woken once per batch rather than once per request
+(``loop.call_soon_threadsafe`` writes to the loop's self-pipe each time; thread hand-overs
+under the GIL cost more than the work they move, measured in docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ..authority import Authority, Issued
+from ..authority import Actor, Authority, Issued
 from ..policy import check_service_id
 from . import render
 from .requests import authenticate_scope, field, parse_json_body, read_body
@@ -85,10 +86,10 @@ class _Mailbox:
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]] = []
 
-    def post(self, waiter: asyncio.Future[Issued], outcome: Future[Issued] | BaseException) -> None:
+    def post(self, answers: list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]) -> None:
         with self._lock:
-            self._items.append((waiter, outcome))
-            first = len(self._items) == 1
+            first = not self._items
+            self._items += answers
         if first:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 self.loop.call_soon_threadsafe(self._deliver)
@@ -159,11 +160,30 @@ class Issuer:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
+            # Sign the whole batch, hand it to the store's group commit at once (one transaction),
+            # wait, and answer it all: one wake-up of each event loop per batch, not per request.
+            answers: dict[_Mailbox, list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]] = {}
+            signed: list[tuple[Issued, Actor]] = []
+            waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]] = []
             for mailbox, waiter, authorization, scope, service_id, csr, validity in jobs:
+                answers.setdefault(mailbox, [])
                 try:
                     actor = authenticate_scope(authority, authorization, scope)
-                    recorded = authority.submit_issue(service_id, csr, actor=actor, validity_days=validity)
+                    signed.append((authority.sign_request(service_id, csr, actor=actor,
+                                                          validity_days=validity), actor))
                 except BaseException as exc:
-                    mailbox.post(waiter, exc)
-                    continue
-                recorded.add_done_callback(functools.partial(mailbox.post, waiter))
+                    answers[mailbox].append((waiter, exc))
+                else:
+                    waiting.append((mailbox, waiter))
+            if signed:
+                recorded: list[Future[Issued] | BaseException]
+                try:
+                    recorded = list(authority.record_issued(signed))
+                except BaseException as exc:  # the store is closed
+                    recorded = [exc] * len(signed)
+                wait([r for r in recorded if isinstance(r, Future)])
+                for (mailbox, waiter), outcome in zip(waiting, recorded, strict=True):
+                    answers[mailbox].append((waiter, outcome))
+            for mailbox, batch in answers.items():
+                if batch:
+                    mailbox.post(batch)

@@ -17,7 +17,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import datetime
 
 from . import CertificateRecord, utc_text
 from .rows import certificate_rows
@@ -30,12 +29,11 @@ class PendingCertificate:
 
     __slots__ = ("audit", "consume_token", "error", "future", "record", "row", "used_at")
 
-    def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None,
-                 now: datetime | None) -> None:
+    def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None) -> None:
         self.record = record
         self.row, self.audit = certificate_rows(record, actor)
         self.consume_token = consume_token
-        self.used_at = utc_text(now or record.issued_at)
+        self.used_at = utc_text(record.issued_at)
         self.error: BaseException | None = None
         self.future: Future[None] = Future()
         self.future.set_running_or_notify_cancel()
@@ -54,20 +52,18 @@ class GroupCommit:
         self._writer: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None,
-               now: datetime | None = None) -> Future[None]:
-        """Queue ``record``; the future settles once it is committed (or refused)."""
-        item = PendingCertificate(record, actor, consume_token, now)
+    def submit(self, items: list[PendingCertificate]) -> list[Future[None]]:
+        """Queue ``items`` together; each future settles once committed (or refused)."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the store is closed")
-            self._pending.append(item)
+            self._pending.extend(items)
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name=self._name, daemon=True)
                 self._writer.start()
             else:
                 self._cv.notify()
-        return item.future
+        return [item.future for item in items]
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread. Idempotent."""

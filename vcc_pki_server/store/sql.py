@@ -10,7 +10,7 @@ are recorded by group commit (:mod:`.group_commit`) in both; migrations stay wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -25,6 +25,7 @@ from . import (
     CertificateRecord,
     CRLRecord,
     Health,
+    NewCertificate,
     ServiceRecord,
     TokenRecord,
     dumps,
@@ -174,18 +175,16 @@ class SQLStore:
     # -- certificates -----------------------------------------------------------------------
     _group: GroupCommit  # made by each backend's constructor, closed by its close()
 
-    def submit_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None,
-                           now: datetime | None = None) -> Future[None]:
-        """Queue an issued certificate for the group commit; the future settles once it is
-        committed or refused. With ``consume_token`` the enrolment token is spent in the same
-        transaction, and a token already spent (by any process) fails that certificate alone
-        (``Conflict``, code ``invalid_token``)."""
-        return self._group.submit(record, actor=actor, consume_token=consume_token, now=now)
+    def submit_certificates(self, batch: Sequence[NewCertificate]) -> list[Future[None]]:
+        """Queue issued certificates for the group commit, all in one go (so that they share a
+        transaction); each future settles once its certificate is committed or refused. A
+        token to consume is spent in the same transaction, and a token already spent (by any
+        process) fails that certificate alone (``Conflict``, code ``invalid_token``)."""
+        return self._group.submit([PendingCertificate(record, actor, token) for record, actor, token in batch])
 
-    def add_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None,
-                        now: datetime | None = None) -> None:
-        """:meth:`submit_certificate`, returning once committed."""
-        self.submit_certificate(record, actor=actor, consume_token=consume_token, now=now).result()
+    def add_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None) -> None:
+        """Record one certificate; returns once it is committed."""
+        self.submit_certificates([(record, actor, consume_token)])[0].result()
 
     def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
         """Record several certificates in one transaction: all or none (imports, benchmarks)."""
