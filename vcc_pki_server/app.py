@@ -15,7 +15,7 @@ from starlette.types import ASGIApp
 
 from .api.edge import Edge
 from .api.issuance import ISSUE_PATH, Issuer
-from .api.routes import ROUTES
+from .api.routes import ROUTES, StoreProbe
 from .authority import Authority
 
 log = logging.getLogger("vcc_pki_server.api")
@@ -30,6 +30,7 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
     regenerated before its nextUpdate by a periodic check every ``crl_refresh_seconds``."""
     jobs = list(background or [])
     issuer = Issuer(authority)
+    probe = StoreProbe(authority.store)
 
     async def refresh_crl() -> None:
         while True:
@@ -53,7 +54,8 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await run_in_threadpool(issuer.close)
+            probe.close()
 
     direct = [r for r in ROUTES if isinstance(r, Route) and r.path == ISSUE_PATH]
-    return Edge(Router(ROUTES, lifespan=lifespan), state=State({"authority": authority, "issuer": issuer}),
-                direct=direct)
+    state = State({"authority": authority, "issuer": issuer, "probe": probe})
+    return Edge(Router(ROUTES, lifespan=lifespan), state=state, direct=direct)

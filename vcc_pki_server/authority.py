@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import tokens
 from .ca import REASONS, CertificateAuthority, LeafTemplate, generate_key, leaf_subject_text
+from .encoding import pem_text
 from .errors import CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound, NotPermitted, UnknownService
 from .policy import Policy, check_public_key, check_service_id, is_ip, load_csr_key, normalize_sans
 from .store import (
@@ -33,7 +34,6 @@ from .store import (
     ServiceRecord,
     Store,
     TokenRecord,
-    pem_text,
     utc_text,
 )
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .authority import Actor, Authority, Issued, Settings, utc_now
 from .ca import CAPrivateKey, CertificateAuthority, create_intermediate, create_root, generate_key
+from .encoding import cert_pem
 from .errors import CAError, CAUnavailable
 from .policy import Policy
 from .store import Store
@@ -123,10 +124,6 @@ def key_pem(key: Any, password: str | None) -> bytes:
         serialization.BestAvailableEncryption(password.encode()) if password
         else serialization.NoEncryption())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)  # type: ignore[no-any-return]
-
-
-def cert_pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 class Home:

@@ -20,8 +20,10 @@ from cryptography import x509
 from . import logs, passwords
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
+from .bootstrap import initialize
+from .encoding import cert_pem
 from .errors import CAError
-from .home import Home, cert_pem, write_file
+from .home import Home, write_file
 from .mtls import server_ssl_context, uvicorn_config
 
 log = logging.getLogger("vcc_pki_server.server")
@@ -62,8 +64,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def dev_init(home: Home) -> str:
     """Create a dev CA in an empty home; return the intermediate password. Prints an admin token once."""
-    from .cli import initialize
-
     root_password, ca_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     print(f"vcc-pki-server: creating a dev CA in {home.root} (EC P-384 root, EC P-256 intermediate)",
           file=sys.stderr)

@@ -27,8 +27,9 @@ from starlette.routing import Route
 
 from support import RunningServer, free_port, tls_context
 from vcc_pki_server.authority import Actor, Authority
+from vcc_pki_server.encoding import cert_pem
 from vcc_pki_server.health import HealthChecker, probe_refusal
-from vcc_pki_server.home import Home, cert_pem, key_pem
+from vcc_pki_server.home import Home, key_pem
 from vcc_pki_server.mtls import peer_certificate_der, server_ssl_context, uvicorn_config
 from vcc_pki_server.store import ServiceRecord
 from vcc_pki_server.store.sqlite import SQLiteStore

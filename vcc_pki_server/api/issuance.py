@@ -8,8 +8,8 @@ store call (token, service and certificate reads included) runs on the event loo
 database that stops answering stalls certificate requests, not the server.
 
 Hops are batched both ways: the issuer's thread takes every request waiting when it wakes,
-signs them, waits for the store's group commit of the batch, and answers the whole batch
-through one mailbox per event loop, woken once per batch rather than once per request
+signs them and hands them to the store's group commit together; once the batch is recorded
+its answers reach each event loop through one mailbox, woken once per batch rather than once per request
 (``loop.call_soon_threadsafe`` writes to the loop's self-pipe each time; thread hand-overs
 under the GIL cost more than the work they move, measured in docs/performance.md).
 """
@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 from collections import deque
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -160,30 +160,57 @@ class Issuer:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
-            # Sign the whole batch, hand it to the store's group commit at once (one transaction),
-            # wait, and answer it all: one wake-up of each event loop per batch, not per request.
-            answers: dict[_Mailbox, list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]] = {}
+            # Sign the whole batch and hand it to the store's group commit at once (one
+            # transaction); its answers go back together once all are recorded, while this
+            # thread signs the next batch.
+            refused: list[_Answer] = []
             signed: list[tuple[Issued, Actor]] = []
             waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]] = []
             for mailbox, waiter, authorization, scope, service_id, csr, validity in jobs:
-                answers.setdefault(mailbox, [])
                 try:
                     actor = authenticate_scope(authority, authorization, scope)
                     signed.append((authority.sign_request(service_id, csr, actor=actor,
                                                           validity_days=validity), actor))
                 except BaseException as exc:
-                    answers[mailbox].append((waiter, exc))
+                    refused.append((mailbox, waiter, exc))
                 else:
                     waiting.append((mailbox, waiter))
+            if refused:
+                _post(refused)
             if signed:
-                recorded: list[Future[Issued] | BaseException]
                 try:
-                    recorded = list(authority.record_issued(signed))
+                    recorded = authority.record_issued(signed)
                 except BaseException as exc:  # the store is closed
-                    recorded = [exc] * len(signed)
-                wait([r for r in recorded if isinstance(r, Future)])
-                for (mailbox, waiter), outcome in zip(waiting, recorded, strict=True):
-                    answers[mailbox].append((waiter, outcome))
-            for mailbox, batch in answers.items():
-                if batch:
-                    mailbox.post(batch)
+                    _post([(mailbox, waiter, exc) for mailbox, waiter in waiting])
+                    continue
+                _AnswerWhenRecorded(waiting, recorded)
+
+
+_Answer = tuple[_Mailbox, "asyncio.Future[Issued]", "Future[Issued] | BaseException"]
+
+
+def _post(answers: list[_Answer]) -> None:
+    by_loop: dict[_Mailbox, list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]] = {}
+    for mailbox, waiter, outcome in answers:
+        by_loop.setdefault(mailbox, []).append((waiter, outcome))
+    for mailbox, batch in by_loop.items():
+        mailbox.post(batch)
+
+
+class _AnswerWhenRecorded:
+    """Posts a batch's answers once the last of its certificates is recorded (or refused)."""
+
+    def __init__(self, waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]],
+                 recorded: list[Future[Issued]]) -> None:
+        self._answers: list[_Answer] = [(m, w, r) for (m, w), r in zip(waiting, recorded, strict=True)]
+        self._left = len(recorded)
+        self._lock = threading.Lock()
+        for outcome in recorded:
+            outcome.add_done_callback(self._one_done)
+
+    def _one_done(self, _: Future[Issued]) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            _post(self._answers)

@@ -9,7 +9,7 @@ from typing import Any
 from cryptography import x509
 
 from ..authority import Issued
-from ..home import cert_pem
+from ..encoding import cert_pem
 from ..store import CertificateRecord, ServiceRecord, utc_text
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cryptography import x509
@@ -12,9 +14,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..authority import Actor, Authority
+from ..encoding import cert_pem
 from ..errors import InvalidRequest
-from ..home import cert_pem
 from ..policy import check_service_id
+from ..store import Store
 from . import render
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document
@@ -222,17 +225,40 @@ async def crl(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    authority = _authority(request)
-
-    def check() -> dict[str, Any]:
-        number = authority.store.latest_crl_number()
-        return {"status": "ok", "database": "ok", "ca": "loaded", "crl_number": number}
-
+    """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503."""
+    probe: StoreProbe = request.app.state.probe
     try:
-        body = await run_in_threadpool(check)
+        number = await probe.crl_number()
+    except TimeoutError:
+        return JSONResponse({"status": "unavailable", "database": "unavailable", "ca": "loaded",
+                             "detail": f"the database did not answer within {probe.timeout:g} s"},
+                            status_code=503)
     except Exception as exc:  # readiness: a broken store makes the server not ready
-        return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-    return JSONResponse(body)
+        return JSONResponse({"status": "unavailable", "database": "unavailable", "ca": "loaded",
+                             "detail": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ok", "database": "ok", "ca": "loaded", "crl_number": number})
+
+
+class StoreProbe:
+    """Asks the store one cheap question (the latest CRL number) in a thread of its own, so
+    that a database that hangs neither blocks the event loop nor takes the worker threads
+    other requests need. At most one question is in flight: while it hangs, every health
+    check waits on it for at most ``timeout`` seconds, and none queues another."""
+
+    def __init__(self, store: Store, *, timeout: float = 0.5) -> None:
+        self.store = store
+        self.timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
+        self._asking: Future[int] | None = None
+
+    async def crl_number(self) -> int:
+        asking = self._asking
+        if asking is None or asking.done():  # a fresh answer for every check that finds none pending
+            asking = self._asking = self._executor.submit(self.store.latest_crl_number)
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking)), self.timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def openapi(request: Request) -> Response:

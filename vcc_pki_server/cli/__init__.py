@@ -21,8 +21,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from ..bootstrap import Initialised, initialize
 from ..errors import CAError
-from .ca_commands import Initialised, initialize
 from .output import print_error, silence_stdout
 from .parser import Command, build_parser
 

@@ -6,14 +6,10 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-
 from .. import passwords
-from ..authority import Actor, Authority, utc_now
+from ..authority import Authority
 from ..errors import CAError
 from ..home import Home
-from ..store import AuditEntry
 
 
 def existing_home(args: argparse.Namespace) -> Home:
@@ -48,15 +44,3 @@ def open_authority(args: argparse.Namespace, *, sign: bool) -> Iterator[tuple[Ho
         yield home, authority
     finally:
         authority.store.close()
-
-
-def audit(home: Home, action: str, cert: x509.Certificate, key_type: str) -> None:
-    """Record the creation of a CA key pair (the store records everything else itself)."""
-    store = home.open_store()
-    try:
-        store.audit(AuditEntry(at=utc_now(), actor=Actor.operator().label, action=action,
-                               serial=format(cert.serial_number, "x"),
-                               details={"key_type": key_type,
-                                        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()}))
-    finally:
-        store.close()

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,18 +10,18 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..authority import Actor, Issued
+from ..authority import Actor
+from ..bootstrap import initialize, key_type_label, record_key_creation, refuse_existing_ca
 from ..errors import CAError, CAUnavailable, InvalidRequest
 from ..home import Config, Home
 from ..policy import normalize_sans
-from ..store import CRLRecord, utc_text
-from .access import audit, ca_password, existing_home, root_password
+from ..store import utc_text
+from .access import ca_password, existing_home, root_password
 from .output import (
     JSON,
     PROG,
     ca_certificate_json,
     crl_json,
-    key_type_label,
     print_fields,
     print_json,
     progress,
@@ -46,7 +42,7 @@ def cmd_ca_init_root(args: argparse.Namespace) -> int:
     cert = home.create_root(password, key_type=args.key_type)
     if not home.config_file.exists():
         home.save_config(Config())
-    audit(home, "ca.init-root", cert, args.key_type)
+    record_key_creation(home, "ca.init-root", cert, args.key_type)
     return show_ca_certificate(args, "root CA", cert, home.root_cert)
 
 
@@ -61,7 +57,7 @@ def cmd_ca_create_intermediate(args: argparse.Namespace) -> int:
     ca_pw = ca_password(args, confirm=True)
     progress(f"generating {key_type_label(args.key_type)} intermediate key...")
     cert = home.create_intermediate(root_pw, ca_pw, key_type=args.key_type)
-    audit(home, "ca.create-intermediate", cert, args.key_type)
+    record_key_creation(home, "ca.create-intermediate", cert, args.key_type)
     authority = home.authority(ca_pw)
     try:
         progress("publishing the first CRL...")
@@ -115,84 +111,6 @@ def cmd_ca_info(args: argparse.Namespace) -> int:
 
 
 # -- init -------------------------------------------------------------------------------------
-@attrs.frozen
-class Initialised:
-    root: x509.Certificate
-    intermediate: x509.Certificate
-    server: Issued
-    crl: CRLRecord
-
-
-def initialize(home: Home, config: Config, *, root_password: str, ca_password: str,
-               root_key_type: str = "rsa-4096", intermediate_key_type: str = "rsa-2048",
-               report: Callable[[str], None] = progress) -> Initialised:
-    """Create a complete CA home (config, root, intermediate, server certificate, first CRL).
-
-    Everything is built in a staging folder beside ``home`` and moved into place at the end,
-    so a failure (or Ctrl-C) leaves the home as it was. Raises :class:`CAError` if the home
-    already has a CA.
-    """
-    refuse_existing_ca(home)
-    parent = home.root.absolute().parent
-    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{home.root.name}.init-", dir=parent))
-    try:
-        stage = Home(staging)
-        stage.ensure()
-        stage.save_config(config)
-        report(f"generating {key_type_label(root_key_type)} root key...")
-        root = stage.create_root(root_password, key_type=root_key_type)
-        audit(stage, "ca.init-root", root, root_key_type)
-        report(f"generating {key_type_label(intermediate_key_type)} intermediate key...")
-        intermediate = stage.create_intermediate(root_password, ca_password, key_type=intermediate_key_type)
-        audit(stage, "ca.create-intermediate", intermediate, intermediate_key_type)
-        authority = stage.authority(ca_password)
-        try:
-            report("issuing the server certificate...")
-            server = stage.issue_server_certificate(authority, config)
-            report("publishing the first CRL...")
-            crl = authority.generate_crl(actor=Actor.operator())
-        finally:
-            authority.store.close()
-        move_into_place(staging, home)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return Initialised(root, intermediate, server, crl)
-
-
-def refuse_existing_ca(home: Home) -> None:
-    if home.has_root() or home.has_intermediate():
-        raise CAError(f"{home.root} already has a CA; refusing to touch it")
-    for path in (home.db, home.server_dir, home.services_dir):
-        if path.exists():
-            raise CAError(f"{home.root} already holds {path.name} (from an earlier run?); "
-                          "use an empty folder as --home")
-
-
-def move_into_place(staging: Path, home: Home) -> None:
-    """Move a staged home into ``home``: one rename if it does not exist yet, else entry by entry
-    with ``ca/`` last (a home without ``ca/`` counts as uninitialised)."""
-    target = home.root
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    refuse_existing_ca(home)
-    names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "ca")
-    moved: list[str] = []
-    try:
-        for name in names:
-            os.replace(staging / name, target / name)
-            moved.append(name)
-    except OSError:
-        for name in reversed(moved):
-            if name != "config.toml":
-                os.rename(target / name, staging / name)
-        raise
-    os.chmod(target, 0o700)
-    staging.rmdir()
-
-
 def check_public_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
@@ -215,7 +133,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     ca_pw = ca_password(args, confirm=True)
     done = initialize(home, config, root_password=root_pw, ca_password=ca_pw,
                       root_key_type=args.root_key_type,
-                      intermediate_key_type=args.intermediate_key_type)
+                      intermediate_key_type=args.intermediate_key_type, report=progress)
     server = done.server.record
     data: JSON = {
         "home": str(home.root.absolute()), "public_url": config.public_url,

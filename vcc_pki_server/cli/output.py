@@ -71,12 +71,6 @@ def key_label(key: object) -> str:
     return type(key).__name__
 
 
-def key_type_label(key_type: str) -> str:
-    """``rsa-4096`` -> ``RSA-4096``, ``ec-p384`` -> ``EC P-384``."""
-    kind, _, size = key_type.partition("-")
-    return f"RSA-{size}" if kind == "rsa" else f"EC {size.upper()[0]}-{size[1:]}"
-
-
 def sans_text(record: CertificateRecord | ServiceRecord) -> str:
     return ", ".join([*record.san_dns, *record.san_ip]) or "-"
 

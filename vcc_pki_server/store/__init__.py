@@ -8,7 +8,6 @@ audit-log row inside that transaction.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -19,6 +18,8 @@ from typing import Any, Protocol
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from ..encoding import pem_text
 
 
 def utc_text(moment: datetime) -> str:
@@ -38,13 +39,6 @@ def parse_utc(text: str) -> datetime:
     if len(text) == 20 and text[4] == "-" and text[10] == "T" and text[19] == "Z" and text[:4].isdigit():
         return datetime.fromisoformat(text)
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
-def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
-    """RFC 7468 PEM of ``der`` (64-character lines), as ``public_bytes(Encoding.PEM)`` writes it."""
-    b64 = base64.b64encode(der).decode("ascii")
-    body = "\n".join([b64[i:i + 64] for i in range(0, len(b64), 64)])
-    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,19 @@
+"""PEM text of certificates and other DER: one way to write it, used by the store, the API and the CLI."""
+
+from __future__ import annotations
+
+import base64
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
+    """RFC 7468 PEM of ``der`` (64-character lines), as ``public_bytes(Encoding.PEM)`` writes it."""
+    b64 = base64.b64encode(der).decode("ascii")
+    body = "\n".join([b64[i:i + 64] for i in range(0, len(b64), 64)])
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+def cert_pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
