@@ -34,6 +34,7 @@ from .store import (
     ServiceRecord,
     Store,
     TokenRecord,
+    current_certificate,
     utc_text,
 )
 
@@ -265,10 +266,9 @@ class Authority:
     def current(self, service_id: str) -> CertificateRecord:
         """The service's current certificate: the newest one that is valid now."""
         self.service(service_id)
-        now = self.clock()
-        for record in self.store.certificates_for(service_id):
-            if record.status(now) == "valid":
-                return record
+        record = current_certificate(self.store.certificates_for(service_id), self.clock())
+        if record is not None:
+            return record
         raise NotFound(f"service '{service_id}' has no valid certificate", code="unknown_certificate")
 
     def certificates(self, service_id: str) -> list[CertificateRecord]:

@@ -17,7 +17,6 @@ from .ca import IPAddress, LeafPublicKey, LeafTemplate
 from .errors import InvalidCSR, InvalidRequest, PolicyRefused
 
 SERVICE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # A whole name of such labels, dot-separated: one match instead of one per label.
 _NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)  # SPEC §3: leaf EC keys are P-256 or P-384
@@ -91,13 +90,9 @@ def check_public_key(key: object) -> LeafPublicKey:
     raise InvalidCSR(f"unsupported key type {type(key).__name__}")
 
 
-def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
-    """Parse a PEM (or DER) CSR and check its self-signature and key; raise InvalidCSR otherwise."""
-    return load_csr_key(data)[0]
-
-
 def load_csr_key(data: str | bytes) -> tuple[x509.CertificateSigningRequest, LeafPublicKey]:
-    """:func:`load_csr`, and the checked public key (each ``public_key()`` call decodes it anew)."""
+    """Parse a PEM (or DER) CSR and check its self-signature and key (InvalidCSR otherwise);
+    the CSR and its checked public key (each ``public_key()`` call decodes it anew)."""
     raw = data.encode() if isinstance(data, str) else data
     try:
         csr = (x509.load_pem_x509_csr(raw) if raw.lstrip().startswith(b"-----")

@@ -14,9 +14,13 @@ from cryptography.x509.oid import NameOID
 
 from support import make_csr
 from vcc_pki_server.errors import InvalidCSR, InvalidRequest, PolicyRefused
-from vcc_pki_server.policy import Policy, check_service_id, load_csr, normalize_dns_name, normalize_sans
+from vcc_pki_server.policy import Policy, check_service_id, load_csr_key, normalize_dns_name, normalize_sans
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def load_csr(data: str | bytes) -> x509.CertificateSigningRequest:
+    return load_csr_key(data)[0]
 
 
 # --- service ids -----------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from .. import render
 from ..authority import Actor, Authority, Issued
 from ..policy import check_service_id
-from . import render
 from .requests import authenticate_scope, field, parse_json_body, read_body
 
 log = logging.getLogger(__name__)

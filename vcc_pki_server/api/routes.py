@@ -13,12 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .. import render
 from ..authority import Actor, Authority
 from ..encoding import cert_pem
 from ..errors import InvalidRequest
 from ..policy import check_service_id
-from ..store import Store
-from . import render
+from ..store import Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document
 from .requests import as_actor, field, query_bool, query_int, read_json
@@ -146,7 +146,7 @@ async def register_service(request: Request) -> Response:
                 **fields)
             out = render.service(record, now=now)
             out["enrolment_token"] = token.value
-            out["enrolment_token_expires_at"] = render._t(token.record.expires_at)
+            out["enrolment_token_expires_at"] = opt_text(token.record.expires_at)
             return 201, out
         changes = {k: body[k] for k in (*_REGISTRY_FIELDS, "san_dns", "san_ip") if k in body}
         record = authority.update_service(service_id, changes, actor=actor)
@@ -181,7 +181,7 @@ async def new_enrolment_token(request: Request) -> Response:
     authority = _authority(request)
     token = await as_actor(request, lambda actor: authority.new_enrolment_token(service_id, actor=actor))
     return JSONResponse({"service_id": service_id, "enrolment_token": token.value,
-                         "expires_at": render._t(token.record.expires_at)}, status_code=201)
+                         "expires_at": opt_text(token.record.expires_at)}, status_code=201)
 
 
 # -- public ---------------------------------------------------------------------------------

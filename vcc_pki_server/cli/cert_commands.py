@@ -11,7 +11,7 @@ from ..authority import Actor, Authority, Issued
 from ..ca import REASONS
 from ..errors import InvalidRequest, NotFound
 from ..home import Home, write_file
-from ..store import CertificateRecord, utc_text
+from ..store import CertificateRecord, current_certificate, utc_text
 from .access import open_authority
 from .output import PROG, certificate_json, key_label, print_fields, print_json, print_table, progress, sans_text
 
@@ -76,7 +76,7 @@ def cmd_cert_info(args: argparse.Namespace) -> int:
     if not records:
         raise NotFound(f"service '{args.service_id}' has no certificates", code="unknown_certificate")
     # The current certificate (newest valid one), else the newest whatever its status.
-    record = next((r for r in records if r.status(now) == "valid"), records[0])
+    record = current_certificate(records, now) or records[0]
     cert = record.certificate()
     data = {**certificate_json(record, now), "key": key_label(cert.public_key()),
             "issuer": cert.issuer.rfc4514_string()}

@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ..store import CertificateRecord, CRLRecord, ServiceRecord, TokenRecord, utc_text
+from .. import render
+from ..store import CertificateRecord, CRLRecord, ServiceRecord, TokenRecord, opt_text, utc_text
 
 PROG = "pki-admin"
 JSON = dict[str, Any]
@@ -56,10 +57,6 @@ def print_fields(pairs: Sequence[tuple[str, str]]) -> None:
         print(f"{key.ljust(width)}  {value}")
 
 
-def opt_time(moment: datetime | None) -> str | None:
-    return utc_text(moment) if moment is not None else None
-
-
 def key_label(key: object) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA-{key.key_size}"
@@ -77,14 +74,7 @@ def sans_text(record: CertificateRecord | ServiceRecord) -> str:
 
 # -- JSON shapes (SPEC §5 formats: RFC 3339 'Z' times, lowercase hex serials) ---------------
 def certificate_json(record: CertificateRecord, now: datetime) -> JSON:
-    return {
-        "service_id": record.service_id, "serial_number": record.serial, "subject": record.subject,
-        "san_dns": list(record.san_dns), "san_ip": list(record.san_ip),
-        "not_before": utc_text(record.not_before), "not_after": utc_text(record.not_after),
-        "status": record.status(now), "fingerprint_sha256": record.fingerprint,
-        "issued_at": utc_text(record.issued_at), "revoked_at": opt_time(record.revoked_at),
-        "revocation_reason": record.revocation_reason,
-    }
+    return render.certificate(record, now)
 
 
 def ca_certificate_json(cert: x509.Certificate, path: Path) -> JSON:
@@ -97,19 +87,9 @@ def ca_certificate_json(cert: x509.Certificate, path: Path) -> JSON:
 
 
 def service_json(record: ServiceRecord, current: CertificateRecord | None) -> JSON:
-    health = record.health
-    return {
-        "service_id": record.service_id, "service_name": record.service_name,
-        "endpoints": list(record.endpoints), "health_check_url": record.health_check_url,
-        "version": record.version, "owner": record.owner, "metadata": record.metadata,
-        "san_dns": list(record.san_dns), "san_ip": list(record.san_ip),
-        "created_at": utc_text(record.created_at), "updated_at": utc_text(record.updated_at),
-        "health": {"status": health.status, "last_checked": opt_time(health.last_checked),
-                   "last_error": health.last_error,
-                   "consecutive_failures": health.consecutive_failures},
-        "current_certificate": None if current is None else {
-            "serial_number": current.serial, "not_after": utc_text(current.not_after)},
-    }
+    """The API's shape of a service, and its current certificate's serial and expiry."""
+    return {**render.service(record), "current_certificate": None if current is None else {
+        "serial_number": current.serial, "not_after": utc_text(current.not_after)}}
 
 
 def token_status(record: TokenRecord, now: datetime) -> str:
@@ -127,8 +107,8 @@ def token_json(record: TokenRecord, now: datetime) -> JSON:
     return {
         "token_id": record.token_id, "kind": record.kind, "name": record.name,
         "service_id": record.service_id, "created_at": utc_text(record.created_at),
-        "expires_at": opt_time(record.expires_at), "used_at": opt_time(record.used_at),
-        "revoked_at": opt_time(record.revoked_at), "status": token_status(record, now),
+        "expires_at": opt_text(record.expires_at), "used_at": opt_text(record.used_at),
+        "revoked_at": opt_text(record.revoked_at), "status": token_status(record, now),
     }
 
 

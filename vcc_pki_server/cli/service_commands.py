@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 
 from ..authority import Actor, Authority
-from ..store import CertificateRecord, ServiceRecord, utc_text
+from ..store import ServiceRecord, current_certificate, opt_text, utc_text
 from .access import open_authority
-from .output import JSON, certificate_json, opt_time, print_fields, print_json, print_table, sans_text, service_json
-
-
-def current_certificate(authority: Authority, service_id: str, now: datetime) -> CertificateRecord | None:
-    return next((r for r in authority.store.certificates_for(service_id) if r.status(now) == "valid"), None)
+from .output import JSON, certificate_json, print_fields, print_json, print_table, sans_text, service_json
 
 
 def cmd_service_register(args: argparse.Namespace) -> int:
@@ -24,7 +19,7 @@ def cmd_service_register(args: argparse.Namespace) -> int:
         record, token = authority.register_service(
             args.service_id, service_name=args.name, san_dns=args.san_dns, san_ip=args.san_ip,
             actor=Actor.operator(), **fields)
-    expires = opt_time(token.record.expires_at)
+    expires = opt_text(token.record.expires_at)
     if args.json:
         print_json({**service_json(record, None), "enrolment_token": token.value,
                     "enrolment_token_id": token.record.token_id,
@@ -50,7 +45,7 @@ def all_services(authority: Authority, healthy: bool | None) -> list[ServiceReco
 def cmd_service_list(args: argparse.Namespace) -> int:
     with open_authority(args, sign=False) as (_, authority):
         now = authority.clock()
-        entries = [(s, current_certificate(authority, s.service_id, now))
+        entries = [(s, current_certificate(authority.store.certificates_for(s.service_id), now))
                    for s in all_services(authority, True if args.healthy else None)]
     if args.json:
         print_json([service_json(s, c) for s, c in entries])
@@ -59,7 +54,7 @@ def cmd_service_list(args: argparse.Namespace) -> int:
     else:
         print_table(("SERVICE ID", "NAME", "HEALTH", "LAST CHECKED", "CERT SERIAL", "CERT EXPIRES"),
                     [(s.service_id, s.service_name, s.health.status,
-                      opt_time(s.health.last_checked) or "-", c.serial if c else "-",
+                      opt_text(s.health.last_checked) or "-", c.serial if c else "-",
                       utc_text(c.not_after) if c else "-") for s, c in entries])
     return 0
 
@@ -69,7 +64,7 @@ def cmd_service_info(args: argparse.Namespace) -> int:
         record = authority.service(args.service_id)
         history = authority.certificates(args.service_id)
         now = authority.clock()
-    current = next((r for r in history if r.status(now) == "valid"), None)
+    current = current_certificate(history, now)
     data = {**service_json(record, current),
             "certificates": [certificate_json(r, now) for r in history]}
     if args.json:
@@ -81,7 +76,7 @@ def cmd_service_info(args: argparse.Namespace) -> int:
         ("SAN allow-list", sans_text(record)), ("endpoints", ", ".join(record.endpoints) or "-"),
         ("health check", record.health_check_url or "-"), ("owner", record.owner or "-"),
         ("version", record.version or "-"),
-        ("health", f"{health.status} (checked {opt_time(health.last_checked) or 'never'}"
+        ("health", f"{health.status} (checked {opt_text(health.last_checked) or 'never'}"
                    f"{', ' + health.last_error if health.last_error else ''})"),
         ("registered", utc_text(record.created_at)),
     ])

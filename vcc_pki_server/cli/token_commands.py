@@ -6,9 +6,9 @@ import argparse
 
 from .. import tokens
 from ..authority import Actor
-from ..store import utc_text
+from ..store import opt_text, utc_text
 from .access import open_authority
-from .output import opt_time, print_json, print_table, progress, token_json, token_status
+from .output import print_json, print_table, progress, token_json, token_status
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     else:
         print_table(("TOKEN ID", "KIND", "NAME / SERVICE", "CREATED", "EXPIRES", "STATUS"),
                     [(r.token_id, r.kind, r.name or r.service_id or "-", utc_text(r.created_at),
-                      opt_time(r.expires_at) or "never", token_status(r, now)) for r in records])
+                      opt_text(r.expires_at) or "never", token_status(r, now)) for r in records])
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -31,6 +31,11 @@ def utc_text(moment: datetime) -> str:
     # %-formatting: three times faster than strftime, and this runs several times a request.
     return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (moment.year, moment.month, moment.day,
                                                moment.hour, moment.minute, moment.second)
+
+
+def opt_text(moment: datetime | None) -> str | None:
+    """:func:`utc_text`, or None for None."""
+    return utc_text(moment) if moment is not None else None
 
 
 def parse_utc(text: str) -> datetime:
@@ -121,6 +126,12 @@ class CertificateRecord:
 
     def certificate(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.pem.encode())
+
+
+def current_certificate(records: Iterable[CertificateRecord], now: datetime) -> CertificateRecord | None:
+    """The current one of a service's certificates, newest first (as :meth:`Store.certificates_for`
+    returns them): the newest valid at ``now``, or None."""
+    return next((r for r in records if r.status(now) == "valid"), None)
 
 
 @attrs.frozen(kw_only=True)

@@ -6,7 +6,17 @@ import json
 from datetime import datetime
 from typing import Any
 
-from . import AuditEntry, CertificateRecord, CRLRecord, Health, ServiceRecord, TokenRecord, dumps, parse_utc, utc_text
+from . import (
+    AuditEntry,
+    CertificateRecord,
+    CRLRecord,
+    Health,
+    ServiceRecord,
+    TokenRecord,
+    dumps,
+    parse_utc,
+    utc_text,
+)
 
 Row = tuple[Any, ...]
 
@@ -24,10 +34,6 @@ AUDIT_COLUMNS = "at, actor, action, service_id, serial, details"
 
 def opt_time(text: str | None) -> datetime | None:
     return parse_utc(text) if text else None
-
-
-def opt_text(moment: datetime | None) -> str | None:
-    return utc_text(moment) if moment else None
 
 
 def service_params(s: ServiceRecord) -> Row:
@@ -59,13 +65,6 @@ def certificate_record(r: Row) -> CertificateRecord:
     )
 
 
-def token_params(token: TokenRecord) -> Row:
-    """The values of an INSERT of ``tokens`` in :data:`TOKEN_COLUMNS` order."""
-    return (token.token_id, token.kind, token.secret_hash, token.name, token.service_id,
-            utc_text(token.created_at), opt_text(token.expires_at), opt_text(token.used_at),
-            opt_text(token.revoked_at))
-
-
 def token_record(r: Row) -> TokenRecord:
     """A row of :data:`TOKEN_COLUMNS`."""
     return TokenRecord(token_id=r[0], kind=r[1], secret_hash=r[2], name=r[3], service_id=r[4],
@@ -77,11 +76,6 @@ def crl_record(r: Row) -> CRLRecord:
     """A row of :data:`CRL_COLUMNS`."""
     return CRLRecord(number=int(r[0]), this_update=parse_utc(r[1]), next_update=parse_utc(r[2]),
                      der=bytes(r[3]), entries=r[4])
-
-
-def audit_params(entry: AuditEntry) -> Row:
-    return (utc_text(entry.at), entry.actor, entry.action, entry.service_id, entry.serial,
-            dumps(entry.details))
 
 
 def audit_entry(r: Row) -> AuditEntry:

@@ -29,6 +29,7 @@ from . import (
     ServiceRecord,
     TokenRecord,
     dumps,
+    opt_text,
     parse_utc,
     utc_text,
 )
@@ -45,7 +46,6 @@ from .rows import (
     certificate_record,
     certificate_rows,
     crl_record,
-    opt_text,
     service_params,
     service_record,
     token_record,

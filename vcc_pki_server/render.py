@@ -1,4 +1,5 @@
-"""JSON shapes of the API's answers (SPEC §5): serials and fingerprints lowercase hex, RFC 3339 times."""
+"""JSON shapes of certificates and services (SPEC §5), written once for the API's answers and
+``pki-admin --json``: serials and fingerprints lowercase hex, RFC 3339 times."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ from typing import Any
 
 from cryptography import x509
 
-from ..authority import Issued
-from ..encoding import cert_pem
-from ..store import CertificateRecord, ServiceRecord, utc_text
-
-
-def _t(moment: datetime | None) -> str | None:
-    return utc_text(moment) if moment is not None else None
+from .authority import Issued
+from .encoding import cert_pem
+from .store import CertificateRecord, ServiceRecord, current_certificate, opt_text
 
 
 def issued(result: Issued) -> dict[str, Any]:
@@ -24,8 +21,8 @@ def issued(result: Issued) -> dict[str, Any]:
         "serial_number": record.serial,
         "certificate": record.pem,
         "chain": _chain_text(result.chain),
-        "not_before": _t(record.not_before),
-        "not_after": _t(record.not_after),
+        "not_before": opt_text(record.not_before),
+        "not_after": opt_text(record.not_after),
         "fingerprint_sha256": record.fingerprint,
     }
 
@@ -43,18 +40,19 @@ def certificate(record: CertificateRecord, now: datetime) -> dict[str, Any]:
         "subject": record.subject,
         "san_dns": list(record.san_dns),
         "san_ip": list(record.san_ip),
-        "not_before": _t(record.not_before),
-        "not_after": _t(record.not_after),
-        "issued_at": _t(record.issued_at),
+        "not_before": opt_text(record.not_before),
+        "not_after": opt_text(record.not_after),
+        "issued_at": opt_text(record.issued_at),
         "status": record.status(now),
         "fingerprint_sha256": record.fingerprint,
-        "revoked_at": _t(record.revoked_at),
+        "revoked_at": opt_text(record.revoked_at),
         "revocation_reason": record.revocation_reason,
     }
 
 
 def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | None = None,
-            now: datetime) -> dict[str, Any]:
+            now: datetime | None = None) -> dict[str, Any]:
+    """A registry entry; with ``certificates`` (and ``now``, to tell which are valid), them too."""
     body: dict[str, Any] = {
         "service_id": record.service_id,
         "service_name": record.service_name,
@@ -65,18 +63,19 @@ def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | No
         "metadata": record.metadata,
         "san_dns": list(record.san_dns),
         "san_ip": list(record.san_ip),
-        "created_at": _t(record.created_at),
-        "updated_at": _t(record.updated_at),
+        "created_at": opt_text(record.created_at),
+        "updated_at": opt_text(record.updated_at),
         "health": {
             "status": record.health.status,
-            "last_checked": _t(record.health.last_checked),
+            "last_checked": opt_text(record.health.last_checked),
             "last_error": record.health.last_error,
             "consecutive_failures": record.health.consecutive_failures,
         },
     }
     if certificates is not None:
+        assert now is not None, "certificates are rendered with their status at a time"
         # Current (newest valid) first, then the rest newest first.
-        valid = [c for c in certificates if c.status(now) == "valid"]
-        rest = [c for c in certificates if c not in valid[:1]]
-        body["certificates"] = [certificate(c, now) for c in valid[:1] + rest]
+        current = current_certificate(certificates, now)
+        first = [] if current is None else [current]
+        body["certificates"] = [certificate(c, now) for c in first + [c for c in certificates if c is not current]]
     return body
