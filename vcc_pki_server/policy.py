@@ -175,10 +175,11 @@ class Policy:
     max_validity_days: int = 365
     backdate: timedelta = timedelta(minutes=5)
 
-    def validity(self, requested_days: object, now: datetime) -> tuple[datetime, datetime]:
-        """``(not_before, not_after)`` for a request; a lifetime above the maximum is refused."""
+    def validity(self, requested_days: int | None, now: datetime) -> tuple[datetime, datetime]:
+        """``(not_before, not_after)`` for a request; a lifetime under a day or above the
+        maximum is refused. (The HTTP layer checks that JSON gave an integer.)"""
         days = self.default_validity_days if requested_days is None else requested_days
-        if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        if days < 1:
             raise InvalidRequest(f"validity_days must be a positive integer, got {requested_days!r}")
         if days > self.max_validity_days:
             raise InvalidRequest(
@@ -232,7 +233,7 @@ class Policy:
 
     def template(self, service_id: str, allow_dns: Iterable[str], allow_ip: Iterable[str],
                  csr: x509.CertificateSigningRequest, *, now: datetime,
-                 validity_days: object = None) -> LeafTemplate:
+                 validity_days: int | None = None) -> LeafTemplate:
         """The leaf template for a checked CSR (see :func:`load_csr`)."""
         cn, dns, ips = csr_names(csr)
         try:

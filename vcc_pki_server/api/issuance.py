@@ -41,11 +41,11 @@ _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separ
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
-def issue_arguments(body: dict[str, Any]) -> tuple[str, str, object]:
+def issue_arguments(body: dict[str, Any]) -> tuple[str, str, int | None]:
     """``(service_id, csr, validity_days)`` of a certificate request's body, checked."""
     service_id = check_service_id(field(body, "service_id", str))
     csr = field(body, "csr", str)
-    return service_id, csr or "", body.get("validity_days")
+    return service_id, csr or "", field(body, "validity_days", int, required=False)
 
 
 class RequestCertificate:
@@ -108,7 +108,7 @@ class _Mailbox:
                 waiter.set_result(outcome.result())
 
 
-_Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, object]
+_Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, "int | None"]
 
 
 class Issuer:
@@ -123,7 +123,7 @@ class Issuer:
         self._closed = False
 
     async def issue(self, authorization: str | None, scope: Scope, service_id: str, csr: str,
-                    validity_days: object) -> Issued:
+                    validity_days: int | None) -> Issued:
         """The certificate, once recorded; raises what :meth:`Authority.issue` raises."""
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)

@@ -84,7 +84,7 @@ async def renew_certificate(request: Request) -> Response:
     service_id = _service_id(request)
     body = await read_json(request, optional=True)
     csr = field(body, "csr", str, required=False)
-    validity = body.get("validity_days")
+    validity = field(body, "validity_days", int, required=False)
     authority = _authority(request)
     issued = await as_actor(request, lambda actor: authority.renew(
         service_id, actor=actor, csr_pem=csr, validity_days=validity))
@@ -136,21 +136,20 @@ async def register_service(request: Request) -> Response:
         raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     authority = _authority(request)
 
+    field(body, "service_name", str, required=False)
+    fields = {k: body[k] for k in known if k in body and k != "service_id"}
+    for name in ("san_dns", "san_ip"):
+        if name in fields:
+            fields[name] = _str_list(body, name)
+
     def work(actor: Actor) -> tuple[int, dict[str, Any]]:
-        now = authority.clock()
-        if actor.is_admin:
-            fields = {k: body[k] for k in _REGISTRY_FIELDS if k in body and k != "service_name"}
-            record, token = authority.register_service(
-                service_id, service_name=field(body, "service_name", str, required=False),
-                san_dns=_str_list(body, "san_dns"), san_ip=_str_list(body, "san_ip"), actor=actor,
-                **fields)
-            out = render.service(record, now=now)
-            out["enrolment_token"] = token.value
-            out["enrolment_token_expires_at"] = opt_text(token.record.expires_at)
-            return 201, out
-        changes = {k: body[k] for k in (*_REGISTRY_FIELDS, "san_dns", "san_ip") if k in body}
-        record = authority.update_service(service_id, changes, actor=actor)
-        return 200, render.service(record, now=now)
+        record, token = authority.register(service_id, fields, actor=actor)
+        out = render.service(record)
+        if token is None:
+            return 200, out
+        out["enrolment_token"] = token.value
+        out["enrolment_token_expires_at"] = opt_text(token.record.expires_at)
+        return 201, out
 
     status, out = await as_actor(request, work)
     return JSONResponse(out, status_code=status)

@@ -1,0 +1,91 @@
+"""The authority's shared ground: who asks (:class:`Actor`), what it holds (store, CA, policy,
+settings, clock) and the one rule every use case applies first (:meth:`AuthorityBase._require`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+import attrs
+from cryptography import x509
+
+from ..ca import CertificateAuthority
+from ..errors import CAUnavailable, NotPermitted
+from ..policy import Policy
+from ..store import CertificateRecord, Store
+
+log = logging.getLogger("vcc_pki_server.authority")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@attrs.frozen(kw_only=True)
+class Actor:
+    """Who asks. ``kind``: operator (local CLI), admin (API token), service (mTLS), enrolment."""
+
+    kind: str
+    label: str
+    service_id: str | None = None
+    token_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind in ("operator", "admin", "system")
+
+    @classmethod
+    def operator(cls) -> Actor:
+        return cls(kind="operator", label="cli")
+
+    @classmethod
+    def system(cls, what: str) -> Actor:
+        return cls(kind="system", label=what)
+
+
+@attrs.frozen
+class Issued:
+    """A certificate handed out, already recorded in the store."""
+
+    certificate: x509.Certificate
+    record: CertificateRecord
+    chain: tuple[x509.Certificate, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Authority settings from ``config.toml`` (``[policy]``)."""
+
+    crl_validity: timedelta = timedelta(days=7)
+    enrolment_token_ttl: timedelta = timedelta(hours=24)
+    crl_cache_ttl: float = 2.0  # seconds a server trusts its cached CRL before asking the store
+
+
+class AuthorityBase:
+    """What every part of :class:`~vcc_pki_server.authority.Authority` stands on."""
+
+    def __init__(self, store: Store, ca: CertificateAuthority | None, *, policy: Policy | None = None,
+                 settings: Settings | None = None, clock: Clock = utc_now) -> None:
+        self.store = store
+        self._ca = ca
+        self.policy = policy or Policy()
+        self.settings = settings or Settings()
+        self.clock = clock
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        if self._ca is None:
+            raise CAUnavailable("the CA key is not loaded")
+        return self._ca
+
+    @staticmethod
+    def _require(actor: Actor, service_id: str, what: str, *, enrolment: bool = False) -> None:
+        if actor.is_admin:
+            return
+        if actor.kind == "enrolment" and not enrolment:
+            # SPEC §4: an enrolment token buys the first certificate, once, and nothing else.
+            raise NotPermitted(f"an enrolment token may only request the first certificate, not {what}")
+        if actor.service_id != service_id:
+            raise NotPermitted(f"{actor.label} may not {what} for service '{service_id}'")

@@ -1,0 +1,116 @@
+"""Revocation and the CRL: revoking certificates, and signing, caching and refreshing the CRL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from ..ca import REASONS
+from ..encoding import pem_text
+from ..errors import InvalidRequest, NotFound
+from ..store import CertificateRecord, CRLRecord, utc_text
+from .base import Actor, log
+from .issuance import Issuance
+
+
+class Revocation(Issuance):
+    """Revoking, and the CRL every revocation is published in (cached in memory briefly)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._crl_cache: tuple[float, CRLRecord] | None = None
+        self._crl_lock = threading.Lock()
+        self._crl_pem: tuple[int, bytes] | None = None
+
+    def revoke(self, service_id: str, *, reason: str = "unspecified", serial: str | None = None,
+               actor: Actor) -> CertificateRecord:
+        """Revoke ``serial`` (or the service's current certificate) and publish a new CRL."""
+        self._require(actor, service_id, "revoke certificates")
+        if reason not in REASONS:
+            raise InvalidRequest(f"unknown revocation reason {reason!r}; use one of {', '.join(REASONS)}")
+        if serial is None:
+            target = self.current(service_id)
+        else:
+            self.service(service_id)
+            record = self.store.get_certificate(serial.lower().lstrip("0") or "0")
+            if record is None or record.service_id != service_id:
+                raise NotFound(f"service '{service_id}' has no certificate with serial {serial}",
+                               code="unknown_certificate")
+            target = record
+        revoked = self.store.revoke_certificate(target.serial, reason=reason, at=self.clock(),
+                                                actor=actor.label)
+        log.info("certificate revoked service_id=%s serial=%s reason=%s actor=%s", service_id,
+                 revoked.serial, reason, actor.label)
+        if self._ca is not None:
+            self.generate_crl(actor=actor)
+        return revoked
+
+    def generate_crl(self, *, actor: Actor) -> CRLRecord:
+        """Sign and store a new CRL of every revoked certificate."""
+        ca = self.ca
+        now = self.clock()
+        next_update = now + self.settings.crl_validity
+
+        def build(number: int, revoked: list[tuple[str, datetime, str]]) -> CRLRecord:
+            crl = ca.build_crl([(int(s, 16), at, reason) for s, at, reason in revoked],
+                               number=number, this_update=now, next_update=next_update)
+            return CRLRecord(number=number, this_update=now, next_update=next_update,
+                             der=crl.public_bytes(serialization.Encoding.DER), entries=len(revoked))
+
+        crl = self.store.new_crl(build, actor=actor.label)
+        with self._crl_lock:
+            self._crl_cache = (time.monotonic(), crl)
+        log.info("CRL generated number=%d entries=%d next_update=%s", crl.number, crl.entries,
+                 utc_text(crl.next_update))
+        return crl
+
+    def cached_crl(self) -> CRLRecord | None:
+        """The cached CRL while it is younger than ``crl_cache_ttl`` (no store access, so an
+        event loop may call it), else None: then call :meth:`crl`."""
+        cached = self._crl_cache
+        if cached is not None and time.monotonic() - cached[0] < self.settings.crl_cache_ttl:
+            return cached[1]
+        return None
+
+    def cached_crl_pem(self, crl: CRLRecord) -> bytes | None:
+        """:meth:`crl_pem` if it is already made, else None."""
+        cached = self._crl_pem
+        return cached[1] if cached is not None and cached[0] == crl.number else None
+
+    def crl_pem(self, crl: CRLRecord) -> bytes:
+        """``crl`` as PEM, made once per CRL number (a 100k-entry CRL is 5 MB)."""
+        cached = self.cached_crl_pem(crl)
+        if cached is not None:
+            return cached
+        pem = pem_text(crl.der, "X509 CRL").encode("ascii")
+        self._crl_pem = (crl.number, pem)
+        return pem
+
+    def crl(self) -> CRLRecord:
+        """The newest stored CRL, cached for ``crl_cache_ttl`` seconds; one is made if none exists."""
+        with self._crl_lock:
+            cached = self._crl_cache
+        if cached is not None and time.monotonic() - cached[0] < self.settings.crl_cache_ttl:
+            return cached[1]
+        if cached is not None and self.store.latest_crl_number() == cached[1].number:
+            with self._crl_lock:
+                self._crl_cache = (time.monotonic(), cached[1])
+            return cached[1]
+        crl = self.store.latest_crl()
+        if crl is None:
+            return self.generate_crl(actor=Actor.system("crl"))
+        with self._crl_lock:
+            self._crl_cache = (time.monotonic(), crl)
+        return crl
+
+    def refresh_crl_if_due(self) -> CRLRecord | None:
+        """Regenerate the CRL once half its lifetime has passed, well before nextUpdate."""
+        crl = self.store.latest_crl()
+        now = self.clock()
+        if crl is None or now >= crl.this_update + (crl.next_update - crl.this_update) / 2:
+            return self.generate_crl(actor=Actor.system("crl-refresh"))
+        return None

@@ -1,0 +1,181 @@
+"""Issuance: signing certificates from CSRs (or for keys made here) and recording them."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from datetime import timedelta
+from typing import Any
+
+from cryptography import x509
+
+from ..ca import LeafTemplate, generate_key, leaf_subject_text
+from ..errors import CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound
+from ..policy import check_public_key, check_service_id, is_ip, load_csr_key
+from ..store import CertificateQuery, CertificateRecord, current_certificate, utc_text
+from .base import Actor, Issued, log
+from .tokens import Tokens
+
+
+class Issuance(Tokens):
+    """Certificates: the current one, listings, issuing, renewing."""
+
+    def current(self, service_id: str) -> CertificateRecord:
+        """The service's current certificate: the newest one that is valid now."""
+        self.service(service_id)
+        record = current_certificate(self.store.certificates_for(service_id), self.clock())
+        if record is not None:
+            return record
+        raise NotFound(f"service '{service_id}' has no valid certificate", code="unknown_certificate")
+
+    def certificates(self, service_id: str) -> list[CertificateRecord]:
+        self.service(service_id)
+        return self.store.certificates_for(service_id)
+
+    def list_certificates(self, *, service_id: str | None = None, status: str | None = None,
+                          expiring_within_days: int | None = None, limit: int = 100,
+                          after: int | None = None) -> list[CertificateRecord]:
+        if status not in (None, "valid", "revoked", "expired"):
+            raise InvalidRequest(f"status must be valid, revoked or expired, got {status!r}")
+        now = self.clock()
+        expiring = now + timedelta(days=expiring_within_days) if expiring_within_days is not None else None
+        return self.store.list_certificates(CertificateQuery(
+            service_id=service_id, status=status, expiring_before=expiring, now=now, limit=limit,
+            after=after))
+
+    def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
+                template: LeafTemplate | None = None) -> Issued:
+        return self.record_issued([(self._issued(service_id, cert, template), actor)])[0].result()
+
+    def _issued(self, service_id: str, cert: x509.Certificate,
+                template: LeafTemplate | None = None) -> Issued:
+        """The record of a certificate just signed (from ``template``, the SANs it was given)."""
+        if template is None:
+            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock())
+        else:
+            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(),
+                                                 sans=(template.san_dns, template.san_ip),
+                                                 subject=leaf_subject_text(template.common_name))
+        return Issued(cert, record, self.ca.chain)
+
+    @contextlib.contextmanager
+    def _recording(self, issued: Issued, actor: Actor) -> Iterator[None]:
+        """Around the store's write: a spent enrolment token is 401; log once recorded."""
+        try:
+            yield
+        except Conflict as exc:
+            if exc.code == "invalid_token":
+                raise NotAuthenticated("enrolment token was already used", code="invalid_token") from None
+            raise
+        if log.isEnabledFor(logging.INFO):  # utc_text() is work even when the line is dropped
+            record = issued.record
+            log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
+                     record.service_id, record.serial, utc_text(record.not_after), actor.label)
+
+    def sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+                     validity_days: int | None = None) -> Issued:
+        """Check who asks, the CSR and the policy; sign. Nothing is recorded yet: that is
+        :meth:`record_issued`, and a certificate is handed out only once recorded."""
+        self._require(actor, service_id, "request a certificate", enrolment=True)
+        service = self.service(service_id)
+        csr, public_key = load_csr_key(csr_pem)
+        template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
+                                        now=self.clock(), validity_days=validity_days)
+        cert = self.ca.sign_leaf(public_key, template)
+        return self._issued(service_id, cert, template)
+
+    def record_issued(self, batch: Sequence[tuple[Issued, Actor]]) -> list[Future[Issued]]:
+        """Queue signed certificates for the store's group commit, all at once (so that they
+        share a transaction); each future settles once its certificate is recorded or refused.
+
+        An enrolment actor's token is spent in the same transaction: a refused request leaves
+        it usable, and two concurrent uses cannot both get a certificate (the second is 401).
+        """
+        stored = self.store.submit_certificates(
+            [(issued.record, actor.label, actor.token_id if actor.kind == "enrolment" else None)
+             for issued, actor in batch])
+        results: list[Future[Issued]] = []
+        for (issued, actor), done in zip(batch, stored, strict=True):
+            result: Future[Issued] = Future()
+            result.set_running_or_notify_cancel()
+            done.add_done_callback(functools.partial(self._settle, issued, actor, result))
+            results.append(result)
+        return results
+
+    def _settle(self, issued: Issued, actor: Actor, result: Future[Issued], done: Future[None]) -> None:
+        try:
+            with self._recording(issued, actor):
+                done.result()
+        except BaseException as exc:
+            result.set_exception(exc)
+        else:
+            result.set_result(issued)
+
+    def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
+              validity_days: int | None = None) -> Issued:
+        """Issue a certificate from a CSR for ``service_id`` (:meth:`sign_request`, then
+        :meth:`record_issued`); returns once it is recorded."""
+        issued = self.sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
+        return self.record_issued([(issued, actor)])[0].result()
+
+    def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
+                       san_ip: Iterable[str] = (), key_type: str = "rsa-2048",
+                       validity_days: int | None = None, actor: Actor,
+                       service_name: str | None = None) -> tuple[Issued, Any]:
+        """Local admin issuance with a key generated here (the prototype's ``cert issue``).
+
+        An unknown service is registered first with the given names as its allow-list.
+        """
+        check_service_id(service_id)
+        names, ips = list(san_dns), list(san_ip)
+        if common_name and common_name not in names and common_name not in ips:
+            (ips if is_ip(common_name) else names).insert(0, common_name)  # the CN is one of the SANs
+        # Check what can fail before registering: a refused request must not leave a new
+        # service behind without its certificate.
+        if self._ca is None:
+            raise CAUnavailable("the CA key is not loaded")
+        not_before, not_after = self.policy.validity(validity_days, self.clock())
+        key = generate_key(key_type)
+        if self.store.get_service(service_id) is None:
+            self.register_service(service_id, service_name=service_name, san_dns=names, san_ip=ips,
+                                  actor=actor)
+        service = self.service(service_id)
+        cn, dns, ip_list = self.policy.grant_names(service_id, service.san_dns, service.san_ip,
+                                                   cn=common_name, dns=names, ips=ips)
+        template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list,
+                                not_before=not_before, not_after=not_after)
+        cert = self.ca.sign_leaf(key.public_key(), template)
+        return self._record(service_id, cert, actor, template=template), key
+
+    def renew(self, service_id: str, *, actor: Actor, csr_pem: str | bytes | None = None,
+              validity_days: int | None = None) -> Issued:
+        """A new certificate (new serial, new validity) for the service's current one.
+
+        Without a CSR the public key stays (renewal); with one it changes (rekey). The names
+        are those of the current certificate, checked again against the allow-list. The
+        previous certificate is not revoked.
+        """
+        self._require(actor, service_id, "renew certificates")
+        service = self.service(service_id)
+        current = self.current(service_id)
+        now = self.clock()
+        if csr_pem is not None:
+            csr, public_key = load_csr_key(csr_pem)
+            template = self.policy.template(service_id, service.san_dns, service.san_ip, csr, now=now,
+                                            validity_days=validity_days)
+        else:
+            old = current.certificate()
+            cn_attrs = old.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+            cn, dns, ips = self.policy.grant_names(
+                service_id, service.san_dns, service.san_ip,
+                cn=str(cn_attrs[0].value) if cn_attrs else None,
+                dns=current.san_dns, ips=current.san_ip)
+            not_before, not_after = self.policy.validity(validity_days, now)
+            template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, not_before=not_before,
+                                    not_after=not_after)
+            public_key = check_public_key(old.public_key())
+        return self._record(service_id, self.ca.sign_leaf(public_key, template), actor,
+                            template=template)

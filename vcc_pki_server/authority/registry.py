@@ -1,0 +1,133 @@
+"""The service registry: services, their SAN allow-lists, descriptive fields and health."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from .. import tokens
+from ..errors import InvalidRequest, NotPermitted, UnknownService
+from ..policy import check_service_id, normalize_sans
+from ..store import Health, ServiceRecord
+from .base import Actor, log
+from .identity import Identity
+
+_SERVICE_FIELDS = ("service_name", "endpoints", "health_check_url", "version", "owner", "metadata")
+_ADMIN_FIELDS = ("san_dns", "san_ip")
+
+
+
+class Registry(Identity):
+    """Registering and updating services; recording their health."""
+
+    def service(self, service_id: str) -> ServiceRecord:
+        record = self.store.get_service(check_service_id(service_id))
+        if record is None:
+            raise UnknownService(service_id)
+        return record
+
+    def register_service(self, service_id: str, *, service_name: str | None = None,
+                         san_dns: Iterable[str] = (), san_ip: Iterable[str] = (),
+                         actor: Actor, **fields: Any) -> tuple[ServiceRecord, tokens.NewToken]:
+        """Register a new service and make its one-time enrolment token.
+
+        With no SANs, the allow-list is the service id itself (a single-label DNS name).
+        """
+        if not actor.is_admin:
+            raise NotPermitted("only an admin registers new services")
+        check_service_id(service_id)
+        dns, ips = normalize_sans(san_dns, san_ip)
+        if not dns and not ips:
+            dns = (service_id,)
+        now = self.clock()
+        values = _check_fields(fields)
+        record = ServiceRecord(service_id=service_id, service_name=service_name or service_id,
+                               san_dns=dns, san_ip=tuple(str(i) for i in ips),
+                               created_at=now, updated_at=now, **values)
+        token = tokens.new_token("enrolment", now=now, service_id=service_id,
+                                 expires_at=now + self.settings.enrolment_token_ttl)
+        self.store.add_service(record, actor=actor.label, token=token.record)
+        log.info("service registered service_id=%s san_dns=%s san_ip=%s", service_id,
+                 ",".join(dns), ",".join(record.san_ip))
+        return record, token
+
+    def register(self, service_id: str, fields: dict[str, Any], *,
+                 actor: Actor) -> tuple[ServiceRecord, tokens.NewToken | None]:
+        """``POST /services/register``: an admin registers a new service (``fields``: its
+        SANs and descriptive fields) and gets its enrolment token; a service registering
+        itself again updates its own entry with ``fields`` (no token)."""
+        if not actor.is_admin:
+            return self.update_service(service_id, fields, actor=actor), None
+        descriptive = {k: v for k, v in fields.items() if k in _SERVICE_FIELDS and k != "service_name"}
+        return self.register_service(service_id, service_name=fields.get("service_name"),
+                                     san_dns=_str_list(fields.get("san_dns", []), "san_dns"),
+                                     san_ip=_str_list(fields.get("san_ip", []), "san_ip"),
+                                     actor=actor, **descriptive)
+
+    def update_service(self, service_id: str, changes: dict[str, Any], *, actor: Actor) -> ServiceRecord:
+        """Change a registry entry: a service its own descriptive fields, an admin anything."""
+        self._require(actor, service_id, "update the registry entry")
+        current = self.service(service_id)
+        unknown = set(changes) - set(_SERVICE_FIELDS) - set(_ADMIN_FIELDS)
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if not actor.is_admin and set(changes) & set(_ADMIN_FIELDS):
+            raise NotPermitted("only an admin changes a SAN allow-list")
+        values: dict[str, Any] = _check_fields({k: v for k, v in changes.items() if k in _SERVICE_FIELDS})
+        if "service_name" in changes:
+            values["service_name"] = changes["service_name"]
+        if "san_dns" in changes or "san_ip" in changes:
+            dns, ips = normalize_sans(_str_list(changes.get("san_dns", current.san_dns), "san_dns"),
+                                      _str_list(changes.get("san_ip", current.san_ip), "san_ip"))
+            values["san_dns"], values["san_ip"] = dns, tuple(str(i) for i in ips)
+        updated = attrs.evolve(current, updated_at=self.clock(), **values)
+        self.store.update_service(updated, actor=actor.label)
+        return updated
+
+    def list_services(self, *, healthy: bool | None = None, limit: int = 100,
+                      after: str | None = None) -> list[ServiceRecord]:
+        return self.store.list_services(healthy=healthy, limit=limit, after=after)
+
+    def record_health(self, service_id: str, ok: bool, error: str | None) -> Health:
+        """Store a probe result; a change between healthy and unhealthy goes to the audit log."""
+        current = self.service(service_id).health
+        now = self.clock()
+        if ok:
+            health = Health(status="healthy", last_checked=now, last_error=None, consecutive_failures=0)
+        else:
+            health = Health(status="unhealthy", last_checked=now, last_error=error,
+                            consecutive_failures=current.consecutive_failures + 1)
+        event = None
+        if health.status != current.status:
+            event = "service.healthy" if ok else "service.unhealthy"
+        self.store.record_health(service_id, health, event=event)
+        return health
+
+
+
+def _str_list(value: object, name: str) -> list[str]:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidRequest(f"{name} must be a list of strings")
+
+
+def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Type-check the descriptive registry fields; unknown ones are refused."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name == "endpoints":
+            out[name] = tuple(_str_list(value, name))
+        elif name == "metadata":
+            if not isinstance(value, dict):
+                raise InvalidRequest("metadata must be an object")
+            out[name] = value
+        elif name in ("health_check_url", "version", "owner", "service_name"):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"{name} must be a string")
+            if name != "service_name":
+                out[name] = value
+        else:
+            raise InvalidRequest(f"unknown field {name!r}")
+    return out
