@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from vcc_pki_server.authority import Actor, Authority
-from vcc_pki_server.home import Config, Home
+from vcc_pki_server.config import Config
+from vcc_pki_server.home import Home
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

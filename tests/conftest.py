@@ -10,7 +10,8 @@ import pytest
 
 from support import RunningServer
 from vcc_pki_server.authority import Actor, Authority
-from vcc_pki_server.home import Config, Home
+from vcc_pki_server.config import Config
+from vcc_pki_server.home import Home
 
 ROOT_PASSWORD = "root-password-for-tests"
 CA_PASSWORD = "intermediate-password-for-tests"

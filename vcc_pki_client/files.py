@@ -43,7 +43,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .errors import ConfigurationError
-from .keys import PrivateKey, key_matches_certificate, load_private_key_pem, private_key_pem
+from .keys import PrivateKey, certificates_pem, key_matches_certificate, load_private_key_pem, private_key_pem
 
 try:
     import fcntl
@@ -136,7 +136,7 @@ class CertificateFiles:
         """
         snap = self._snapshot()
         chain = [c for c in _unique(snap.certs[1:] + self._chain_file_certs()) if c.issuer != c.subject]
-        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [snap.certs[0], *chain])
+        pem = certificates_pem([snap.certs[0], *chain])
         for ctx in contexts:
             try:
                 _load_cert_chain_pem(ctx, pem + snap.key_pem)
@@ -220,8 +220,7 @@ class CertificateFiles:
             raise ConfigurationError("refusing to write a private key that does not belong to the certificate")
         plan: list[tuple[Path, bytes, int]] = []
         if self.chain_file is not None and chain:
-            pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-            plan.append((self.chain_file, pem, _PUBLIC_MODE))
+            plan.append((self.chain_file, certificates_pem(chain), _PUBLIC_MODE))
         # Key before certificate: the certificate is the one left staged in between,
         # so a reader (or recover()) can complete the pair without touching key material.
         plan.append((self.key_file, private_key_pem(key), _KEY_MODE))
@@ -329,6 +328,29 @@ def _previous(target: Path) -> tuple[bytes, int] | None:
         return target.read_bytes(), target.stat().st_mode & 0o777
     except FileNotFoundError:
         return None
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` atomically (a temp file beside it, fsync, rename), with
+    ``mode`` from the temp file's creation; missing folders are made 0700. Raises OSError.
+
+    One file at a time; :meth:`CertificateFiles.write` swaps a key and its certificate."""
+    _make_private_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _staged(target: Path) -> Path:

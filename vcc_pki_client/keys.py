@@ -138,6 +138,11 @@ def key_matches_certificate(key: PrivateKey, cert: x509.Certificate) -> bool:
     return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
 
 
+def certificates_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """Certificates as one PEM document, in order (a chain file, a ``cadata`` bundle)."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, lowercase hex without separators (the API's format)."""
     return cert.fingerprint(hashes.SHA256()).hex()

@@ -15,10 +15,10 @@ import weakref
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from .errors import ConfigurationError
 from .files import CertificateFiles
+from .keys import certificates_pem
 
 __all__ = ["ReloadingContexts", "client_ssl_context", "server_ssl_context"]
 
@@ -206,7 +206,6 @@ def _load_trust(ctx: ssl.SSLContext, ca_file: CAFile | None, ca_certs: Sequence[
         if ca_file is not None:
             ctx.load_verify_locations(cafile=os.fspath(ca_file))
         if ca_certs:
-            pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in ca_certs)
-            ctx.load_verify_locations(cadata=pem)
+            ctx.load_verify_locations(cadata=certificates_pem(ca_certs).decode("ascii"))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigurationError(f"cannot load the CA bundle {ca_file or '(ca_certs)'}: {exc}") from exc

@@ -20,9 +20,7 @@ issued certificate chains to the anchors), :func:`check_ca_chain` and :func:`che
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,10 +28,12 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
 from .errors import ConfigurationError, InvalidResponseError, TrustError
+from .files import write_atomically
+from .keys import fingerprint_sha256
 from .tls import client_ssl_context
 
 __all__ = [
@@ -129,10 +129,10 @@ def resolve_trust(
         if stored is not None and stored.is_file():
             with contextlib.suppress(ConfigurationError):
                 for cert in load_certificates(stored, "stored root"):
-                    if _fingerprint(cert) == pin:
+                    if fingerprint_sha256(cert) == pin:
                         return Trust((cert,), "root_fingerprint", stored)
         root = parse_certificate(fetch_root(), "the root CA served by the PKI server")
-        got = _fingerprint(root)
+        got = fingerprint_sha256(root)
         if got != pin:
             raise TrustError(
                 f"the PKI server's root CA has SHA-256 fingerprint {got}, not the pinned {pin}: "
@@ -211,29 +211,13 @@ def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> 
     return crl
 
 
-def _fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    """Write a public file atomically (temp file, fsync, rename), 0644."""
+    """Write a public file atomically, 0644."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, data, 0o644)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from exc

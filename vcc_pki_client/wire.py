@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .errors import ConfigurationError, InvalidResponseError
-from .keys import fingerprint_sha256
+from .keys import certificates_pem, fingerprint_sha256
 
 __all__ = [
     "CertificateInfo",
@@ -340,4 +340,4 @@ class Page(Generic[T]):
 
 def pem_chain(certs: Sequence[x509.Certificate]) -> str:
     """Certificates as one PEM string (the wire form of ``chain``)."""
-    return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
+    return certificates_pem(certs).decode("ascii")

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+
+from vcc_pki_client.keys import fingerprint_sha256
 
 from .authority import Actor, Issued, utc_now
+from .config import Config
 from .errors import CAError
-from .home import Config, Home
+from .home import Home
 from .store import AuditEntry, CRLRecord
 
 
@@ -35,7 +37,7 @@ def record_key_creation(home: Home, action: str, cert: x509.Certificate, key_typ
         store.audit(AuditEntry(at=utc_now(), actor=Actor.operator().label, action=action,
                                serial=format(cert.serial_number, "x"),
                                details={"key_type": key_type,
-                                        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex()}))
+                                        "fingerprint_sha256": fingerprint_sha256(cert)}))
     finally:
         store.close()
 

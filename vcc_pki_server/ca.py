@@ -9,9 +9,11 @@ from datetime import datetime, timedelta, timezone
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .encoding import cert_pem
 
 CAPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -201,8 +203,7 @@ class CertificateAuthority:
         object.__setattr__(self, "_aki",
                            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
         object.__setattr__(self, "_hash", signature_hash(self.key))
-        object.__setattr__(self, "_chain_pem", b"".join(
-            c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, self.root)))
+        object.__setattr__(self, "_chain_pem", cert_pem(self.certificate, self.root))
 
         ext = _raw_extension
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+
+from vcc_pki_client.keys import certificates_pem
 
 
 def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
@@ -16,4 +17,5 @@ def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
 
 
 def cert_pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    """Certificates as one PEM document (the SDK's helper: one way to write it)."""
+    return certificates_pem(certs)

@@ -1,122 +1,34 @@
-"""The CA's home folder: layout, config.toml, CA key files, and loading an Authority from it."""
+"""The CA's home folder: its layout, the CA key files in it, and loading an Authority from it.
+
+The settings in ``config.toml`` are :mod:`.config`; creating a whole home is :mod:`.bootstrap`."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 import tomllib
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .authority import Actor, Authority, Issued, Settings, utc_now
+from vcc_pki_client.files import write_atomically
+
+from .authority import Actor, Authority, Issued, utc_now
 from .ca import CAPrivateKey, CertificateAuthority, create_intermediate, create_root, generate_key
+from .config import Config
 from .encoding import cert_pem
 from .errors import CAError, CAUnavailable
-from .policy import Policy
 from .store import Store
 from .store.sqlite import SQLiteStore
 
 SERVER_SERVICE_ID = "pki-server"
 
 
-@attrs.frozen(kw_only=True)
-class Config:
-    """``<home>/config.toml``: written by ``init``, read by the CLI and the server."""
-
-    public_url: str = "https://127.0.0.1:8443"
-    server_san_dns: tuple[str, ...] = ("localhost",)
-    server_san_ip: tuple[str, ...] = ("127.0.0.1",)
-    default_validity_days: int = 365
-    max_validity_days: int = 365
-    crl_validity_days: int = 7
-    enrolment_token_hours: int = 24
-    health_interval_seconds: float = 30.0
-    health_timeout_seconds: float = 5.0
-    health_concurrency: int = 16
-    # SPEC §9: replicas share one PostgreSQL database; None is SQLite in <home>/pki.db.
-    # $VCC_PKI_DATABASE_URL overrides it (so a password need not sit in this file).
-    database_url: str | None = attrs.field(default=None, repr=False)
-
-    @property
-    def crl_url(self) -> str:
-        return f"{self.public_url.rstrip('/')}/api/v1/crl"
-
-    @property
-    def issuer_url(self) -> str:
-        return f"{self.public_url.rstrip('/')}/api/v1/ca/intermediate?format=der"
-
-    @classmethod
-    def from_toml(cls, text: str) -> Config:
-        data = tomllib.loads(text)
-        flat: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        for section in ("policy", "health"):
-            for key, value in data.get(section, {}).items():
-                flat[key if section == "policy" else f"health_{key}"] = value
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = set(flat) - known
-        if unknown:
-            raise CAError(f"config.toml: unknown setting(s) {', '.join(sorted(unknown))}")
-        for key in ("server_san_dns", "server_san_ip"):
-            if key in flat:
-                flat[key] = tuple(flat[key])
-        return cls(**flat)
-
-    def to_toml(self) -> str:
-        def q(v: str) -> str:
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-        def arr(vs: Sequence[str]) -> str:
-            return "[" + ", ".join(q(v) for v in vs) + "]"
-
-        return (
-            "# VCC PKI settings, written by `pki-admin init`. Restart the server after a change.\n"
-            "# The public URL goes into every certificate's CRL distribution point and AIA.\n"
-            f"public_url = {q(self.public_url)}\n"
-            f"server_san_dns = {arr(self.server_san_dns)}\n"
-            f"server_san_ip = {arr(self.server_san_ip)}\n"
-            + (f"database_url = {q(self.database_url)}\n" if self.database_url else "")
-            + "\n"
-            "[policy]\n"
-            f"default_validity_days = {self.default_validity_days}\n"
-            f"max_validity_days = {self.max_validity_days}\n"
-            f"crl_validity_days = {self.crl_validity_days}\n"
-            f"enrolment_token_hours = {self.enrolment_token_hours}\n\n"
-            "[health]\n"
-            f"interval_seconds = {self.health_interval_seconds}\n"
-            f"timeout_seconds = {self.health_timeout_seconds}\n"
-            f"concurrency = {self.health_concurrency}\n"
-        )
-
-    def policy(self) -> Policy:
-        return Policy(default_validity_days=self.default_validity_days,
-                      max_validity_days=self.max_validity_days)
-
-    def settings(self) -> Settings:
-        return Settings(crl_validity=timedelta(days=self.crl_validity_days),
-                        enrolment_token_ttl=timedelta(hours=self.enrolment_token_hours))
-
-
 def write_file(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename) with ``mode`` from the start."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data, mode)
 
 
 def key_pem(key: Any, password: str | None) -> bytes:

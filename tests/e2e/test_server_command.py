@@ -17,7 +17,8 @@ from cryptography import x509
 from conftest import CA_PASSWORD, build_home
 from support import BIN, RunningServer, env_without_secrets, free_port, tls_context
 from vcc_pki_server.authority import Authority
-from vcc_pki_server.home import Config, Home
+from vcc_pki_server.config import Config
+from vcc_pki_server.home import Home
 
 
 def test_dev_mode_creates_a_ca_prints_one_admin_token_and_stops_cleanly(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from conftest import CA_PASSWORD, ROOT_PASSWORD
 from support import BIN, make_csr, openssl_verify, pem, pkilint_cert, pkilint_crl
 from vcc_pki_server import ca as ca_module
 from vcc_pki_server.authority import Actor, Authority, Issued
-from vcc_pki_server.home import Config, Home
+from vcc_pki_server.config import Config
+from vcc_pki_server.home import Home
 from vcc_pki_server.store.sqlite import SQLiteStore
 
 OPERATOR = Actor.operator()

@@ -461,8 +461,9 @@ def test_crl_history_keeps_fifty_rows_and_two_bodies(store: Store, backend: Back
 
 def test_home_opens_postgres_from_the_environment_before_config_toml(
         pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vcc_pki_server.config import Config
     from vcc_pki_server.errors import CAUnavailable
-    from vcc_pki_server.home import Config, Home
+    from vcc_pki_server.home import Home
     from vcc_pki_server.store.postgres import PostgresStore
 
     monkeypatch.delenv("VCC_PKI_DATABASE_URL", raising=False)

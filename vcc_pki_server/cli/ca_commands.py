@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives import serialization
 
 from ..authority import Actor
 from ..bootstrap import initialize, key_type_label, record_key_creation, refuse_existing_ca
+from ..config import Config
 from ..errors import CAError, CAUnavailable, InvalidRequest
-from ..home import Config, Home
+from ..home import Home
 from ..policy import normalize_sans
 from ..store import utc_text
 from .access import ca_password, existing_home, root_password

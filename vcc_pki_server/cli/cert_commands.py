@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..authority import Actor, Authority, Issued
 from ..ca import REASONS
+from ..encoding import cert_pem
 from ..errors import InvalidRequest, NotFound
 from ..home import Home, write_file
 from ..store import CertificateRecord, current_certificate, utc_text
@@ -108,7 +109,7 @@ def rewrite_service_files(home: Home, service_id: str, issued: Issued) -> Path |
     pem = issued.certificate.public_bytes(serialization.Encoding.PEM)
     write_file(folder / "cert.pem", pem, 0o644)
     write_file(folder / "ca_chain.pem",
-               b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issued.chain), 0o644)
+               cert_pem(*issued.chain), 0o644)
     return folder
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from vcc_pki_client.keys import fingerprint_sha256
 
 from .. import render
 from ..store import CertificateRecord, CRLRecord, ServiceRecord, TokenRecord, opt_text, utc_text
@@ -82,7 +83,7 @@ def ca_certificate_json(cert: x509.Certificate, path: Path) -> JSON:
         "subject": cert.subject.rfc4514_string(), "serial_number": format(cert.serial_number, "x"),
         "key": key_label(cert.public_key()), "not_before": utc_text(cert.not_valid_before_utc),
         "not_after": utc_text(cert.not_valid_after_utc),
-        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(), "path": str(path),
+        "fingerprint_sha256": fingerprint_sha256(cert), "path": str(path),
     }
 
 

@@ -1,0 +1,91 @@
+"""``<home>/config.toml``: the settings of a CA home, read by the CLI and the server."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import attrs
+
+from .authority import Settings
+from .errors import CAError
+from .policy import Policy
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """``<home>/config.toml``: written by ``init``, read by the CLI and the server."""
+
+    public_url: str = "https://127.0.0.1:8443"
+    server_san_dns: tuple[str, ...] = ("localhost",)
+    server_san_ip: tuple[str, ...] = ("127.0.0.1",)
+    default_validity_days: int = 365
+    max_validity_days: int = 365
+    crl_validity_days: int = 7
+    enrolment_token_hours: int = 24
+    health_interval_seconds: float = 30.0
+    health_timeout_seconds: float = 5.0
+    health_concurrency: int = 16
+    # SPEC §9: replicas share one PostgreSQL database; None is SQLite in <home>/pki.db.
+    # $VCC_PKI_DATABASE_URL overrides it (so a password need not sit in this file).
+    database_url: str | None = attrs.field(default=None, repr=False)
+
+    @property
+    def crl_url(self) -> str:
+        return f"{self.public_url.rstrip('/')}/api/v1/crl"
+
+    @property
+    def issuer_url(self) -> str:
+        return f"{self.public_url.rstrip('/')}/api/v1/ca/intermediate?format=der"
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        data = tomllib.loads(text)
+        flat: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        for section in ("policy", "health"):
+            for key, value in data.get(section, {}).items():
+                flat[key if section == "policy" else f"health_{key}"] = value
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = set(flat) - known
+        if unknown:
+            raise CAError(f"config.toml: unknown setting(s) {', '.join(sorted(unknown))}")
+        for key in ("server_san_dns", "server_san_ip"):
+            if key in flat:
+                flat[key] = tuple(flat[key])
+        return cls(**flat)
+
+    def to_toml(self) -> str:
+        def q(v: str) -> str:
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        def arr(vs: Sequence[str]) -> str:
+            return "[" + ", ".join(q(v) for v in vs) + "]"
+
+        return (
+            "# VCC PKI settings, written by `pki-admin init`. Restart the server after a change.\n"
+            "# The public URL goes into every certificate's CRL distribution point and AIA.\n"
+            f"public_url = {q(self.public_url)}\n"
+            f"server_san_dns = {arr(self.server_san_dns)}\n"
+            f"server_san_ip = {arr(self.server_san_ip)}\n"
+            + (f"database_url = {q(self.database_url)}\n" if self.database_url else "")
+            + "\n"
+            "[policy]\n"
+            f"default_validity_days = {self.default_validity_days}\n"
+            f"max_validity_days = {self.max_validity_days}\n"
+            f"crl_validity_days = {self.crl_validity_days}\n"
+            f"enrolment_token_hours = {self.enrolment_token_hours}\n\n"
+            "[health]\n"
+            f"interval_seconds = {self.health_interval_seconds}\n"
+            f"timeout_seconds = {self.health_timeout_seconds}\n"
+            f"concurrency = {self.health_concurrency}\n"
+        )
+
+    def policy(self) -> Policy:
+        return Policy(default_validity_days=self.default_validity_days,
+                      max_validity_days=self.max_validity_days)
+
+    def settings(self) -> Settings:
+        return Settings(crl_validity=timedelta(days=self.crl_validity_days),
+                        enrolment_token_ttl=timedelta(hours=self.enrolment_token_hours))
