@@ -17,79 +17,13 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
 
 from ..errors import CAError, CAUnavailable, Conflict, InvalidRequest
 from .group_commit import GroupCommit
+from .schema import tables
 from .sql import SQLStore
 
-# Ordered forward migrations; the index + 1 is the schema version they lead to. The tables and
-# columns are SQLiteStore's: times are RFC 3339 'Z' text (COLLATE "C": sorted and compared as
-# bytes, like SQLite, whatever the database's locale), lists and objects are JSON text.
+# Ordered forward migrations; the index + 1 is the schema version they lead to (the tables of
+# version 1 are SQLiteStore's, from .schema).
 MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE services (
-        service_id TEXT COLLATE "C" PRIMARY KEY,
-        service_name TEXT NOT NULL,
-        endpoints TEXT NOT NULL DEFAULT '[]',
-        health_check_url TEXT,
-        version TEXT,
-        owner TEXT,
-        metadata TEXT NOT NULL DEFAULT '{}',
-        san_dns TEXT NOT NULL DEFAULT '[]',
-        san_ip TEXT NOT NULL DEFAULT '[]',
-        created_at TEXT COLLATE "C" NOT NULL,
-        updated_at TEXT COLLATE "C" NOT NULL,
-        health_status TEXT NOT NULL DEFAULT 'unknown',
-        last_checked TEXT COLLATE "C",
-        last_error TEXT,
-        consecutive_failures INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE certificates (
-        id BIGSERIAL PRIMARY KEY,
-        serial TEXT COLLATE "C" NOT NULL UNIQUE,
-        service_id TEXT COLLATE "C" NOT NULL REFERENCES services(service_id),
-        subject TEXT NOT NULL,
-        san_dns TEXT NOT NULL,
-        san_ip TEXT NOT NULL,
-        not_before TEXT COLLATE "C" NOT NULL,
-        not_after TEXT COLLATE "C" NOT NULL,
-        fingerprint TEXT COLLATE "C" NOT NULL UNIQUE,
-        pem TEXT NOT NULL,
-        issued_at TEXT COLLATE "C" NOT NULL
-    );
-    CREATE INDEX certificates_service ON certificates(service_id, id);
-    CREATE INDEX certificates_not_after ON certificates(not_after);
-    CREATE TABLE revocations (
-        serial TEXT COLLATE "C" PRIMARY KEY REFERENCES certificates(serial),
-        revoked_at TEXT COLLATE "C" NOT NULL,
-        reason TEXT NOT NULL
-    );
-    CREATE TABLE crls (
-        number BIGINT PRIMARY KEY,
-        this_update TEXT COLLATE "C" NOT NULL,
-        next_update TEXT COLLATE "C" NOT NULL,
-        entries INTEGER NOT NULL,
-        der BYTEA NOT NULL
-    );
-    CREATE TABLE tokens (
-        token_id TEXT COLLATE "C" PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('admin', 'enrolment')),
-        secret_hash TEXT NOT NULL,
-        name TEXT,
-        service_id TEXT COLLATE "C",
-        created_at TEXT COLLATE "C" NOT NULL,
-        expires_at TEXT COLLATE "C",
-        used_at TEXT COLLATE "C",
-        revoked_at TEXT COLLATE "C"
-    );
-    CREATE TABLE audit_log (
-        id BIGSERIAL PRIMARY KEY,
-        at TEXT COLLATE "C" NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        service_id TEXT COLLATE "C",
-        serial TEXT COLLATE "C",
-        details TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX audit_service ON audit_log(service_id, id);
-    """,
+    tables("postgres"),
     # 2: no UNIQUE index on fingerprint (certificates are found by serial; see the SQLite store).
     """
     ALTER TABLE certificates DROP CONSTRAINT IF EXISTS certificates_fingerprint_key

@@ -25,79 +25,14 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 from .group_commit import GroupCommit, PendingCertificate
 from .rows import CERT_FROM, service_record, token_record
+from .schema import tables
 from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore
 
 log = logging.getLogger(__name__)
 
 # Ordered forward migrations; the index + 1 is the schema version they lead to.
 MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE services (
-        service_id TEXT PRIMARY KEY,
-        service_name TEXT NOT NULL,
-        endpoints TEXT NOT NULL DEFAULT '[]',
-        health_check_url TEXT,
-        version TEXT,
-        owner TEXT,
-        metadata TEXT NOT NULL DEFAULT '{}',
-        san_dns TEXT NOT NULL DEFAULT '[]',
-        san_ip TEXT NOT NULL DEFAULT '[]',
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        health_status TEXT NOT NULL DEFAULT 'unknown',
-        last_checked TEXT,
-        last_error TEXT,
-        consecutive_failures INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE certificates (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        serial TEXT NOT NULL UNIQUE,
-        service_id TEXT NOT NULL REFERENCES services(service_id),
-        subject TEXT NOT NULL,
-        san_dns TEXT NOT NULL,
-        san_ip TEXT NOT NULL,
-        not_before TEXT NOT NULL,
-        not_after TEXT NOT NULL,
-        fingerprint TEXT NOT NULL UNIQUE,
-        pem TEXT NOT NULL,
-        issued_at TEXT NOT NULL
-    );
-    CREATE INDEX certificates_service ON certificates(service_id, id);
-    CREATE INDEX certificates_not_after ON certificates(not_after);
-    CREATE TABLE revocations (
-        serial TEXT PRIMARY KEY REFERENCES certificates(serial),
-        revoked_at TEXT NOT NULL,
-        reason TEXT NOT NULL
-    );
-    CREATE TABLE crls (
-        number INTEGER PRIMARY KEY,
-        this_update TEXT NOT NULL,
-        next_update TEXT NOT NULL,
-        entries INTEGER NOT NULL,
-        der BLOB NOT NULL
-    );
-    CREATE TABLE tokens (
-        token_id TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('admin', 'enrolment')),
-        secret_hash TEXT NOT NULL,
-        name TEXT,
-        service_id TEXT,
-        created_at TEXT NOT NULL,
-        expires_at TEXT,
-        used_at TEXT,
-        revoked_at TEXT
-    );
-    CREATE TABLE audit_log (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        service_id TEXT,
-        serial TEXT,
-        details TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX audit_service ON audit_log(service_id, id);
-    """,
+    tables("sqlite"),
     # 2: no UNIQUE index on fingerprint. Certificates are found by serial (itself unique, and a
     # fingerprint is of the whole DER, serial included); a second index of random keys cost
     # every issuance half as many WAL pages again (4.5 against 3.0 per certificate in batches
