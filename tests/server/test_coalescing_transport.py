@@ -1,11 +1,11 @@
-"""The response-write coalescing in vcc_pki_server.mtls: one send per response, nothing lost."""
+"""The response-write coalescing in vcc_pki_server.transport: one send per response, nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from vcc_pki_server.mtls import _CoalescingTransport
+from vcc_pki_server.transport import CoalescingTransport
 
 
 class FakeTransport:
@@ -31,7 +31,7 @@ class FakeTransport:
 def run(body: Any) -> FakeTransport:
     async def main() -> FakeTransport:
         raw = FakeTransport()
-        transport = _CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
         await body(transport, raw)
         return raw
 
@@ -39,7 +39,7 @@ def run(body: Any) -> FakeTransport:
 
 
 def test_writes_of_one_loop_pass_go_out_as_one() -> None:
-    async def body(t: _CoalescingTransport, raw: FakeTransport) -> None:
+    async def body(t: CoalescingTransport, raw: FakeTransport) -> None:
         t.write(b"HTTP/1.1 200 OK\r\n\r\n")
         t.write(b"body")
         assert raw.writes == []  # held until the next pass
@@ -52,11 +52,11 @@ def test_writes_of_one_loop_pass_go_out_as_one() -> None:
 
 
 def test_large_bodies_are_not_joined_but_written_in_slices_of_themselves() -> None:
-    slice_ = _CoalescingTransport.SLICE
+    slice_ = CoalescingTransport.SLICE
     big = bytes(range(256)) * (3 * slice_ // 256) + b"t" * 100
     small_enough = b"y" * slice_
 
-    async def body(t: _CoalescingTransport, raw: FakeTransport) -> None:
+    async def body(t: CoalescingTransport, raw: FakeTransport) -> None:
         t.write(b"head")
         t.write(big)
         await asyncio.sleep(0)
@@ -73,7 +73,7 @@ def test_large_bodies_are_not_joined_but_written_in_slices_of_themselves() -> No
 
 
 def test_close_sends_what_is_held_first_and_other_calls_pass_through() -> None:
-    async def body(t: _CoalescingTransport, raw: FakeTransport) -> None:
+    async def body(t: CoalescingTransport, raw: FakeTransport) -> None:
         t.write(b"last words")
         assert t.get_extra_info("peername") == ("127.0.0.1", 1)
         t.close()
@@ -84,7 +84,7 @@ def test_close_sends_what_is_held_first_and_other_calls_pass_through() -> None:
 
 
 def test_nothing_is_written_to_a_transport_closing_underneath() -> None:
-    async def body(t: _CoalescingTransport, raw: FakeTransport) -> None:
+    async def body(t: CoalescingTransport, raw: FakeTransport) -> None:
         t.write(b"too late")
         raw.closed = True  # the peer went away
         await asyncio.sleep(0)

@@ -262,7 +262,7 @@ def test_every_request_on_a_keep_alive_connection_carries_the_certificate(
 def test_large_bodies_arrive_whole_and_in_order_on_a_keep_alive_connection(
     pki: PKI, base_url: str
 ) -> None:
-    # Written to TLS in slices (see _CoalescingTransport): the bytes must still be the body's.
+    # Written to TLS in slices (see CoalescingTransport): the bytes must still be the body's.
     ctx = _client_context(pki, pki.client_chain, pki.client_key)
     with httpx.Client(verify=ctx) as client:
         for _ in range(3):
