@@ -34,7 +34,7 @@ COMPONENTS = (
     ("logging (access + issuance lines)", ("Logger.info", "Logger._log")),
     ("read + parse the JSON body", ("read_body", "read_json", "parse_json_body")),
     ("render + JSON response", ("issued", "JSONResponse.__init__", "JSONEncoder.encode")),
-    ("send the response (TLS + socket)", ("RequestResponseCycle.send", "_CoalescingTransport._flush")),
+    ("send the response (TLS + socket)", ("RequestResponseCycle.send", "CoalescingTransport._flush")),
     ("HTTP parsing (httptools callbacks)", ("HttpToolsProtocol.data_received",)),
     ("edge + router + handler glue", ("Edge.__call__", "Router.__call__", "RequestCertificate.__call__",
                                                "RequestResponseCycle.run_asgi")),
