@@ -42,6 +42,7 @@ from .errors import (
 )
 from .files import CertificateFiles
 from .renewal import RenewalPolicy
+from .retry import RetryPolicy
 from .tls import ReloadingContexts
 from .wire import CertificateInfo, IssuedCertificate, Page, ServiceEntry, ServiceHealth
 
@@ -70,6 +71,7 @@ __all__ = [
     "RenewalError",
     "RenewalPolicy",
     "RequestRejectedError",
+    "RetryPolicy",
     "ServerError",
     "ServiceEntry",
     "ServiceHealth",

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from .client import DEFAULT_RETRY, PKIClient, StrPath, _utc_now
 from .files import CertificateFiles
-from .renewal import RenewalPolicy
+from .retry import Backoff
 from .wire import CertificateInfo, IssuedCertificate, ServiceEntry
 
 __all__ = ["AsyncPKIClient"]
@@ -44,7 +44,7 @@ class AsyncPKIClient:
         self, pki_server_url: str, service_id: str, *, cert_file: StrPath | None = None,
         key_file: StrPath | None = None, ca_bundle: StrPath | None = None, root_fingerprint: str | None = None,
         enrollment_token: str | None = None, key_type: str = "ec-p256", timeout: float = 10.0,
-        http_client: httpx.Client | None = None, retry_policy: RenewalPolicy = DEFAULT_RETRY,
+        http_client: httpx.Client | None = None, retry_policy: Backoff = DEFAULT_RETRY,
         crl_max_age: float = 60.0, clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         #: The PKIClient doing the work (for synchronous code sharing this client's state).

@@ -22,6 +22,7 @@ from .files import CertificateFiles
 from .http import Connection, Retry
 from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
 from .renewal import RenewalPolicy, Renewer, next_renewal_at
+from .retry import Backoff, RetryPolicy
 from .revocation import CRLCache
 from .session import Session, pem_certificates
 from .trust import CHAIN_FILE_NAME, verify_leaf
@@ -40,7 +41,7 @@ __all__ = ["DEFAULT_RETRY", "PKIClient"]
 logger = logging.getLogger("vcc_pki_client")
 
 #: Attempts and back-off of retried calls (and of each renewal) unless ``retry_policy=`` says otherwise.
-DEFAULT_RETRY = RenewalPolicy(max_attempts=4, backoff_initial=0.5, backoff_max=8.0)
+DEFAULT_RETRY = RetryPolicy(max_attempts=4, backoff_initial=0.5, backoff_max=8.0)
 _SERVICE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 StrPath = str | os.PathLike[str]
 
@@ -65,7 +66,8 @@ class PKIClient:
     with or without colons or ``sha256:``), ``ca_chain.pem`` beside ``cert_file``, the
     system store. ``enrollment_token`` is the default token of :meth:`enroll`; ``key_type``
     the kind of key it makes (later rekeys keep the kind of the current key).
-    ``retry_policy`` sets attempts and back-off of retried calls; ``http_client`` lends an
+    ``retry_policy`` (a :class:`~vcc_pki_client.retry.RetryPolicy`) sets attempts and
+    back-off of retried calls and of each renewal; ``http_client`` lends an
     httpx client (used as it is, never closed here); ``crl_max_age`` (seconds) bounds how
     long :meth:`is_revoked` trusts a fetched CRL. ``clock`` is the time renewal checks go by
     (a seam for tests: a clock a day ahead makes a renewal due).
@@ -96,7 +98,7 @@ class PKIClient:
         key_type: str = "ec-p256",
         timeout: float = 10.0,
         http_client: httpx.Client | None = None,
-        retry_policy: RenewalPolicy = DEFAULT_RETRY,
+        retry_policy: Backoff = DEFAULT_RETRY,
         crl_max_age: float = 60.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
@@ -124,17 +126,17 @@ class PKIClient:
             self.pki_server_url, service_id, self.files,
             ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
             pin=normalize_fingerprint(root_fingerprint) if root_fingerprint is not None else None,
-            timeout=timeout, retry_policy=retry_policy, http_client=http_client,
+            timeout=timeout, retry_policy=RetryPolicy.of(retry_policy), http_client=http_client,
         )
         self._enrollment_token = enrollment_token
         self._key_type = key_type
-        self._retry = retry_policy
+        self._retry = RetryPolicy.of(retry_policy)
         self._clock = clock
         self._lock = self._session.lock
         self._renew_lock = threading.RLock()  # one certificate replacement at a time
         self._crl = CRLCache(self._session, max_age=crl_max_age)
         self._renewer: Renewer | None = None
-        self._auto = _AutoRenewal(retry_policy)
+        self._auto = _AutoRenewal(RenewalPolicy(**attrs.asdict(self._retry)))
         self._closing = False
         self._on_renewed: Callable[[x509.Certificate], None] | None = None
         self._due: tuple[int, datetime] | None = None
@@ -296,7 +298,8 @@ class PKIClient:
         if not self.enrolled:
             raise ConfigurationError(f"service {self.service_id!r} has no certificate to renew yet: enroll() first")
         interval = check_interval if isinstance(check_interval, timedelta) else timedelta(seconds=check_interval)
-        policy = attrs.evolve(self._retry, renew_before=timedelta(days=renew_before_days), check_interval=interval)
+        policy = RenewalPolicy(renew_before=timedelta(days=renew_before_days), check_interval=interval,
+                               **attrs.asdict(self._retry))
         with self._lock:
             if self._closing:
                 raise ConfigurationError("this PKIClient is closed")

@@ -4,10 +4,10 @@ Every exception the SDK raises on purpose derives from :class:`PKIError`::
 
     PKIError
     ├── ConfigurationError          bad arguments, unusable files, unknown key kind
-    ├── TransportError              no usable answer: refused, timeout, TLS failure
-    │   └── InvalidResponseError    an answer that is not what the API promises
+    ├── TransportError              no usable answer: refused, timeout, TLS failure (retried)
+    ├── InvalidResponseError        an answer that is not what the API promises (not retried)
     ├── APIError                    the server answered with a problem document
-    │   │                           .status .code .detail .title .problem_type
+    │   │                           .status .code .detail .title .problem_type .method .url
     │   ├── AuthenticationError     401  not_authenticated, invalid_token
     │   ├── PermissionDeniedError   403  not_permitted
     │   │   └── PolicyRefusedError  403  policy_refused (SAN outside the allow-list, ...)
@@ -68,12 +68,13 @@ class ConfigurationError(PKIError):
 class TransportError(PKIError):
     """No usable answer from the server: connection refused, timeout, TLS failure.
 
-    Transient by nature; :func:`vcc_pki_client.renewal.retry_transient` retries it.
+    Transient by nature; :func:`vcc_pki_client.retry.retry_transient` retries it.
     """
 
 
-class InvalidResponseError(TransportError):
-    """The server answered, but not with what the API promises (not JSON, missing members)."""
+class InvalidResponseError(PKIError):
+    """The server answered, but not with what the API promises (not JSON, missing members, a
+    certificate for someone else). Not transient: asking again gets the same answer."""
 
 
 class APIError(PKIError):
@@ -85,6 +86,7 @@ class APIError(PKIError):
         detail: human-readable explanation (the body's ``detail``, or truncated body text).
         title: short summary (the body's ``title``, or the HTTP reason phrase).
         problem_type: the body's ``type`` URI (``about:blank`` when absent).
+        method, url: the call that failed (``GET``, ``https://pki:8443/api/v1/...``), or None.
     """
 
     def __init__(
@@ -95,18 +97,24 @@ class APIError(PKIError):
         code: str | None = None,
         title: str | None = None,
         problem_type: str = "about:blank",
+        method: str | None = None,
+        url: str | None = None,
     ) -> None:
         self.status = status
         self.code = code
         self.detail = detail
         self.title = title if title is not None else _reason(status)
         self.problem_type = problem_type
+        self.method = method
+        self.url = url
         super().__init__(self._message())
 
     def _message(self) -> str:
         where = f"{self.status}, {self.code}" if self.code else str(self.status)
         text = f"{self.title} ({where})"
-        return f"{text}: {self.detail}" if self.detail else text
+        if self.detail:
+            text = f"{text}: {self.detail}"
+        return f"{self.method} {self.url}: {text}" if self.method and self.url else text
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments defeat Exception's default pickling (cls(*args)).
@@ -120,6 +128,8 @@ def _rebuild_api_error(cls: type[APIError], state: dict[str, Any]) -> APIError:
         code=state["code"],
         title=state["title"],
         problem_type=state["problem_type"],
+        method=state.get("method"),
+        url=state.get("url"),
     )
 
 
@@ -212,10 +222,12 @@ def error_class_for_status(status: int) -> type[APIError]:
     return _STATUS_TO_ERROR.get(status, APIError)
 
 
-def error_from_problem(status: int, body: bytes | None, content_type: str | None) -> APIError:
+def error_from_problem(status: int, body: bytes | None, content_type: str | None, *,
+                       method: str | None = None, url: str | None = None) -> APIError:
     """Build the exception for an HTTP error response.
 
-    Takes the response's status, body and ``Content-Type``. A JSON object body is read as
+    Takes the response's status, body and ``Content-Type``, and the call (``method``,
+    ``url``) that got it, which the message names. A JSON object body is read as
     an RFC 9457 problem document (``type``, ``title``, ``status``, ``detail``, ``code``;
     ill-typed members are ignored); the class comes from ``code`` if the client knows it,
     else from ``status``. Any other body keeps the class by status, with its text
@@ -233,7 +245,7 @@ def error_from_problem(status: int, body: bytes | None, content_type: str | None
             text = text[: DETAIL_LIMIT - 3] + "..."
         if not text and status >= 500:
             text = "server unavailable"
-        return error_class_for_status(status)(status, text)
+        return error_class_for_status(status)(status, text, method=method, url=url)
 
     code = _member(problem, "code")
     cls = CODE_TO_ERROR.get(code) if code else None
@@ -245,6 +257,8 @@ def error_from_problem(status: int, body: bytes | None, content_type: str | None
         code=code,
         title=_member(problem, "title"),
         problem_type=_member(problem, "type") or "about:blank",
+        method=method,
+        url=url,
     )
 
 

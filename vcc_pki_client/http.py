@@ -31,7 +31,7 @@ from .errors import (
     TrustError,
     error_from_problem,
 )
-from .renewal import RenewalPolicy, is_transient, retry_transient
+from .retry import RetryPolicy, is_transient, retry_transient
 
 __all__ = ["API_PREFIX", "Connection", "Retry", "translate_httpx_error"]
 
@@ -90,7 +90,7 @@ class Connection:
         client: httpx.Client,
         *,
         owns_client: bool,
-        retry_policy: RenewalPolicy,
+        retry_policy: RetryPolicy,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.client = client
@@ -142,7 +142,8 @@ class Connection:
             except httpx.HTTPError as exc:
                 raise translate_httpx_error(exc, method, url) from exc
             if not response.is_success:
-                raise error_from_problem(response.status_code, response.content, response.headers.get("content-type"))
+                raise error_from_problem(response.status_code, response.content,
+                                         response.headers.get("content-type"), method=method, url=url)
             return response
 
         if retry is Retry.NEVER:

@@ -1,4 +1,4 @@
-"""When to renew (pure), retry with back-off, and the APScheduler-driven background renewer."""
+"""When to renew (pure) and the APScheduler-driven background renewer; retries are :mod:`.retry`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import logging
 import os
 import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
@@ -19,15 +18,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor  # type: ignore[import
 from apscheduler.schedulers import SchedulerNotRunningError  # type: ignore[import-untyped]
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 
-from .errors import APIError, PKIError, ServerError, TransportError
+from .errors import PKIError
 
 __all__ = [
     "RenewalPolicy",
     "Renewer",
-    "backoff_delays",
-    "is_transient",
     "next_renewal_at",
-    "retry_transient",
 ]
 
 logger = logging.getLogger("vcc_pki_client.renewal")
@@ -49,7 +45,8 @@ class RenewalPolicy:
     ``jitter``: fraction of the renewal window by which a renewal may come earlier, so
     a fleet issued at once does not renew at once (0 to 1).
     ``max_attempts``, ``backoff_initial``, ``backoff_max`` (seconds): retries of one
-    operation on transient failures (:func:`retry_transient`).
+    renewal on transient failures (:func:`~vcc_pki_client.retry.retry_transient`; the same
+    fields as :class:`~vcc_pki_client.retry.RetryPolicy`, which sets those of other calls).
     """
 
     renew_before: timedelta = attrs.field(default=timedelta(days=30), validator=_positive)
@@ -91,59 +88,6 @@ def next_renewal_at(
     window = policy.renew_before if policy.renew_before < lifetime else lifetime / 3
     at = not_after - window - window * (policy.jitter * rand())
     return max(at, not_before).astimezone(timezone.utc)
-
-
-def backoff_delays(policy: RenewalPolicy, rand: Callable[[], float] = random.random) -> Iterator[float]:
-    """The waits between ``policy.max_attempts`` attempts: exponential, with full jitter.
-
-    Yields ``max_attempts - 1`` delays in seconds; the n-th (from 0) is uniform in
-    ``[0, min(backoff_max, backoff_initial * 2**n))``.
-    """
-    for attempt in range(policy.max_attempts - 1):
-        cap = min(policy.backoff_max, policy.backoff_initial * 2.0**attempt)
-        yield rand() * cap
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: no usable answer, 5xx, or 429 (too many requests).
-
-    Never for other 4xx answers: the same request would be refused again.
-    """
-    if isinstance(exc, (TransportError, ServerError)):
-        return True
-    return isinstance(exc, APIError) and exc.status == 429
-
-
-def retry_transient(
-    fn: Callable[[], T],
-    policy: RenewalPolicy,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rand: Callable[[], float] = random.random,
-    is_transient: Callable[[BaseException], bool] = is_transient,
-) -> T:
-    """Call ``fn``; on a transient failure, wait (:func:`backoff_delays`) and call again.
-
-    At most ``policy.max_attempts`` calls. Returns ``fn``'s result. A failure that is not
-    transient is raised at once; after the last attempt the last failure is re-raised as
-    it is (so callers keep the typed error; the renewer wraps it in RenewalError).
-    Retrying repeats the request: use it for idempotent calls or ones whose repetition
-    is harmless (a renewal issues one more certificate, never a second enrolment).
-    """
-    delays = backoff_delays(policy, rand)
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            delay = next(delays, None) if is_transient(exc) else None
-            if delay is None:
-                raise
-            logger.warning(
-                "attempt %d of %d failed (%s); retrying in %.1f s", attempt, policy.max_attempts, exc, delay
-            )
-        sleep(delay)
-        attempt += 1
 
 
 class Renewer:

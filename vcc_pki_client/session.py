@@ -24,7 +24,7 @@ from .errors import ConfigurationError, InvalidResponseError
 from .files import CertificateFiles
 from .http import Connection
 from .keys import PrivateKey, key_matches_certificate
-from .renewal import RenewalPolicy
+from .retry import RetryPolicy
 from .tls import ReloadingContexts
 from .trust import Trust, check_ca_chain, resolve_trust, unverified_context, verify_leaf
 from .wire import IssuedCertificate
@@ -50,7 +50,7 @@ class Session:
         ca_bundle: Path | None,
         pin: str | None,
         timeout: float,
-        retry_policy: RenewalPolicy,
+        retry_policy: RetryPolicy,
         http_client: httpx.Client | None,
     ) -> None:
         self.url = url

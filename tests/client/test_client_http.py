@@ -32,8 +32,8 @@ from vcc_pki_client import (
     PKIClient,
     PolicyRefusedError,
     RenewalError,
-    RenewalPolicy,
     RequestRejectedError,
+    RetryPolicy,
     ServerError,
     TransportError,
     TrustError,
@@ -41,14 +41,14 @@ from vcc_pki_client import (
 from vcc_pki_client.files import CertificateFiles
 from vcc_pki_client.http import translate_httpx_error
 from vcc_pki_client.keys import fingerprint_sha256
-from vcc_pki_client.renewal import is_transient
+from vcc_pki_client.retry import is_transient
 
 if TYPE_CHECKING:
     from conftest import MiniCA
 
 URL = "https://pki.test"
 API = f"{URL}/api/v1"
-FAST = RenewalPolicy(max_attempts=3, backoff_initial=0.001, backoff_max=0.002)
+FAST = RetryPolicy(max_attempts=3, backoff_initial=0.001, backoff_max=0.002)
 PROBLEM = {"content-type": "application/problem+json"}
 
 

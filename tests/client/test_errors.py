@@ -26,6 +26,7 @@ from vcc_pki_client.errors import (
     error_class_for_status,
     error_from_problem,
 )
+from vcc_pki_client.retry import is_transient
 
 # Every code the server emits, with its status (SPEC §5, vcc_pki_server's api table).
 SERVER_CODES = {
@@ -69,9 +70,11 @@ def test_code_class_agrees_with_its_status(code: str, status: int) -> None:
 
 
 def test_tree_shape() -> None:
-    for cls in (ConfigurationError, TransportError, APIError, RenewalError, TrustError):
+    for cls in (ConfigurationError, TransportError, InvalidResponseError, APIError, RenewalError, TrustError):
         assert issubclass(cls, PKIError)
-    assert issubclass(InvalidResponseError, TransportError)
+    # Not transient: an answer that breaks the API's promise is not worth asking for again.
+    assert not issubclass(InvalidResponseError, TransportError)
+    assert not is_transient(InvalidResponseError("not JSON"))
     assert issubclass(PolicyRefusedError, PermissionDeniedError)
     assert issubclass(ConflictError, RequestRejectedError)
     for cls in (AuthenticationError, PermissionDeniedError, NotFoundError, RequestRejectedError, ServerError):
@@ -187,3 +190,14 @@ def test_renewal_error_keeps_last_error() -> None:
     assert err.last_error is cause
     copy = pickle.loads(pickle.dumps(err))
     assert str(copy) == str(err) and isinstance(copy.last_error, ServerError)
+
+
+def test_an_api_error_names_the_call_that_failed() -> None:
+    err = error_from_problem(404, b'{"code": "unknown_service", "detail": "no such service"}',
+                             "application/problem+json", method="GET",
+                             url="https://pki.test:8443/api/v1/services/x")
+    assert (err.method, err.url) == ("GET", "https://pki.test:8443/api/v1/services/x")
+    assert str(err).startswith("GET https://pki.test:8443/api/v1/services/x: ")
+    assert "no such service" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.method, copy.url, str(copy)) == (err.method, err.url, str(err))

@@ -28,6 +28,7 @@ PUBLIC_API = [
     "RenewalError",
     "RenewalPolicy",
     "RequestRejectedError",
+    "RetryPolicy",
     "ServerError",
     "ServiceEntry",
     "ServiceHealth",

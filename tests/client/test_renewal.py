@@ -21,7 +21,8 @@ from vcc_pki_client.errors import (
     ServerError,
     TransportError,
 )
-from vcc_pki_client.renewal import RenewalPolicy, Renewer, backoff_delays, next_renewal_at, retry_transient
+from vcc_pki_client.renewal import RenewalPolicy, Renewer, next_renewal_at
+from vcc_pki_client.retry import backoff_delays, retry_transient
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 YEAR = timedelta(days=365)
@@ -131,7 +132,6 @@ def run(fn: Callable[[], str], sleeps: list[float], **policy: object) -> str:
     "error",
     [
         TransportError("connection refused"),
-        InvalidResponseError("not JSON"),
         ServerError(503, "server unavailable"),
         ServerError(500, "boom", code="internal_error"),
         APIError(429, "slow down"),
@@ -150,6 +150,7 @@ def test_retries_transient_failures(error: Exception, sleeps: list[float]) -> No
         NotFoundError(404, "unknown service"),
         AuthenticationError(401, "token spent"),
         RequestRejectedError(400, "bad csr"),
+        InvalidResponseError("not JSON"),
         ValueError("a bug"),
     ],
 )

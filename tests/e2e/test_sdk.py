@@ -31,7 +31,7 @@ from vcc_pki_client import (
     PKIClient,
     PolicyRefusedError,
     RenewalError,
-    RenewalPolicy,
+    RetryPolicy,
     TransportError,
     TrustError,
 )
@@ -40,7 +40,7 @@ from vcc_pki_server import cli
 from vcc_pki_server.authority import Actor
 from vcc_pki_server.home import Home
 
-FAST = RenewalPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
+FAST = RetryPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
 Register = Callable[..., str]
 
 

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from support import RunningServer
-from vcc_pki_client import AsyncPKIClient, ConfigurationError, IssuedCertificate, RenewalPolicy
+from vcc_pki_client import AsyncPKIClient, ConfigurationError, IssuedCertificate, RetryPolicy
 from vcc_pki_server.home import SERVER_SERVICE_ID, Home
 
-FAST = RenewalPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
+FAST = RetryPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
 Register = Callable[..., str]
 
 
