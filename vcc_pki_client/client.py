@@ -17,14 +17,14 @@ import attrs
 import httpx
 from cryptography import x509
 
+from ._http import Connection, Retry
+from ._session import Session, pem_certificates
 from .errors import ConfigurationError, RenewalError
 from .files import CertificateFiles
-from .http import Connection, Retry
 from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
 from .renewal import RenewalPolicy, Renewer, next_renewal_at
 from .retry import Backoff, RetryPolicy
 from .revocation import CRLCache
-from .session import Session, pem_certificates
 from .trust import CHAIN_FILE_NAME, verify_leaf
 from .wire import (
     CertificateInfo,
@@ -69,8 +69,8 @@ class PKIClient:
     ``retry_policy`` (a :class:`~vcc_pki_client.retry.RetryPolicy`) sets attempts and
     back-off of retried calls and of each renewal; ``http_client`` lends an
     httpx client (used as it is, never closed here); ``crl_max_age`` (seconds) bounds how
-    long :meth:`is_revoked` trusts a fetched CRL. ``clock`` is the time renewal checks go by
-    (a seam for tests: a clock a day ahead makes a renewal due).
+    long :meth:`is_revoked` trusts a fetched CRL. ``clock`` is the time the client goes by: renewal checks, the CRL's
+    nextUpdate, verifying certificates (a seam for tests: a clock a day ahead makes a renewal due).
 
     Example::
 
@@ -118,15 +118,11 @@ class PKIClient:
         self.files: CertificateFiles | None = None
         if cert_file is not None and key_file is not None:
             self.files = CertificateFiles(cert_file, key_file, Path(cert_file).parent / CHAIN_FILE_NAME)
-            try:
-                self.files.recover()  # finish a swap a crash cut short
-            except ConfigurationError as exc:
-                logger.warning("service %s: %s", service_id, exc)
         self._session = Session(
             self.pki_server_url, service_id, self.files,
             ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
             pin=normalize_fingerprint(root_fingerprint) if root_fingerprint is not None else None,
-            timeout=timeout, retry_policy=RetryPolicy.of(retry_policy), http_client=http_client,
+            timeout=timeout, retry_policy=RetryPolicy.of(retry_policy), http_client=http_client, clock=clock,
         )
         self._enrollment_token = enrollment_token
         self._key_type = key_type
@@ -262,7 +258,7 @@ class PKIClient:
                                         params={"chain": "true"})
         what = f"the certificate of service {service_id!r}"
         certs = pem_certificates(response.content, what)
-        verify_leaf(certs[0], certs[1:], self._session.peer_anchors(), what=what)
+        verify_leaf(certs[0], certs[1:], self._session.peer_anchors(), what=what, now=self._clock())
         return certs[0]
 
     def get_ca_bundle(self) -> list[x509.Certificate]:

@@ -102,8 +102,7 @@ class Renewer:
 
     The job wrapper never lets an exception escape into APScheduler (which would only
     log it): it logs the failure under ``vcc_pki_client.renewal`` with the service id,
-    then calls ``on_error(exc)``. Checks never overlap: :meth:`run_now` waits for a
-    running job, and the job skips its round while a :meth:`run_now` is checking.
+    then calls ``on_error(exc)``. Checks never overlap (``max_instances=1``).
 
     Example::
 
@@ -123,17 +122,10 @@ class Renewer:
         self.service_id = service_id
         self.on_error = on_error
         self._state = threading.Lock()  # guards _scheduler, _pid, _check
-        self._checking = threading.Lock()  # one check at a time
         self._in_job = threading.local()
         self._scheduler: BackgroundScheduler | None = None
         self._pid = 0
         self._check: Callable[[], None] | None = None
-
-    @property
-    def running(self) -> bool:
-        """True while the background job is scheduled in this process."""
-        with self._state:
-            return self._live_scheduler() is not None
 
     def start(self, check: Callable[[], None], interval: timedelta, *, immediately: bool = False) -> None:
         """Run ``check`` every ``interval`` from now on (the first run after one interval,
@@ -180,23 +172,9 @@ class Renewer:
         with contextlib.suppress(SchedulerNotRunningError):  # stopped behind our back
             scheduler.shutdown(wait=not getattr(self._in_job, "active", False))
 
-    def run_now(self) -> None:
-        """Run the check synchronously in the calling thread; its exceptions propagate.
-
-        Waits for a check the job is running. Raises RuntimeError before any
-        :meth:`start`.
-        """
-        check = self._check
-        if check is None:
-            raise RuntimeError("Renewer.run_now() before start(): no check to run")
-        with self._checking:
-            check()
-
     def _run_job(self) -> None:
         check = self._check
-        # A check already running (run_now() in another thread) does this round's work;
-        # skipping rather than waiting means stop() can never wait on a blocked job.
-        if check is None or not self._checking.acquire(blocking=False):
+        if check is None:
             return
         self._in_job.active = True
         try:
@@ -205,7 +183,6 @@ class Renewer:
             self._report(exc)
         finally:
             self._in_job.active = False
-            self._checking.release()
 
     def _report(self, exc: Exception) -> None:
         service = self.service_id or "(unnamed)"

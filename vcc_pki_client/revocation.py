@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from ._session import Session
 from .errors import ConfigurationError, InvalidResponseError, TrustError
-from .session import Session
 from .trust import check_crl
 
 __all__ = ["CRLCache"]
 
 
 class CRLCache:
-    """The CRL of a :class:`~vcc_pki_client.session.Session`'s CA, kept for ``max_age`` seconds.
+    """The CRL of a :class:`~vcc_pki_client._session.Session`'s CA, kept for ``max_age`` seconds.
 
-    A kept CRL is never used past its nextUpdate. ``clock`` gives the current time (aware UTC).
+    A kept CRL is never used past its nextUpdate, by the session's clock.
     """
 
-    def __init__(self, session: Session, *, max_age: float,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+    def __init__(self, session: Session, *, max_age: float) -> None:
         self._session = session
         self._max_age = max_age
-        self._clock = clock
+        self._clock = session.clock
         self._lock = threading.Lock()
         self._kept: tuple[float, x509.CertificateRevocationList] | None = None
 

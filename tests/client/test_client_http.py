@@ -38,8 +38,8 @@ from vcc_pki_client import (
     TransportError,
     TrustError,
 )
+from vcc_pki_client._http import translate_httpx_error
 from vcc_pki_client.files import CertificateFiles
-from vcc_pki_client.http import translate_httpx_error
 from vcc_pki_client.keys import fingerprint_sha256
 from vcc_pki_client.retry import is_transient
 
@@ -161,7 +161,7 @@ def enrolled(make_client: Callable[..., PKIClient], mini_ca: MiniCA, tmp_path: P
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The back-off waits the client asked for (not actually waited)."""
     waited: list[float] = []
-    monkeypatch.setattr("vcc_pki_client.http.time.sleep", waited.append)
+    monkeypatch.setattr("vcc_pki_client._http.time.sleep", waited.append)
     return waited
 
 
@@ -584,8 +584,8 @@ def test_context_manager_stops_the_scheduler(enrolled: PKIClient) -> None:
     with enrolled:
         enrolled.enable_auto_renewal(renew_before_days=1, check_interval=3600)
         renewer = enrolled._renewer
-        assert renewer is not None and renewer.running
-    assert not renewer.running
+        assert renewer is not None and renewer._live_scheduler() is not None
+    assert renewer._live_scheduler() is None
 
 
 @pytest.mark.parametrize(("kw", "match"), [

@@ -362,3 +362,23 @@ def test_ssl_load_sends_intermediates_not_the_root(files: CertificateFiles, pair
     assert files.ssl_load(ctx) == pair_a[0]
     two = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     assert files.ssl_load(ctx, two) == pair_a[0]
+
+
+def test_a_client_recovers_a_cut_swap_on_first_use_not_in_its_constructor(
+    tmp_path: Path, pair_a: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vcc_pki_client import PKIClient
+
+    folder = tmp_path / "svc"
+    files = CertificateFiles(folder / "cert.pem", folder / "key.pem")
+    crash_after_key_rename(monkeypatch, files)
+    with pytest.raises(ConfigurationError):
+        files.write(*pair_a)
+    monkeypatch.undo()
+    before = sorted(p.name for p in folder.iterdir())
+    pki = PKIClient("https://pki.invalid:8443", "svc", cert_file=files.cert_file, key_file=files.key_file)
+    assert sorted(p.name for p in folder.iterdir()) == before  # the constructor touched nothing
+    assert staged_files(folder) != []
+    assert pki.certificate == pair_a[0]  # first use: the swap is completed on disk
+    assert staged_files(folder) == [] and files.cert_file.exists()
+    pki.close()

@@ -211,28 +211,12 @@ def test_start_twice_keeps_one_job(renewer: Renewer) -> None:
 def test_stop_is_idempotent(renewer: Renewer) -> None:
     renewer.stop()  # before any start
     renewer.start(lambda: None, HOUR)
-    assert renewer.running
+    assert renewer._live_scheduler() is not None
     renewer.stop()
-    assert not renewer.running
+    assert renewer._live_scheduler() is None
     renewer.stop()
     renewer.start(lambda: None, HOUR)  # and it starts again
-    assert renewer.running
-
-
-def test_run_now_calls_check_synchronously_and_propagates(renewer: Renewer) -> None:
-    with pytest.raises(RuntimeError, match="before start"):
-        renewer.run_now()
-    calls: list[str] = []
-    renewer.start(lambda: calls.append(threading.current_thread().name), HOUR)
-    renewer.run_now()
-    assert calls == [threading.current_thread().name]
-
-    def failing() -> None:
-        raise ServerError(503, "down")
-
-    renewer.start(failing, HOUR)
-    with pytest.raises(ServerError):
-        renewer.run_now()
+    assert renewer._live_scheduler() is not None
 
 
 def test_job_failures_go_to_log_and_on_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -287,9 +271,9 @@ def test_after_fork_the_child_makes_its_own_scheduler(renewer: Renewer, monkeypa
     inherited = scheduler_of(renewer)
     monkeypatch.setattr(renewal_module, "os", FakeOs())  # as seen from a forked child
     try:
-        assert not renewer.running
+        assert renewer._live_scheduler() is None
         renewer.start(lambda: None, HOUR)
-        assert renewer.running and renewer._scheduler is not inherited
+        assert renewer._live_scheduler() is not None and renewer._scheduler is not inherited
     finally:
         inherited.shutdown(wait=True)  # in a real child this thread would not exist
 
@@ -314,26 +298,4 @@ def test_real_scheduler_runs_the_check_and_stops_from_inside_it() -> None:
     finally:
         renewer.stop()
     assert errors == [] and calls == 3
-    assert not renewer.running
-
-
-def test_job_skips_its_round_while_run_now_is_checking(renewer: Renewer) -> None:
-    inside = threading.Event()
-    release = threading.Event()
-    calls: list[str] = []
-
-    def slow_check() -> None:
-        calls.append(threading.current_thread().name)
-        inside.set()
-        release.wait(5)
-
-    renewer.start(slow_check, HOUR)
-    user = threading.Thread(target=renewer.run_now, name="user")
-    user.start()
-    try:
-        assert inside.wait(5)
-        scheduler_of(renewer).get_job(Renewer.JOB_ID).func()  # returns at once: no overlap
-    finally:
-        release.set()
-        user.join()
-    assert calls == ["user"]
+    assert renewer._live_scheduler() is None

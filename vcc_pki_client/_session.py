@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 from cryptography import x509
 
+from ._http import Connection
 from .errors import ConfigurationError, InvalidResponseError
 from .files import CertificateFiles
-from .http import Connection
 from .keys import PrivateKey, key_matches_certificate
 from .retry import RetryPolicy
 from .tls import ReloadingContexts
@@ -52,11 +53,13 @@ class Session:
         timeout: float,
         retry_policy: RetryPolicy,
         http_client: httpx.Client | None,
+        clock: Callable[[], datetime],
     ) -> None:
         self.url = url
         self.service_id = service_id
         self.files = files
         self.retry_policy = retry_policy
+        self.clock = clock
         self._ca_bundle = ca_bundle
         self._pin = pin
         self._timeout = timeout
@@ -69,6 +72,7 @@ class Session:
         self._contexts: ReloadingContexts | None = None
         self._peer_contexts: ReloadingContexts | None = None
         self._ca_chain: list[x509.Certificate] | None = None
+        self._recovered = False
 
     @property
     def enrolled(self) -> bool:
@@ -76,9 +80,16 @@ class Session:
         return self.files is not None and self.files.exists()
 
     def require_files(self) -> CertificateFiles:
-        """The files, or ConfigurationError when the client was made without them."""
+        """The files, or ConfigurationError when the client was made without them. The first
+        call finishes a swap that a crash cut short (:meth:`CertificateFiles.recover`)."""
         if self.files is None:
             raise ConfigurationError("this needs cert_file and key_file")
+        if not self._recovered:
+            self._recovered = True
+            try:
+                self.files.recover()
+            except ConfigurationError as exc:
+                logger.warning("service %s: %s", self.service_id, exc)
         return self.files
 
     def require_open(self) -> None:
@@ -181,7 +192,7 @@ class Session:
             raise InvalidResponseError("the issued certificate does not certify the key this client sent")
         anchors = self.trust().anchors or tuple(c for c in issued.chain if c.issuer == c.subject)
         # Judge the chain, not the clocks: a few minutes of skew must not waste a one-time token.
-        at = min(max(datetime.now(timezone.utc), cert.not_valid_before_utc), cert.not_valid_after_utc)
+        at = min(max(self.clock(), cert.not_valid_before_utc), cert.not_valid_after_utc)
         verify_leaf(cert, issued.chain, anchors, what=f"the certificate issued for {self.service_id!r}", now=at)
         self.require_files().write(cert, key, issued.chain)
         with self.lock:
