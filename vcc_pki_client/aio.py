@@ -1,22 +1,60 @@
-"""AsyncPKIClient: the PKIClient surface for asyncio services, its network calls run in a worker thread."""
+"""AsyncPKIClient: the PKIClient surface for asyncio services, its network calls run in a worker thread.
+
+Every method is made from the PKIClient method of the same name by one of two helpers:
+:func:`_in_thread` (network calls: awaitable, run with :func:`asyncio.to_thread`) and
+:func:`_direct` (local calls, plain). Signatures and docs are PKIClient's own, so the two
+clients cannot drift apart (``tests/client/test_public_api.py`` checks it).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import httpx
 from cryptography import x509
 
-from .client import DEFAULT_RETRY, PKIClient, StrPath, _utc_now
+from .client import PKIClient
 from .files import CertificateFiles
-from .retry import Backoff
-from .wire import CertificateInfo, IssuedCertificate, ServiceEntry
 
 __all__ = ["AsyncPKIClient"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _in_thread(method: Callable[Concatenate[PKIClient, P], R]) -> Callable[
+        Concatenate[AsyncPKIClient, P], Coroutine[Any, Any, R]]:
+    """``method`` of PKIClient as a coroutine of AsyncPKIClient, run in a worker thread."""
+
+    async def call(self: AsyncPKIClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.to_thread(method, self.sync, *args, **kwargs)
+
+    functools.update_wrapper(call, method)  # name, signature (``__wrapped__``) and docs
+    call.__doc__ = f":meth:`PKIClient.{method.__name__} <vcc_pki_client.PKIClient.{method.__name__}>`, awaitable."
+    return call
+
+
+def _direct(method: Callable[Concatenate[PKIClient, P], R]) -> Callable[Concatenate[AsyncPKIClient, P], R]:
+    """``method`` of PKIClient, called as it is (no network: nothing to wait for)."""
+
+    def call(self: AsyncPKIClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return method(self.sync, *args, **kwargs)
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+def _with_arguments_of(init: Callable[Concatenate[PKIClient, P], None]) -> Callable[
+        [Callable[..., None]], Callable[Concatenate[AsyncPKIClient, P], None]]:
+    """Give a constructor PKIClient's parameters (for type checkers and ``inspect``)."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[Concatenate[AsyncPKIClient, P], None]:
+        return cast(Callable[Concatenate["AsyncPKIClient", P], None], functools.wraps(init)(fn))
+
+    return decorate
 
 
 class AsyncPKIClient:
@@ -28,6 +66,8 @@ class AsyncPKIClient:
     renewal scheduler, the certificate files and the reloading SSL contexts are the
     PKIClient's own (``.sync`` is that client). A cancelled call stops waiting, but the
     thread finishes the request (a renewal still installs its certificate).
+    ``enable_auto_renewal``'s callbacks run in PKIClient's background thread (use
+    ``loop.call_soon_threadsafe`` to reach the loop).
 
     Example::
 
@@ -40,19 +80,10 @@ class AsyncPKIClient:
                 await http.get("https://inventory:9443/items")
     """
 
-    def __init__(
-        self, pki_server_url: str, service_id: str, *, cert_file: StrPath | None = None,
-        key_file: StrPath | None = None, ca_bundle: StrPath | None = None, root_fingerprint: str | None = None,
-        enrollment_token: str | None = None, key_type: str = "ec-p256", timeout: float = 10.0,
-        http_client: httpx.Client | None = None, retry_policy: Backoff = DEFAULT_RETRY,
-        crl_max_age: float = 60.0, clock: Callable[[], datetime] = _utc_now,
-    ) -> None:
+    @_with_arguments_of(PKIClient.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         #: The PKIClient doing the work (for synchronous code sharing this client's state).
-        self.sync = PKIClient(
-            pki_server_url, service_id, cert_file=cert_file, key_file=key_file, ca_bundle=ca_bundle,
-            root_fingerprint=root_fingerprint, enrollment_token=enrollment_token, key_type=key_type,
-            timeout=timeout, http_client=http_client, retry_policy=retry_policy, crl_max_age=crl_max_age,
-            clock=clock)
+        self.sync = PKIClient(*args, **kwargs)
         self.pki_server_url: str = self.sync.pki_server_url
         self.service_id: str = self.sync.service_id
         self.files: CertificateFiles | None = self.sync.files
@@ -71,83 +102,24 @@ class AsyncPKIClient:
         return self.sync.certificate
 
     # -- network calls, in a worker thread ------------------------------------------------
-    async def enroll(self, token: str | None = None, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (),
-                     validity_days: int | None = None) -> IssuedCertificate:
-        """:meth:`PKIClient.enroll <vcc_pki_client.PKIClient.enroll>`, awaitable."""
-        return await asyncio.to_thread(self.sync.enroll, token, san_dns=san_dns, san_ip=san_ip,
-                                       validity_days=validity_days)
-
-    async def request_certificate(self, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (),
-                                  validity_days: int | None = None) -> IssuedCertificate:
-        """:meth:`PKIClient.request_certificate`, awaitable."""
-        return await asyncio.to_thread(self.sync.request_certificate, san_dns=san_dns, san_ip=san_ip,
-                                       validity_days=validity_days)
-
-    async def renew(self, rekey: bool = True, *, validity_days: int | None = None) -> IssuedCertificate:
-        """:meth:`PKIClient.renew`, awaitable."""
-        return await asyncio.to_thread(self.sync.renew, rekey, validity_days=validity_days)
-
-    async def revoke(self, reason: str = "unspecified", serial: int | str | None = None) -> CertificateInfo:
-        """:meth:`PKIClient.revoke`, awaitable."""
-        return await asyncio.to_thread(self.sync.revoke, reason, serial)
-
-    async def register_service(self, service_name: str, endpoints: Sequence[str], health_check_url: str | None = None,
-                               version: str | None = None, owner: str | None = None,
-                               metadata: Mapping[str, Any] | None = None) -> ServiceEntry:
-        """:meth:`PKIClient.register_service`, awaitable."""
-        return await asyncio.to_thread(self.sync.register_service, service_name, endpoints, health_check_url,
-                                       version, owner, metadata)
-
-    async def discover(self, service_id: str) -> ServiceEntry:
-        """:meth:`PKIClient.discover`, awaitable."""
-        return await asyncio.to_thread(self.sync.discover, service_id)
-
-    async def list_services(self, healthy: bool | None = None) -> list[ServiceEntry]:
-        """:meth:`PKIClient.list_services`, awaitable."""
-        return await asyncio.to_thread(self.sync.list_services, healthy)
-
-    async def get_service_certificate(self, service_id: str) -> x509.Certificate:
-        """:meth:`PKIClient.get_service_certificate`, awaitable."""
-        return await asyncio.to_thread(self.sync.get_service_certificate, service_id)
-
-    async def get_ca_bundle(self) -> list[x509.Certificate]:
-        """:meth:`PKIClient.get_ca_bundle`, awaitable."""
-        return await asyncio.to_thread(self.sync.get_ca_bundle)
-
-    async def get_crl(self) -> x509.CertificateRevocationList:
-        """:meth:`PKIClient.get_crl`, awaitable."""
-        return await asyncio.to_thread(self.sync.get_crl)
-
-    async def is_revoked(self, cert: x509.Certificate | int | str, *, refresh: bool = False) -> bool:
-        """:meth:`PKIClient.is_revoked`, awaitable (a thread hop even when the CRL is cached)."""
-        return await asyncio.to_thread(self.sync.is_revoked, cert, refresh=refresh)
-
-    async def renew_now(self, *, now: datetime | None = None) -> IssuedCertificate | None:
-        """:meth:`PKIClient.renew_now`, awaitable."""
-        return await asyncio.to_thread(self.sync.renew_now, now=now)
+    enroll = _in_thread(PKIClient.enroll)
+    request_certificate = _in_thread(PKIClient.request_certificate)
+    renew = _in_thread(PKIClient.renew)
+    revoke = _in_thread(PKIClient.revoke)
+    register_service = _in_thread(PKIClient.register_service)
+    discover = _in_thread(PKIClient.discover)
+    list_services = _in_thread(PKIClient.list_services)
+    get_service_certificate = _in_thread(PKIClient.get_service_certificate)
+    get_ca_bundle = _in_thread(PKIClient.get_ca_bundle)
+    get_crl = _in_thread(PKIClient.get_crl)
+    is_revoked = _in_thread(PKIClient.is_revoked)  # a thread hop even when the CRL is cached
+    renew_now = _in_thread(PKIClient.renew_now)
 
     # -- local, plain methods ---------------------------------------------------------------
-    def enable_auto_renewal(self, renew_before_days: float = 30, *,
-                            check_interval: timedelta | float = timedelta(hours=1),
-                            on_renewed: Callable[[x509.Certificate], None] | None = None,
-                            on_error: Callable[[Exception], None] | None = None, rekey: bool = True,
-                            validity_days: int | None = None) -> None:
-        """:meth:`PKIClient.enable_auto_renewal`: the checks run in the PKIClient's background
-        thread, and so do ``on_renewed``/``on_error`` (use ``loop.call_soon_threadsafe`` to reach the loop)."""
-        self.sync.enable_auto_renewal(renew_before_days, check_interval=check_interval, on_renewed=on_renewed,
-                                      on_error=on_error, rekey=rekey, validity_days=validity_days)
-
-    def disable_auto_renewal(self) -> None:
-        """:meth:`PKIClient.disable_auto_renewal` (waits for a running check: briefly blocks the loop then)."""
-        self.sync.disable_auto_renewal()
-
-    def server_ssl_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
-        """:meth:`PKIClient.server_ssl_context`, e.g. for ``asyncio.start_server(..., ssl=ctx)``."""
-        return self.sync.server_ssl_context(require_client_cert)
-
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """:meth:`PKIClient.client_ssl_context`, reloaded in place after each renewal."""
-        return self.sync.client_ssl_context()
+    enable_auto_renewal = _direct(PKIClient.enable_auto_renewal)
+    disable_auto_renewal = _direct(PKIClient.disable_auto_renewal)  # waits for a running check
+    server_ssl_context = _direct(PKIClient.server_ssl_context)
+    client_ssl_context = _direct(PKIClient.client_ssl_context)
 
     def httpx_async_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` for mTLS calls to peers (``verify`` is :meth:`client_ssl_context`);
