@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 from cryptography import x509
 
@@ -14,6 +15,12 @@ def pem_text(der: bytes, label: str = "CERTIFICATE") -> str:
     b64 = base64.b64encode(der).decode("ascii")
     body = "\n".join([b64[i:i + 64] for i in range(0, len(b64), 64)])
     return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+def der_fingerprint(der: bytes) -> str:
+    """SHA-256 of a certificate's DER, lowercase hex: what the store keeps and the API shows
+    (the SDK's ``fingerprint_sha256`` of the same certificate)."""
+    return hashlib.sha256(der).hexdigest()
 
 
 def cert_pem(*certs: x509.Certificate) -> bytes:

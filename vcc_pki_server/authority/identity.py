@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from cryptography import x509
 
 from .. import tokens
+from ..encoding import der_fingerprint
 from ..errors import NotAuthenticated
 from .base import Actor, AuthorityBase
 
@@ -24,7 +23,7 @@ class Identity(AuthorityBase):
         except ValueError:
             raise NotAuthenticated("client certificate cannot be parsed") from None
         record = self.store.get_certificate(serial)
-        if record is None or record.fingerprint != hashlib.sha256(der).hexdigest():
+        if record is None or record.fingerprint != der_fingerprint(der):
             raise NotAuthenticated("client certificate is not known to this CA")
         status = record.status(self.clock())
         if status != "valid":

@@ -8,7 +8,6 @@ audit-log row inside that transaction.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -19,7 +18,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..encoding import pem_text
+from ..encoding import der_fingerprint, pem_text
 
 
 def utc_text(moment: datetime) -> str:
@@ -112,7 +111,7 @@ class CertificateRecord:
             subject=subject if subject is not None else cert.subject.rfc4514_string(),
             san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            fingerprint=hashlib.sha256(der).hexdigest(), pem=pem_text(der), issued_at=issued_at,
+            fingerprint=der_fingerprint(der), pem=pem_text(der), issued_at=issued_at,
         )
 
     def status(self, now: datetime) -> str:
