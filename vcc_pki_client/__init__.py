@@ -20,31 +20,61 @@ Everything the SDK raises on purpose derives from :class:`PKIError` (see
 
 from __future__ import annotations
 
+import importlib
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING, Any
 
-from .aio import AsyncPKIClient
-from .client import PKIClient
-from .errors import (
-    APIError,
-    AuthenticationError,
-    ConfigurationError,
-    ConflictError,
-    InvalidResponseError,
-    NotFoundError,
-    PermissionDeniedError,
-    PKIError,
-    PolicyRefusedError,
-    RenewalError,
-    RequestRejectedError,
-    ServerError,
-    TransportError,
-    TrustError,
-)
-from .files import CertificateFiles
-from .renewal import RenewalPolicy
-from .retry import RetryPolicy
-from .tls import ReloadingContexts
-from .wire import CertificateInfo, IssuedCertificate, Page, ServiceEntry, ServiceHealth
+if TYPE_CHECKING:
+    from .aio import AsyncPKIClient
+    from .client import PKIClient
+    from .errors import (
+        APIError,
+        AuthenticationError,
+        ConfigurationError,
+        ConflictError,
+        InvalidResponseError,
+        NotFoundError,
+        PermissionDeniedError,
+        PKIError,
+        PolicyRefusedError,
+        RenewalError,
+        RequestRejectedError,
+        ServerError,
+        TransportError,
+        TrustError,
+    )
+    from .files import CertificateFiles
+    from .renewal import RenewalPolicy
+    from .retry import RetryPolicy
+    from .tls import ReloadingContexts
+    from .wire import CertificateInfo, IssuedCertificate, Page, ServiceEntry, ServiceHealth
+
+# Where each public name lives. Imported on first use (PEP 562), so that importing one module
+# of the package (the server uses ``vcc_pki_client.keys`` and ``.files`` helpers) does not load
+# httpx and APScheduler with the rest of the SDK.
+_HOME = {
+    "AsyncPKIClient": "aio", "PKIClient": "client", "CertificateFiles": "files", "RenewalPolicy": "renewal",
+    "RetryPolicy": "retry", "ReloadingContexts": "tls",
+    **dict.fromkeys(("CertificateInfo", "IssuedCertificate", "Page", "ServiceEntry", "ServiceHealth"), "wire"),
+    **dict.fromkeys(("APIError", "AuthenticationError", "ConfigurationError", "ConflictError",
+                     "InvalidResponseError", "NotFoundError", "PermissionDeniedError", "PKIError",
+                     "PolicyRefusedError", "RenewalError", "RequestRejectedError", "ServerError",
+                     "TransportError", "TrustError"), "errors"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 try:
     __version__ = _metadata.version("vcc-pki")

@@ -107,3 +107,17 @@ def test_async_client_mirrors_the_sync_client() -> None:
     for name in ("enrolled", "certificate"):
         assert isinstance(getattr(aio, name), property), name
     assert inspect.iscoroutinefunction(aio.aclose) and inspect.iscoroutinefunction(aio.httpx_async_client) is False
+
+
+def test_the_server_helpers_do_not_load_the_whole_sdk() -> None:
+    """pki-admin and the server use vcc_pki_client.keys/.files: that must not import httpx or
+    APScheduler (≈ 80 ms on every pki-admin command), while every public name still resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vcc_pki_client.keys, vcc_pki_client.files, vcc_pki_server.cli; "
+            "print(sorted(m for m in ('httpx', 'apscheduler') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert sorted(vcc_pki_client._HOME) == PUBLIC_API
+    assert set(dir(vcc_pki_client)) >= set(PUBLIC_API)

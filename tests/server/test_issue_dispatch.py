@@ -72,3 +72,20 @@ def test_direct_dispatch_and_router_answer_alike(authority: Authority, admin_tok
         assert authority.store.get_certificate(fast.json()["serial_number"]) is not None
     else:
         assert fast.status_code >= 400 and fast.headers["content-type"] == "application/problem+json"
+
+
+def test_certificate_requests_bypass_the_router(authority: Authority, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct dispatch is really taken: with the router broken, requests still reach the handler."""
+    app = create_app(authority)
+
+    async def broken_router(*_: Any) -> None:
+        raise AssertionError("the router was asked")
+
+    monkeypatch.setattr(app, "app", broken_router)
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+            return await client.post(URL, content="{}", headers={"content-type": "application/json"})
+
+    answer = asyncio.run(post())
+    assert answer.status_code == 422 and answer.json()["code"] == "invalid_field"  # the handler's own check

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -31,8 +30,6 @@ from .. import render
 from ..authority import Actor, Authority, Issued
 from ..policy import check_service_id
 from .requests import authenticate_scope, field, parse_json_body, read_body
-
-log = logging.getLogger(__name__)
 
 ISSUE_PATH = "/api/v1/certificates/request"
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
@@ -61,20 +60,6 @@ class Issuance(Tokens):
                                                  subject=leaf_subject_text(template.common_name))
         return Issued(cert, record, self.ca.chain)
 
-    @contextlib.contextmanager
-    def _recording(self, issued: Issued, actor: Actor) -> Iterator[None]:
-        """Around the store's write: a spent enrolment token is 401; log once recorded."""
-        try:
-            yield
-        except Conflict as exc:
-            if exc.code == "invalid_token":
-                raise NotAuthenticated("enrolment token was already used", code="invalid_token") from None
-            raise
-        if log.isEnabledFor(logging.INFO):  # utc_text() is work even when the line is dropped
-            record = issued.record
-            log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
-                     record.service_id, record.serial, utc_text(record.not_after), actor.label)
-
     def sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
                      validity_days: int | None = None) -> Issued:
         """Check who asks, the CSR and the policy; sign. Nothing is recorded yet: that is
@@ -105,14 +90,20 @@ class Issuance(Tokens):
             results.append(result)
         return results
 
-    def _settle(self, issued: Issued, actor: Actor, result: Future[Issued], done: Future[None]) -> None:
-        try:
-            with self._recording(issued, actor):
-                done.result()
-        except BaseException as exc:
-            result.set_exception(exc)
-        else:
-            result.set_result(issued)
+    @staticmethod
+    def _settle(issued: Issued, actor: Actor, result: Future[Issued], done: Future[None]) -> None:
+        """Once the store answered: a spent enrolment token is 401; log what was recorded."""
+        error = done.exception()
+        if isinstance(error, Conflict) and error.code == "invalid_token":
+            error = NotAuthenticated("enrolment token was already used", code="invalid_token")
+        if error is not None:
+            result.set_exception(error)
+            return
+        if log.isEnabledFor(logging.INFO):  # utc_text() is work even when the line is dropped
+            record = issued.record
+            log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
+                     record.service_id, record.serial, utc_text(record.not_after), actor.label)
+        result.set_result(issued)
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
               validity_days: int | None = None) -> Issued:

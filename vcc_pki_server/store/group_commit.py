@@ -12,7 +12,6 @@ Plain threads, no event loop: the HTTP layer decides how a coroutine waits for a
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,8 +19,6 @@ from concurrent.futures import Future
 
 from . import CertificateRecord, utc_text
 from .rows import certificate_rows
-
-log = logging.getLogger(__name__)
 
 
 class PendingCertificate:

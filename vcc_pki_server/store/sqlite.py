@@ -86,7 +86,7 @@ class SQLiteStore(SQLStore):
     workers) queue on SQLite's lock instead of failing. ``synchronous=FULL``: a committed
     certificate survives a power loss, not only a crash.
 
-    Group commit (:mod:`.group_commit`): :meth:`submit_certificate` hands its record to one
+    Group commit (:mod:`.group_commit`): :meth:`submit_certificates` hands its records to one
     writer thread, which puts every record waiting at that moment into one transaction (one
     fsync) with a SAVEPOINT per record, so a record that fails (a spent enrolment token, a
     duplicate serial) fails alone; each future settles once its own record is committed or
