@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -161,11 +161,13 @@ def test_submitted_certificates_share_a_batch_and_fail_alone(store: SQLiteStore,
         commit(batch)  # type: ignore[arg-type]
 
     store._group._commit = spy  # type: ignore[assignment]
+    answers: list[Future[list[BaseException | None]]] = [Future(), Future()]
     with store._lock:  # everything below queues behind the first batch, then goes in together
-        futures = store.submit_certificates([(r, "test", None) for r in records])
-        futures += store.submit_certificates([(cert(serial=int(first.serial, 16)), "test", None),
-                                              (cert(), "e", "tok000000002"), (cert(), "e", "tok000000002")])
-    results = [f.exception(timeout=30) for f in futures]
+        store.submit_certificates([(r, "test", None) for r in records], answers[0].set_result)
+        store.submit_certificates([(cert(serial=int(first.serial, 16)), "test", None),
+                                   (cert(), "e", "tok000000002"), (cert(), "e", "tok000000002")],
+                                  answers[1].set_result)
+    results = answers[0].result(timeout=30) + answers[1].result(timeout=30)  # one call each
     assert results[:10] == [None] * 10
     assert isinstance(results[10], Conflict)
     assert [isinstance(r, Conflict) for r in results[11:]] == [False, True]

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 from collections import deque
-from concurrent.futures import Future
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -81,9 +81,9 @@ class _Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]] = []
+        self._items: list[tuple[asyncio.Future[Issued], Issued | BaseException]] = []
 
-    def post(self, answers: list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]) -> None:
+    def post(self, answers: list[tuple[asyncio.Future[Issued], Issued | BaseException]]) -> None:
         with self._lock:
             first = not self._items
             self._items += answers
@@ -99,10 +99,8 @@ class _Mailbox:
                 continue
             if isinstance(outcome, BaseException):
                 waiter.set_exception(outcome)
-            elif (error := outcome.exception()) is not None:
-                waiter.set_exception(error)
             else:
-                waiter.set_result(outcome.result())
+                waiter.set_result(outcome)
 
 
 _Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, "int | None"]
@@ -175,39 +173,27 @@ class Issuer:
             if refused:
                 _post(refused)
             if signed:
+                answer = functools.partial(_answer_recorded, waiting)
                 try:
-                    recorded = authority.record_issued(signed)
+                    authority.record_issued(signed, answer)
                 except BaseException as exc:  # the store is closed
-                    _post([(mailbox, waiter, exc) for mailbox, waiter in waiting])
-                    continue
-                _AnswerWhenRecorded(waiting, recorded)
+                    answer([exc] * len(waiting))
 
 
-_Answer = tuple[_Mailbox, "asyncio.Future[Issued]", "Future[Issued] | BaseException"]
+_Answer = tuple[_Mailbox, "asyncio.Future[Issued]", "Issued | BaseException"]
+
+
+def _answer_recorded(waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]],
+                     outcomes: list[Issued | BaseException]) -> None:
+    """Post a batch's answers once its certificates are recorded (the store's writer thread)."""
+    _post([(mailbox, waiter, outcome)
+           for (mailbox, waiter), outcome in zip(waiting, outcomes, strict=True)])
 
 
 def _post(answers: list[_Answer]) -> None:
-    by_loop: dict[_Mailbox, list[tuple[asyncio.Future[Issued], Future[Issued] | BaseException]]] = {}
+    by_loop: dict[_Mailbox, list[tuple[asyncio.Future[Issued], Issued | BaseException]]] = {}
     for mailbox, waiter, outcome in answers:
         by_loop.setdefault(mailbox, []).append((waiter, outcome))
     for mailbox, batch in by_loop.items():
         mailbox.post(batch)
 
-
-class _AnswerWhenRecorded:
-    """Posts a batch's answers once the last of its certificates is recorded (or refused)."""
-
-    def __init__(self, waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]],
-                 recorded: list[Future[Issued]]) -> None:
-        self._answers: list[_Answer] = [(m, w, r) for (m, w), r in zip(waiting, recorded, strict=True)]
-        self._left = len(recorded)
-        self._lock = threading.Lock()
-        for outcome in recorded:
-            outcome.add_done_callback(self._one_done)
-
-    def _one_done(self, _: Future[Issued]) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            _post(self._answers)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
@@ -47,7 +46,7 @@ class Issuance(Tokens):
 
     def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
                 template: LeafTemplate | None = None) -> Issued:
-        return self.record_issued([(self._issued(service_id, cert, template), actor)])[0].result()
+        return self._recorded(self._issued(service_id, cert, template), actor)
 
     def _issued(self, service_id: str, cert: x509.Certificate,
                 template: LeafTemplate | None = None) -> Issued:
@@ -72,45 +71,52 @@ class Issuance(Tokens):
         cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 
-    def record_issued(self, batch: Sequence[tuple[Issued, Actor]]) -> list[Future[Issued]]:
+    def record_issued(self, batch: Sequence[tuple[Issued, Actor]],
+                      done: Callable[[list[Issued | BaseException]], None]) -> None:
         """Queue signed certificates for the store's group commit, all at once (so that they
-        share a transaction); each future settles once its certificate is recorded or refused.
+        share a transaction); ``done`` gets, once all are recorded or refused, each one's
+        outcome: the :class:`Issued`, or the error to answer with.
 
         An enrolment actor's token is spent in the same transaction: a refused request leaves
         it usable, and two concurrent uses cannot both get a certificate (the second is 401).
         """
-        stored = self.store.submit_certificates(
-            [(issued.record, actor.label, actor.token_id if actor.kind == "enrolment" else None)
-             for issued, actor in batch])
-        results: list[Future[Issued]] = []
-        for (issued, actor), done in zip(batch, stored, strict=True):
-            result: Future[Issued] = Future()
-            result.set_running_or_notify_cancel()
-            done.add_done_callback(functools.partial(self._settle, issued, actor, result))
-            results.append(result)
-        return results
+        def settle(errors: list[BaseException | None]) -> None:
+            outcomes: list[Issued | BaseException] = []
+            logging_on = log.isEnabledFor(logging.INFO)  # utc_text() is work even when dropped
+            for (issued, actor), error in zip(batch, errors, strict=True):
+                if error is None:
+                    outcomes.append(issued)
+                    if logging_on:
+                        record = issued.record
+                        log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
+                                 record.service_id, record.serial, utc_text(record.not_after),
+                                 actor.label)
+                elif isinstance(error, Conflict) and error.code == "invalid_token":
+                    outcomes.append(NotAuthenticated("enrolment token was already used",
+                                                     code="invalid_token"))
+                else:
+                    outcomes.append(error)
+            done(outcomes)
 
-    @staticmethod
-    def _settle(issued: Issued, actor: Actor, result: Future[Issued], done: Future[None]) -> None:
-        """Once the store answered: a spent enrolment token is 401; log what was recorded."""
-        error = done.exception()
-        if isinstance(error, Conflict) and error.code == "invalid_token":
-            error = NotAuthenticated("enrolment token was already used", code="invalid_token")
-        if error is not None:
-            result.set_exception(error)
-            return
-        if log.isEnabledFor(logging.INFO):  # utc_text() is work even when the line is dropped
-            record = issued.record
-            log.info("certificate issued service_id=%s serial=%s not_after=%s actor=%s",
-                     record.service_id, record.serial, utc_text(record.not_after), actor.label)
-        result.set_result(issued)
+        self.store.submit_certificates(
+            [(issued.record, actor.label, actor.token_id if actor.kind == "enrolment" else None)
+             for issued, actor in batch], settle)
+
+    def _recorded(self, issued: Issued, actor: Actor) -> Issued:
+        """:meth:`record_issued` for one certificate, waiting until it is recorded."""
+        answer: Future[list[Issued | BaseException]] = Future()
+        self.record_issued([(issued, actor)], answer.set_result)
+        outcome = answer.result()[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
               validity_days: int | None = None) -> Issued:
         """Issue a certificate from a CSR for ``service_id`` (:meth:`sign_request`, then
         :meth:`record_issued`); returns once it is recorded."""
         issued = self.sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
-        return self.record_issued([(issued, actor)])[0].result()
+        return self._recorded(issued, actor)
 
     def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
                        san_ip: Iterable[str] = (), key_type: str = "rsa-2048",

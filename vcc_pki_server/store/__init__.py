@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -183,6 +182,9 @@ class CertificateQuery:
 # enrolment token to spend with it (or None).
 NewCertificate = tuple[CertificateRecord, str, "str | None"]
 
+Outcomes = Callable[[list["BaseException | None"]], None]
+"""Called once per submission of certificates: the error of each, ``None`` where recorded."""
+
 
 class Store(Protocol):
     """What the authority needs from storage. Implementations: :class:`.sqlite.SQLiteStore`,
@@ -199,7 +201,7 @@ class Store(Protocol):
     def record_health(self, service_id: str, health: Health, *, event: str | None) -> None: ...
 
     # certificates
-    def submit_certificates(self, batch: Sequence[NewCertificate]) -> list[Future[None]]: ...
+    def submit_certificates(self, batch: Sequence[NewCertificate], done: Outcomes) -> None: ...
     def add_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None) -> None: ...
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
     def certificates_for(self, service_id: str) -> list[CertificateRecord]: ...

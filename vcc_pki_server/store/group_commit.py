@@ -3,28 +3,33 @@
 A backend gives :class:`GroupCommit` a function that writes a batch in one transaction and
 marks each item that failed (a spent enrolment token, a duplicate serial) in its ``error``;
 if that function raises, the whole batch failed (BEGIN or COMMIT: nothing of it is stored).
-Callers get a :class:`concurrent.futures.Future` at once and wait on it, or hang work on it,
-as they like: the writer thread settles every future of a batch after its commit. Batches
-form by themselves while a commit is in flight; nobody waits for others to arrive.
+A caller submits its certificates together with one callback, which the writer thread calls
+once, after the last of them is committed or refused, with the error of each (``None`` when
+recorded). One call per submission, not a future per certificate: the issuer hands over a
+whole batch and wants one answer for it (a ``concurrent.futures.Future`` costs a condition
+variable and a lock round per certificate). Batches form by themselves while a commit is in
+flight; nobody waits for others to arrive.
 
-Plain threads, no event loop: the HTTP layer decides how a coroutine waits for a future.
+Plain threads, no event loop: the HTTP layer decides how a coroutine waits for the answer.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 
-from . import CertificateRecord, utc_text
+from . import CertificateRecord, Outcomes, utc_text
 from .rows import certificate_rows
+
+log = logging.getLogger("vcc_pki_server.store")
 
 
 class PendingCertificate:
     """One certificate waiting for the writer thread, its rows made by the caller."""
 
-    __slots__ = ("audit", "consume_token", "error", "future", "record", "row", "used_at")
+    __slots__ = ("audit", "consume_token", "error", "record", "row", "submission", "used_at")
 
     def __init__(self, record: CertificateRecord, actor: str, consume_token: str | None) -> None:
         self.record = record
@@ -32,8 +37,18 @@ class PendingCertificate:
         self.consume_token = consume_token
         self.used_at = utc_text(record.issued_at)
         self.error: BaseException | None = None
-        self.future: Future[None] = Future()
-        self.future.set_running_or_notify_cancel()
+        self.submission: _Submission | None = None
+
+
+class _Submission:
+    """Certificates submitted together, answered together (counted by the writer thread only)."""
+
+    __slots__ = ("done", "items", "left")
+
+    def __init__(self, items: list[PendingCertificate], done: Outcomes) -> None:
+        self.items = items
+        self.done = done
+        self.left = len(items)
 
 
 class GroupCommit:
@@ -49,8 +64,14 @@ class GroupCommit:
         self._writer: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, items: list[PendingCertificate]) -> list[Future[None]]:
-        """Queue ``items`` together; each future settles once committed (or refused)."""
+    def submit(self, items: list[PendingCertificate], done: Outcomes) -> None:
+        """Queue ``items`` together; ``done`` is called once all are committed (or refused)."""
+        if not items:
+            done([])
+            return
+        submission = _Submission(items, done)
+        for item in items:
+            item.submission = submission
         with self._cv:
             if self._closed:
                 raise RuntimeError("the store is closed")
@@ -60,7 +81,6 @@ class GroupCommit:
                 self._writer.start()
             else:
                 self._cv.notify()
-        return [item.future for item in items]
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread. Idempotent."""
@@ -85,7 +105,12 @@ class GroupCommit:
                 for item in batch:
                     item.error = exc
             for item in batch:
-                if item.error is None:
-                    item.future.set_result(None)
-                else:
-                    item.future.set_exception(item.error)
+                submission = item.submission
+                assert submission is not None
+                submission.left -= 1
+                if submission.left == 0:
+                    try:
+                        submission.done([i.error for i in submission.items])
+                    except Exception:  # the caller's bug; the writer goes on for everyone else
+                        log.exception("a group-commit callback failed")
+

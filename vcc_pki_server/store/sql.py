@@ -26,6 +26,7 @@ from . import (
     CRLRecord,
     Health,
     NewCertificate,
+    Outcomes,
     ServiceRecord,
     TokenRecord,
     dumps,
@@ -175,16 +176,20 @@ class SQLStore:
     # -- certificates -----------------------------------------------------------------------
     _group: GroupCommit  # made by each backend's constructor, closed by its close()
 
-    def submit_certificates(self, batch: Sequence[NewCertificate]) -> list[Future[None]]:
+    def submit_certificates(self, batch: Sequence[NewCertificate], done: Outcomes) -> None:
         """Queue issued certificates for the group commit, all in one go (so that they share a
-        transaction); each future settles once its certificate is committed or refused. A
-        token to consume is spent in the same transaction, and a token already spent (by any
-        process) fails that certificate alone (``Conflict``, code ``invalid_token``)."""
-        return self._group.submit([PendingCertificate(record, actor, token) for record, actor, token in batch])
+        transaction); ``done`` gets the error of each (``None``: recorded) once all are
+        committed or refused. A token to consume is spent in the same transaction, and a token
+        already spent (by any process) fails that certificate alone (``Conflict``, code
+        ``invalid_token``)."""
+        self._group.submit([PendingCertificate(record, actor, token) for record, actor, token in batch], done)
 
     def add_certificate(self, record: CertificateRecord, *, actor: str, consume_token: str | None = None) -> None:
         """Record one certificate; returns once it is committed."""
-        self.submit_certificates([(record, actor, consume_token)])[0].result()
+        answer: Future[list[BaseException | None]] = Future()
+        self.submit_certificates([(record, actor, consume_token)], answer.set_result)
+        if (error := answer.result()[0]) is not None:
+            raise error
 
     def add_certificates(self, records: list[tuple[CertificateRecord, str]]) -> None:
         """Record several certificates in one transaction: all or none (imports, benchmarks)."""
