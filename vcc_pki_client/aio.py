@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -118,13 +119,24 @@ class AsyncPKIClient:
     # -- local, plain methods ---------------------------------------------------------------
     enable_auto_renewal = _direct(PKIClient.enable_auto_renewal)
     disable_auto_renewal = _direct(PKIClient.disable_auto_renewal)  # waits for a running check
-    server_ssl_context = _direct(PKIClient.server_ssl_context)
-    client_ssl_context = _direct(PKIClient.client_ssl_context)
 
-    def httpx_async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+    # Contexts: made at once from the files on disk; the CRL's first fetch runs in the
+    # background (never on the event loop); until it lands, the CRL a previous run left in
+    # crl.pem is enforced, or (no such file) peers are refused unless crl_soft_fail=True.
+    def server_ssl_context(self, require_client_cert: bool = True, *, check_revocation: bool = True) -> ssl.SSLContext:
+        """:meth:`PKIClient.server_ssl_context <vcc_pki_client.PKIClient.server_ssl_context>`,
+        with the CRL's first fetch in the background."""
+        return self.sync._server_context(require_client_cert, check_revocation, wait=False)
+
+    def client_ssl_context(self, *, check_revocation: bool = True) -> ssl.SSLContext:
+        """:meth:`PKIClient.client_ssl_context <vcc_pki_client.PKIClient.client_ssl_context>`,
+        with the CRL's first fetch in the background."""
+        return self.sync._client_context(check_revocation, wait=False)
+
+    def httpx_async_client(self, *, check_revocation: bool = True, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` for mTLS calls to peers (``verify`` is :meth:`client_ssl_context`);
         other keyword arguments go to ``httpx.AsyncClient``. The caller closes it."""
-        return httpx.AsyncClient(verify=self.client_ssl_context(), **kwargs)
+        return httpx.AsyncClient(verify=self.client_ssl_context(check_revocation=check_revocation), **kwargs)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -24,7 +24,8 @@ from .files import CertificateFiles
 from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
 from .renewal import RenewalPolicy, Renewer, next_renewal_at
 from .retry import Backoff, RetryPolicy
-from .revocation import CRLCache
+from .revocation import CRLCache, CRLWatcher
+from .tls import ReloadingContexts
 from .trust import CHAIN_FILE_NAME, verify_leaf
 from .wire import (
     CertificateInfo,
@@ -72,6 +73,15 @@ class PKIClient:
     long :meth:`is_revoked` trusts a fetched CRL. ``clock`` is the time the client goes by: renewal checks, the CRL's
     nextUpdate, verifying certificates (a seam for tests: a clock a day ahead makes a renewal due).
 
+    Revocation: the contexts of :meth:`server_ssl_context`, :meth:`client_ssl_context` and
+    :meth:`httpx_client` refuse a peer whose certificate is on the CA's CRL, at every
+    handshake. The CRL is re-fetched in the background every ``crl_refresh`` seconds (and
+    once the one held is past its nextUpdate), kept as ``crl.pem`` beside the certificate,
+    and contexts already handed out follow. Without a usable CRL (never fetched, or expired
+    while the CA is unreachable) they refuse every peer; ``crl_soft_fail=True`` lets peers
+    through unchecked instead, with a WARNING. ``check_revocation=False`` on a method turns
+    the check off for that context.
+
     Example::
 
         with PKIClient("https://pki.internal:8443", service_id="billing",
@@ -101,6 +111,8 @@ class PKIClient:
         retry_policy: Backoff = DEFAULT_RETRY,
         crl_max_age: float = 60.0,
         clock: Callable[[], datetime] = _utc_now,
+        crl_refresh: float = 60.0,
+        crl_soft_fail: bool = False,
     ) -> None:
         if not isinstance(pki_server_url, str) or not pki_server_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"pki_server_url must be an https:// URL, got {pki_server_url!r}")
@@ -112,6 +124,8 @@ class PKIClient:
             raise ConfigurationError("pass cert_file and key_file together")
         if key_type not in KEY_KINDS:
             raise ConfigurationError(f"unknown key_type {key_type!r}; expected one of {', '.join(KEY_KINDS)}")
+        if not isinstance(crl_refresh, (int, float)) or crl_refresh <= 0:
+            raise ConfigurationError(f"crl_refresh must be a positive number of seconds, got {crl_refresh!r}")
         self.pki_server_url = pki_server_url.rstrip("/")
         self.service_id = service_id
         #: The certificate, key and chain files (None without ``cert_file``).
@@ -131,6 +145,9 @@ class PKIClient:
         self._lock = self._session.lock
         self._renew_lock = threading.RLock()  # one certificate replacement at a time
         self._crl = CRLCache(self._session, max_age=crl_max_age)
+        self._crl_refresh = float(crl_refresh)
+        self._crl_soft_fail = crl_soft_fail
+        self._watcher: CRLWatcher | None = None
         self._renewer: Renewer | None = None
         self._auto = _AutoRenewal(RenewalPolicy(**attrs.asdict(self._retry)))
         self._closing = False
@@ -339,22 +356,48 @@ class PKIClient:
         self.renew_now()
 
     # -- TLS ----------------------------------------------------------------------------
-    def server_ssl_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
+    def server_ssl_context(self, require_client_cert: bool = True, *, check_revocation: bool = True) -> ssl.SSLContext:
         """A server context presenting this service's certificate and verifying clients
-        against our CA; it presents the new certificate after each renewal (new handshakes)."""
-        return self._session.peer_contexts().server_context(require_client_cert=require_client_cert)
+        against our CA and (unless ``check_revocation=False``) its CRL; it presents the new
+        certificate after each renewal and checks against each new CRL (new handshakes).
+        The first call fetches the CRL before returning (see the class doc for a CA that
+        cannot be reached)."""
+        return self._server_context(require_client_cert, check_revocation, wait=True)
 
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """A client context presenting this service's certificate, trusting only our CA;
-        reloaded in place after each renewal."""
-        return self._session.peer_contexts().client_context()
+    def client_ssl_context(self, *, check_revocation: bool = True) -> ssl.SSLContext:
+        """A client context presenting this service's certificate, trusting only our CA and
+        (unless ``check_revocation=False``) refusing a server on its CRL; it follows renewals
+        and new CRLs (new handshakes)."""
+        return self._client_context(check_revocation, wait=True)
 
-    def httpx_client(self, **kwargs: Any) -> httpx.Client:
+    def httpx_client(self, *, check_revocation: bool = True, **kwargs: Any) -> httpx.Client:
         """An httpx client for mTLS calls to peers (``verify`` is :meth:`client_ssl_context`).
 
         Other keyword arguments go to ``httpx.Client``. The caller closes it.
         """
-        return httpx.Client(verify=self.client_ssl_context(), **kwargs)
+        return httpx.Client(verify=self.client_ssl_context(check_revocation=check_revocation), **kwargs)
+
+    def _server_context(self, require_client_cert: bool, check_revocation: bool, *, wait: bool) -> ssl.SSLContext:
+        contexts = self._peer_contexts(check_revocation, wait=wait)
+        return contexts.server_context(require_client_cert=require_client_cert, check_revocation=check_revocation)
+
+    def _client_context(self, check_revocation: bool, *, wait: bool) -> ssl.SSLContext:
+        return self._peer_contexts(check_revocation, wait=wait).client_context(check_revocation=check_revocation)
+
+    def _peer_contexts(self, check_revocation: bool, *, wait: bool) -> ReloadingContexts:
+        """The peer contexts; with ``check_revocation``, enforcing the watcher's CRL (started
+        on first use; ``wait``: its first fetch is made before returning)."""
+        contexts = self._session.peer_contexts()
+        if check_revocation:
+            with self._lock:
+                self._session.require_open()
+                if self._watcher is None:
+                    self._watcher = CRLWatcher(self._crl, self._session.require_files(), refresh=self._crl_refresh,
+                                               soft_fail=self._crl_soft_fail, clock=self._clock,
+                                               service_id=self.service_id)
+                watcher = self._watcher
+            watcher.attach(contexts, wait=wait)
+        return contexts
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -367,6 +410,9 @@ class PKIClient:
             renewer = self._renewer
         if renewer is not None:
             renewer.stop()  # waits for a running check, which may still need the connection
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.close()
         self._session.close()
 
     def __enter__(self) -> PKIClient:

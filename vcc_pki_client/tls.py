@@ -1,9 +1,16 @@
-"""Server and client ``ssl.SSLContext``s for mutual TLS that follow certificate renewals.
+"""Server and client ``ssl.SSLContext``s for mutual TLS that follow certificate renewals and CRLs.
 
 :func:`server_ssl_context` and :func:`client_ssl_context` build one-off contexts from the
 files as they are now. :class:`ReloadingContexts` hands out contexts that present the
 current certificate after :meth:`ReloadingContexts.reload` (the renewer calls it after a
-swap), without a restart and without touching connections already established.
+swap) and check peers against the CRL of :meth:`ReloadingContexts.set_crl` (the CRL watcher
+calls it when a new one arrives), without a restart and without touching connections
+already established.
+
+How a handed-out context follows: each is a *front* whose handshakes run on an *inner*
+context built from the files and the CRL of the moment; a reload builds new inners and swaps
+one reference each. Inners are never modified once built (other threads are handshaking on
+them), so nothing accumulates: an old CRL or certificate is dropped with its inner.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import os
 import ssl
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -68,28 +77,56 @@ class _ServerSide:
 
     The context handed out (the *front*) holds settings and trust but no certificate; its
     SNI callback, which OpenSSL calls for every ClientHello (with or without SNI), moves
-    the connection to ``inner``. ``inner`` is never modified once built: a reload builds a
-    new one and swaps the reference. That avoids mutating a context that other threads
-    are creating connections from, and drops an old certificate even if the key type
-    changed (a reloaded context would keep it in its slot for the other key type).
+    the connection to ``inner``, whose store (trust and CRL) then verifies the client. The
+    verification *flags* stay those of the front (OpenSSL copies them into the connection
+    when it is made), so the CRL check is switched on and off there.
     """
 
-    def __init__(self, inner: ssl.SSLContext, require_client_cert: bool, alpn: tuple[str, ...]) -> None:
-        self.inner = inner
+    def __init__(self, front: ssl.SSLContext, require_client_cert: bool, alpn: tuple[str, ...],
+                 check_revocation: bool) -> None:
+        self.front = weakref.ref(front)  # the front holds the only strong reference to its side
         self.require_client_cert = require_client_cert
         self.alpn = alpn
+        self.check_revocation = check_revocation
+        self.inner: ssl.SSLContext | None = None
 
     def select(self, conn: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
-        conn.context = self.inner
+        conn.context = self.inner  # type: ignore[assignment]  # set before the front is handed out
+
+
+class _ClientFront(ssl.SSLContext):
+    """A client context whose connections are made by its current inner context.
+
+    ``wrap_socket`` (blocking sockets: httpx, requests, urllib) and ``wrap_bio`` (asyncio,
+    uvloop, anyio) are the two ways a connection is made from a context; both are handed to
+    the inner. ALPN set on the front (httpcore does, on every connection) is passed on.
+    Other settings made on the front after it was handed out do not reach the handshake.
+    """
+
+    inner: ssl.SSLContext
+    check_revocation: bool = False
+    alpn: list[str] | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        return self.inner.wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        return self.inner.wrap_bio(*args, **kwargs)
+
+    def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
+        self.alpn = list(alpn_protocols)
+        super().set_alpn_protocols(self.alpn)
+        self.inner.set_alpn_protocols(self.alpn)
 
 
 class ReloadingContexts:
-    """Hands out mTLS contexts that keep presenting the current certificate after renewal.
+    """Hands out mTLS contexts that follow certificate renewals and, optionally, the CA's CRL.
 
     Takes the service's :class:`~vcc_pki_client.files.CertificateFiles` and the CA trust
     (``ca_file`` and/or ``ca_certs``; client contexts fall back to the system store).
     Contexts are remembered weakly; :meth:`reload` makes every live one present the pair
-    now on disk for later handshakes.
+    now on disk for later handshakes, and :meth:`set_crl` makes those made with
+    ``check_revocation=True`` check peers against a new CRL.
 
     Example::
 
@@ -99,12 +136,16 @@ class ReloadingContexts:
         files.write(new_cert, new_key, chain)
         contexts.reload()                    # later handshakes present the new pair
 
+    Revocation: a context made with ``check_revocation=True`` checks the peer's certificate
+    against the CRL file of the last :meth:`set_crl`. Before any CRL (or after
+    ``set_crl(None)``) it refuses every peer, unless ``soft_fail=True`` was given to
+    :meth:`set_crl`, which lets peers through unchecked until a CRL arrives.
+
     Known limits: trust (the CA bundle) is fixed at creation. Set ALPN protocols on a
     server context through ``alpn_protocols=``, not on the context (the connection is
     moved to an inner context, whose ALPN setting is the one OpenSSL uses); do not set
-    ``sni_callback`` on it. Client contexts are reloaded in place with
-    ``load_cert_chain`` (Python offers nothing else): keep the key type across rekeys, as
-    OpenSSL keeps one certificate per key type in a context.
+    ``sni_callback`` on it. Settings changed on a handed-out context (other than ALPN on a
+    client context) do not reach its handshakes.
     """
 
     def __init__(
@@ -119,33 +160,46 @@ class ReloadingContexts:
         self._ca_certs = tuple(ca_certs)
         self._lock = threading.Lock()
         self._servers: weakref.WeakSet[_ServerSide] = weakref.WeakSet()
-        self._clients: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        self._clients: weakref.WeakSet[_ClientFront] = weakref.WeakSet()
         self._certificate: x509.Certificate | None = None
+        self._crl_file: Path | None = None
+        self._soft_fail = False
 
     @property
     def certificate(self) -> x509.Certificate | None:
         """The certificate the contexts present (None before any context was made)."""
         return self._certificate
 
-    def server_context(self, *, require_client_cert: bool = True, alpn_protocols: Sequence[str] = ()) -> ssl.SSLContext:
-        """A server context that follows :meth:`reload`; settings as :func:`server_ssl_context`."""
+    @property
+    def crl_file(self) -> Path | None:
+        """The CRL file revocation-checking contexts load (None before :meth:`set_crl`)."""
+        return self._crl_file
+
+    def server_context(self, *, require_client_cert: bool = True, alpn_protocols: Sequence[str] = (),
+                       check_revocation: bool = False) -> ssl.SSLContext:
+        """A server context that follows :meth:`reload` (and, with ``check_revocation``,
+        :meth:`set_crl`); settings as :func:`server_ssl_context`."""
         alpn = tuple(alpn_protocols)
         front = _server_settings(self._ca_file, self._ca_certs, require_client_cert, alpn)
+        side = _ServerSide(front, require_client_cert, alpn, check_revocation)
         with self._lock:
-            inner = self._server_inner(require_client_cert, alpn)
-            self._certificate = self.files.ssl_load(inner)
-            side = _ServerSide(inner, require_client_cert, alpn)
+            inner, self._certificate = self._build([side], [])[0]
+            side.inner = inner
+            _set_crl_check(front, self._checks(side))
             self._servers.add(side)
         front.sni_callback = side.select  # the front holds the only strong reference to side
         return front
 
-    def client_context(self) -> ssl.SSLContext:
-        """A client context that follows :meth:`reload`; settings as :func:`client_ssl_context`."""
-        ctx = _client_settings(self._ca_file, self._ca_certs)
+    def client_context(self, *, check_revocation: bool = False) -> ssl.SSLContext:
+        """A client context that follows :meth:`reload` (and, with ``check_revocation``,
+        :meth:`set_crl`); settings as :func:`client_ssl_context`."""
+        front = _ClientFront(ssl.PROTOCOL_TLS_CLIENT)
+        _client_defaults(front)
+        front.check_revocation = check_revocation
         with self._lock:
-            self._certificate = self.files.ssl_load(ctx)
-            self._clients.add(ctx)
-        return ctx
+            front.inner, self._certificate = self._build([], [front])[0]
+            self._clients.add(front)
+        return front
 
     def reload(self) -> x509.Certificate:
         """Make every live context present the pair now on disk (for new handshakes).
@@ -154,19 +208,74 @@ class ReloadingContexts:
         On ConfigurationError (unreadable or mismatched files) no context changes.
         """
         with self._lock:
-            sides = list(self._servers)
-            inners = [self._server_inner(side.require_client_cert, side.alpn) for side in sides]
-            clients = list(self._clients)
-            cert = self.files.ssl_load(*inners, *clients)
-            for side, inner in zip(sides, inners, strict=True):
-                side.inner = inner  # one reference store: atomic for handshaking threads
-            self._certificate = cert
-            return cert
+            return self._rebuild()
 
-    def _server_inner(self, require_client_cert: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
-        # Same settings and trust as the front: after the switch OpenSSL verifies the
-        # client against the inner context's store and mode.
-        return _server_settings(self._ca_file, self._ca_certs, require_client_cert, alpn)
+    def set_crl(self, crl_file: Path | None, *, soft_fail: bool = False) -> None:
+        """Check peers of revocation-checking contexts against ``crl_file`` (PEM or DER) from
+        now on (new handshakes). ``None``: no CRL; such contexts then refuse every peer, or
+        with ``soft_fail`` accept peers unchecked. Raises ConfigurationError for a file
+        OpenSSL cannot load (no context changes)."""
+        with self._lock:
+            previous = self._crl_file, self._soft_fail
+            self._crl_file, self._soft_fail = crl_file, soft_fail
+            try:
+                self._rebuild()
+            except ConfigurationError:
+                self._crl_file, self._soft_fail = previous
+                raise
+
+    def _rebuild(self) -> x509.Certificate:
+        servers, clients = list(self._servers), list(self._clients)
+        built = self._build(servers, clients)
+        sides: list[_ServerSide | _ClientFront] = [*servers, *clients]
+        for side, (inner, _) in zip(sides, built, strict=True):
+            if isinstance(side, _ServerSide):
+                front = side.front()
+                if front is not None:
+                    _set_crl_check(front, self._checks(side))
+                side.inner = inner  # one reference store: atomic for handshaking threads
+            else:
+                if side.alpn is not None:
+                    inner.set_alpn_protocols(side.alpn)
+                side.inner = inner
+        cert = built[0][1] if built else self.files.load()[0]
+        self._certificate = cert
+        return cert
+
+    def _checks(self, side: _ServerSide | _ClientFront) -> bool:
+        return side.check_revocation and (self._crl_file is not None or not self._soft_fail)
+
+    def _build(self, servers: Sequence[_ServerSide],
+               clients: Sequence[_ClientFront]) -> list[tuple[ssl.SSLContext, x509.Certificate]]:
+        """New inner contexts for these sides, from one read of the pair and the CRL file."""
+        inners: list[ssl.SSLContext] = []
+        sides: list[_ServerSide | _ClientFront] = [*servers, *clients]
+        for side in sides:
+            if isinstance(side, _ServerSide):
+                # Same settings and trust as the front: after the switch OpenSSL verifies the
+                # client against the inner context's store.
+                inner = _server_settings(self._ca_file, self._ca_certs, side.require_client_cert, side.alpn)
+            else:
+                inner = _client_settings(self._ca_file, self._ca_certs)
+            checks = self._checks(side)
+            _set_crl_check(inner, checks)
+            if checks and self._crl_file is not None:
+                try:
+                    inner.load_verify_locations(cafile=os.fspath(self._crl_file))
+                except (ssl.SSLError, OSError) as exc:
+                    raise ConfigurationError(f"cannot load the CRL {self._crl_file}: {exc}") from exc
+            inners.append(inner)
+        if not inners:
+            return []
+        cert = self.files.ssl_load(*inners)
+        return [(inner, cert) for inner in inners]
+
+
+def _set_crl_check(ctx: ssl.SSLContext, on: bool) -> None:
+    if on:
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    else:
+        ctx.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _server_settings(
@@ -190,10 +299,14 @@ def _server_settings(
     return ctx
 
 
-def _client_settings(ca_file: CAFile | None, ca_certs: Sequence[x509.Certificate]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+def _client_defaults(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = True
+    ctx.check_hostname = True  # and CERT_REQUIRED: PROTOCOL_TLS_CLIENT's defaults
+
+
+def _client_settings(ca_file: CAFile | None, ca_certs: Sequence[x509.Certificate]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _client_defaults(ctx)
     if ca_file is None and not ca_certs:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:

@@ -9,6 +9,7 @@ Fixtures:
 - ``enrolled``: registers and enrols a service with a CSR and returns an :class:`Enrolled`
   (cert.pem / key.pem paths and an mTLS client).
 - ``problem``: asserts that a response is an RFC 9457 problem document of a given status.
+- ``sdk_clients``: PKIClients a test made, closed at teardown.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from support import RunningServer, make_csr, tls_context
+from vcc_pki_client import PKIClient
 from vcc_pki_server.home import key_pem
 
 API = "/api/v1"
@@ -165,3 +167,12 @@ def enrolled(clients: Clients, register: Register, tmp_path: Path) -> Enrol:
         return Enrolled(sid, folder / "cert.pem", folder / "key.pem", r.json(), client)
 
     return run
+
+
+@pytest.fixture
+def sdk_clients() -> Iterator[list[PKIClient]]:
+    """PKIClients made by a test, closed at teardown."""
+    made: list[PKIClient] = []
+    yield made
+    for pki in made:
+        pki.close()

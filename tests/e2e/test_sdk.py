@@ -7,31 +7,25 @@ import socket
 import ssl
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
 
 from conftest import CA_PASSWORD, build_home
-from support import RunningServer, free_port, openssl_verify
+from peers import FAST, PeerServer, fingerprint, new_id
+from support import RunningServer, openssl_verify
 from vcc_pki_client import (
     AuthenticationError,
     NotFoundError,
     PKIClient,
     PolicyRefusedError,
     RenewalError,
-    RetryPolicy,
     TransportError,
     TrustError,
 )
@@ -40,19 +34,7 @@ from vcc_pki_server import cli
 from vcc_pki_server.authority import Actor
 from vcc_pki_server.home import Home
 
-FAST = RetryPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
 Register = Callable[..., str]
-
-
-def new_id() -> str:
-    return f"sdk-{uuid.uuid4().hex[:10]}"
-
-
-def fingerprint(home: Home, *, style: str = "plain") -> str:
-    digest: str = home.root_certificate().fingerprint(hashes.SHA256()).hex()
-    if style == "colons":
-        return "sha256:" + ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
-    return digest
 
 
 def mode(path: Path) -> int:
@@ -63,15 +45,6 @@ def files_of(pki: PKIClient) -> tuple[bytes, bytes, bytes]:
     assert pki.files is not None and pki.files.chain_file is not None
     return (pki.files.cert_file.read_bytes(), pki.files.key_file.read_bytes(),
             pki.files.chain_file.read_bytes())
-
-
-@pytest.fixture
-def sdk_clients() -> Iterator[list[PKIClient]]:
-    """PKIClients made by a test, closed at teardown."""
-    made: list[PKIClient] = []
-    yield made
-    for pki in made:
-        pki.close()
 
 
 EnrolledFactory = Callable[..., PKIClient]
@@ -371,34 +344,6 @@ def test_revocation_of_a_peer_shows_in_is_revoked(enrolled: EnrolledFactory) -> 
 
 
 # -- (g) contexts that follow renewals ------------------------------------------------------------
-class PeerServer:
-    """A tiny Starlette service over uvicorn, TLS from ``pki.server_ssl_context()``."""
-
-    def __init__(self, pki: PKIClient) -> None:
-        self.port = free_port()
-        app = Starlette(routes=[Route("/hello", self._hello)])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, http="h11", lifespan="off",
-                                log_config=None, access_log=False,
-                                ssl_context_factory=lambda config, default: pki.server_ssl_context())
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    async def _hello(self, request: Request) -> Response:
-        return PlainTextResponse("hello over mTLS")
-
-    def __enter__(self) -> PeerServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "peer server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-
-
 def served_serial(port: int, ctx: ssl.SSLContext) -> int:
     """The serial of the certificate the server presents in a new handshake."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
