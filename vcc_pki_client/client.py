@@ -286,14 +286,15 @@ class PKIClient:
         """The current CRL, its signature checked against the intermediate CA (TrustError if not)."""
         return self._crl.fetch()
 
-    def is_revoked(self, cert: x509.Certificate | int | str, *, refresh: bool = False) -> bool:
-        """True when ``cert`` (a certificate, or its serial as int or hex) is on the CRL.
+    def is_revoked(self, cert: x509.Certificate | int | str | None = None, *, refresh: bool = False) -> bool:
+        """True when ``cert`` (a certificate, or its serial as int or hex; by default this
+        service's own current certificate) is on the CRL.
 
         The CRL is fetched when the one kept is older than ``crl_max_age`` seconds or past its
         nextUpdate, or with ``refresh=True``. A certificate from another issuer is a
         TrustError: this CA's CRL cannot vouch for it.
         """
-        return self._crl.is_revoked(cert, refresh=refresh)
+        return self._crl.is_revoked(self.certificate if cert is None else cert, refresh=refresh)
 
     # -- automatic renewal --------------------------------------------------------------
     def enable_auto_renewal(

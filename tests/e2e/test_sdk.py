@@ -324,6 +324,7 @@ def test_revocation_of_a_peer_shows_in_is_revoked(enrolled: EnrolledFactory) -> 
     bob_cert = alice.get_service_certificate(bob.service_id)
     assert bob_cert == bob.certificate
     assert alice.is_revoked(bob_cert) is False
+    assert bob.is_revoked() is False  # no argument: its own current certificate
 
     record = bob.revoke("keyCompromise")
     assert record.status == "revoked" and record.revocation_reason == "keyCompromise"
@@ -341,6 +342,7 @@ def test_revocation_of_a_peer_shows_in_is_revoked(enrolled: EnrolledFactory) -> 
         alice.get_service_certificate(bob.service_id)  # no valid certificate left
     with pytest.raises(AuthenticationError):
         bob.renew()  # a revoked certificate authenticates nobody
+    assert bob.is_revoked() is True
 
 
 # -- (g) contexts that follow renewals ------------------------------------------------------------
