@@ -30,8 +30,11 @@ def _in_thread(method: Callable[Concatenate[PKIClient, P], R]) -> Callable[
         Concatenate[AsyncPKIClient, P], Coroutine[Any, Any, R]]:
     """``method`` of PKIClient as a coroutine of AsyncPKIClient, run in a worker thread."""
 
+    name = method.__name__
+
     async def call(self: AsyncPKIClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await asyncio.to_thread(method, self.sync, *args, **kwargs)
+        bound: Callable[P, R] = getattr(self.sync, name)  # looked up per call: wrappers set on .sync count
+        return await asyncio.to_thread(bound, *args, **kwargs)
 
     functools.update_wrapper(call, method)  # name, signature (``__wrapped__``) and docs
     call.__doc__ = f":meth:`PKIClient.{method.__name__} <vcc_pki_client.PKIClient.{method.__name__}>`, awaitable."

@@ -221,6 +221,7 @@ class PKIClient:
             self._session.install(issued, new_key)
             self._due = None
             self._notify(issued.certificate)
+        self._keep_crl()
         return issued
 
     def revoke(self, reason: str = "unspecified", serial: int | str | None = None) -> CertificateInfo:
@@ -390,15 +391,25 @@ class PKIClient:
         on first use; ``wait``: its first fetch is made before returning)."""
         contexts = self._session.peer_contexts()
         if check_revocation:
-            with self._lock:
-                self._session.require_open()
-                if self._watcher is None:
-                    self._watcher = CRLWatcher(self._crl, self._session.require_files(), refresh=self._crl_refresh,
-                                               soft_fail=self._crl_soft_fail, clock=self._clock,
-                                               service_id=self.service_id)
-                watcher = self._watcher
-            watcher.attach(contexts, wait=wait)
+            self._crl_watcher().attach(contexts, wait=wait)
         return contexts
+
+    def _crl_watcher(self) -> CRLWatcher:
+        with self._lock:
+            self._session.require_open()
+            if self._watcher is None:
+                self._watcher = CRLWatcher(self._crl, self._session.require_files(), refresh=self._crl_refresh,
+                                           soft_fail=self._crl_soft_fail, clock=self._clock,
+                                           service_id=self.service_id)
+            return self._watcher
+
+    def _keep_crl(self) -> None:
+        """After a certificate was installed: fetch the CRL into crl.pem if there is none yet,
+        so that contexts made later (even by AsyncPKIClient, which never waits for the CA)
+        start with one. A failure is a WARNING: contexts fetch it again."""
+        watcher = self._crl_watcher()
+        if watcher.crl is None and not watcher.path.exists():
+            watcher.refresh()
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
@@ -436,6 +447,7 @@ class PKIClient:
         with self._renew_lock:
             self._session.install(issued, key)
             self._due = None
+        self._keep_crl()
         return issued
 
     def _notify(self, cert: x509.Certificate) -> None:

@@ -145,6 +145,11 @@ class CRLWatcher:
         """The CRL in force (None before any)."""
         return self._held
 
+    @property
+    def path(self) -> Path:
+        """Where the CRL in force is kept: ``crl.pem`` beside the certificate."""
+        return self._path
+
     def attach(self, contexts: ReloadingContexts, *, wait: bool) -> None:
         """Make ``contexts`` enforce the CRL; the first call starts the watcher. With ``wait``
         the first fetch is made before returning (its failure is logged, not raised)."""

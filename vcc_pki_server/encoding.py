@@ -6,6 +6,7 @@ import base64
 import hashlib
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from vcc_pki_client.keys import certificates_pem
 
@@ -26,3 +27,15 @@ def der_fingerprint(der: bytes) -> str:
 def cert_pem(*certs: x509.Certificate) -> bytes:
     """Certificates as one PEM document (the SDK's helper: one way to write it)."""
     return certificates_pem(certs)
+
+
+def public_key_id(cert: x509.Certificate) -> str:
+    """SHA-256 of a certificate's SubjectPublicKeyInfo, lowercase hex: the same for every
+    certificate of one key (what a keyCompromise revocation follows)."""
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def public_key_id_of_pem(pem: str) -> str:
+    """:func:`public_key_id` of a PEM certificate."""
+    return public_key_id(x509.load_pem_x509_certificate(pem.encode("ascii")))

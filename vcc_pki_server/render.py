@@ -11,7 +11,7 @@ from cryptography import x509
 
 from .authority import Issued
 from .encoding import cert_pem
-from .store import CertificateRecord, ServiceRecord, current_certificate, opt_text
+from .store import CertificateRecord, Revoked, ServiceRecord, current_certificate, opt_text
 
 
 def issued(result: Issued) -> dict[str, Any]:
@@ -48,6 +48,12 @@ def certificate(record: CertificateRecord, now: datetime) -> dict[str, Any]:
         "revoked_at": opt_text(record.revoked_at),
         "revocation_reason": record.revocation_reason,
     }
+
+
+def revoked(result: Revoked, now: datetime) -> dict[str, Any]:
+    """A revocation's answer: the certificate named, and ``revoked_serials``, every serial
+    the call revoked (the named one first)."""
+    return {**certificate(result.record, now), "revoked_serials": list(result.serials)}
 
 
 def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | None = None,

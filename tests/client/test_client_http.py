@@ -123,6 +123,11 @@ def problem(status: int, code: str, detail: str = "refused") -> httpx.Response:
 @pytest.fixture
 def router() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_called=False) as mock:
+        # After installing a certificate the SDK fetches the CRL into crl.pem; tests about
+        # the CRL mock this route themselves (the same pattern replaces this answer).
+        mock.get(f"{API}/crl").mock(return_value=httpx.Response(
+            404, json={"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no CRL here",
+                       "code": "not_found"}, headers={"content-type": "application/problem+json"}))
         yield mock
 
 

@@ -87,6 +87,8 @@ CASES: dict[str, Case] = {
                      body=_register_body),
     "get-service": Case("GET", "/services/{sid}", _reads()),
     "patch-service": Case("PATCH", "/services/{sid}", _own(200), body=lambda w: {"version": "3.1"}),
+    "decommission": Case("DELETE", "/services/{sid}",
+                         {"anonymous": 401, "admin": 200, "enrolment": 403, "own": 403, "other": 403}),
     "enrolment-token": Case("POST", "/services/{sid}/enrolment-token",
                             {"anonymous": 401, "admin": 201, "enrolment": 403, "own": 403, "other": 403}),
     "ca-root": Case("GET", "/ca/root", PUBLIC),

@@ -241,7 +241,7 @@ def test_unknown_routes_are_404(path: str, admin: httpx.Client, problem: Problem
 @pytest.mark.parametrize(("method", "path"), [
     ("PUT", "/api/v1/crl"), ("DELETE", "/health"), ("PUT", "/api/v1/certificates/x/renew"),
     ("POST", "/api/v1/ca/root"), ("PUT", "/api/v1/services/x"), ("POST", "/openapi.json"),
-    ("GET", "/api/v1/certificates/x/revoke"), ("DELETE", "/api/v1/services/register"),
+    ("GET", "/api/v1/certificates/x/revoke"), ("PUT", "/api/v1/services/register"),
 ])
 def test_unsupported_methods_are_405(method: str, path: str, admin: httpx.Client, problem: Problem) -> None:
     r = admin.request(method, path)

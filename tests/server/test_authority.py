@@ -275,7 +275,7 @@ def test_admin_token_admin_may_act_on_any_service(authority: Authority, operator
     admin = authority.authenticate_token(
         authority.create_admin_token(name="ops", expires_days=None, actor=operator).value)
     renewed = authority.renew(service_id, actor=admin)
-    revoked = authority.revoke(service_id, serial=renewed.record.serial, reason="superseded", actor=admin)
+    revoked = authority.revoke(service_id, serial=renewed.record.serial, reason="superseded", actor=admin).record
     assert revoked.revocation_reason == "superseded"
 
 
@@ -330,7 +330,7 @@ def test_service_may_renew_and_revoke_only_its_own_certificates(authority: Autho
         authority.revoke(service_id, serial=theirs.record.serial, actor=me)
     assert authority.current(other_id).serial == theirs.record.serial
     renewed = authority.renew(service_id, actor=me)
-    revoked = authority.revoke(service_id, serial=renewed.record.serial, reason="superseded", actor=me)
+    revoked = authority.revoke(service_id, serial=renewed.record.serial, reason="superseded", actor=me).record
     assert revoked.serial == renewed.record.serial
 
 
@@ -410,7 +410,7 @@ def test_revoke_publishes_a_crl_listing_the_serial(authority: Authority, operato
                                                    service_id: str) -> None:
     issued = enrol(authority, service_id, operator)
     before = authority.store.latest_crl_number()
-    record = authority.revoke(service_id, reason="keyCompromise", actor=operator)
+    record = authority.revoke(service_id, reason="keyCompromise", actor=operator).record
     assert record.serial == issued.record.serial and record.revocation_reason == "keyCompromise"
     assert authority.store.latest_crl_number() > before
     crl = x509.load_der_x509_crl(authority.crl().der)
@@ -440,7 +440,7 @@ def test_revoke_accepts_serials_in_upper_case_and_refuses_unknown_reasons(
     with pytest.raises(InvalidRequest, match="badReason"):
         authority.revoke(service_id, serial=issued.record.serial, reason="badReason", actor=operator)
     record = authority.revoke(service_id, serial=issued.record.serial.upper(), reason="cessationOfOperation",
-                              actor=operator)
+                              actor=operator).record
     assert record.serial == issued.record.serial
 
 

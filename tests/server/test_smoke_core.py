@@ -16,7 +16,7 @@ def test_enrol_renew_revoke_is_judged_valid_by_openssl_and_pkilint(
                                           san_ip=["127.0.0.1"], actor=operator)
     csr, _ = make_csr(service_id)
     first = authority.issue(service_id, csr, actor=authority.authenticate_token(token.value))
-    second = authority.renew(service_id, actor=operator)
+    second = authority.renew(service_id, actor=operator, csr_pem=make_csr(service_id)[0])  # a new key
     authority.revoke(service_id, serial=first.record.serial, reason="keyCompromise", actor=operator)
     crl = tmp_path / "crl.der"
     crl.write_bytes(authority.crl().der)

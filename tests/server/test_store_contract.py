@@ -152,40 +152,49 @@ def _fingerprint_indexes(backend: Backend) -> list[str]:
             if "fingerprint" in d]
 
 
+def _sql_text(value: Any) -> str:
+    return "NULL" if value is None else "'" + str(value).replace("'", "''") + "'"
+
+
 def test_a_version_1_database_migrates_keeping_every_row(backend: Backend, monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    # Version 1 had a UNIQUE index on fingerprint; version 2 finds certificates by serial only.
-    from vcc_pki_server.store import postgres, sqlite
+    # Version 1 had a UNIQUE index on fingerprint (2 drops it); 3 adds certificates.key_id and
+    # services.decommissioned_at. The version-1 rows are written as version 1 wrote them.
+    from vcc_pki_server.store import postgres, sqlite, utc_text
+    from vcc_pki_server.store.rows import certificate_rows, service_params
 
     module = sqlite if backend.name == "sqlite" else postgres
     with monkeypatch.context() as patch:
         patch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
-        old = backend.open()
-        try:
-            old.add_service(service("alpha"), actor="test")
-            records = [cert("alpha") for _ in range(3)]
-            for record in records:
-                old.add_certificate(record, actor="test")
-            old.revoke_certificate(records[1].serial, reason="keyCompromise", at=NOW, actor="test")
-            before = {r.serial: r for r in old.certificates_for("alpha")}
-        finally:
-            old.close()
+        backend.open().close()
+    records = [attrs.evolve(cert("alpha"), key_id="") for _ in range(3)]
+    backend.rows("INSERT INTO services (service_name, endpoints, health_check_url, version, owner, metadata, "
+                 "san_dns, san_ip, created_at, updated_at, service_id) VALUES ("
+                 + ",".join(map(_sql_text, service_params(service("alpha")))) + ")")
+    for record in records:
+        row = certificate_rows(record, "test")[0][:10]  # without key_id
+        backend.rows("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, not_before, "
+                     "not_after, fingerprint, pem, issued_at) VALUES (" + ",".join(map(_sql_text, row)) + ")")
+    backend.rows(f"INSERT INTO revocations (serial, revoked_at, reason) VALUES "
+                 f"({_sql_text(records[1].serial)}, {_sql_text(utc_text(NOW))}, 'keyCompromise')")
     assert backend.rows("SELECT version FROM schema_version") == [(1,)]
     assert _fingerprint_indexes(backend) != []
 
     with caplog.at_level("INFO", logger="vcc_pki_server.store"):
         migrated = backend.open()
     if backend.name == "sqlite":  # the table rebuild takes seconds on a large store: said first
-        assert "migrating from schema version 1 to 2" in caplog.text
+        assert "migrating from schema version 1 to 3" in caplog.text
     try:
-        assert migrated.schema_version() == len(MIGRATIONS) == 2  # type: ignore[attr-defined]
-        assert {r.serial: r for r in migrated.certificates_for("alpha")} == before
+        assert migrated.schema_version() == len(MIGRATIONS) == 3  # type: ignore[attr-defined]
+        kept = {r.serial: attrs.evolve(r, row_id=None, revoked_at=None, revocation_reason=None)
+                for r in migrated.certificates_for("alpha")}
+        assert kept == {r.serial: r for r in records}
         assert [serial for serial, _, _ in migrated.revoked()] == [records[1].serial]
         newer = cert("alpha")
         migrated.add_certificate(newer, actor="test")
         stored = migrated.get_certificate(newer.serial)
-        assert stored is not None and stored.row_id is not None
-        assert stored.row_id > max(r.row_id or 0 for r in before.values())  # ids go on, not reused
+        assert stored is not None and stored.row_id is not None and stored.key_id == newer.key_id != ""
+        assert stored.row_id > max(r.row_id or 0 for r in migrated.certificates_for("alpha") if r != stored)
         with pytest.raises(Conflict):  # the serial is still unique
             migrated.add_certificate(attrs.evolve(cert("alpha"), serial=newer.serial), actor="test")
     finally:
@@ -227,13 +236,13 @@ def test_same_serial_twice_is_a_conflict_and_nothing_is_half_written(store: Stor
 def test_revoke_then_again_is_already_revoked_and_unknown_serial_is_not_found(store: Store) -> None:
     record = cert("alpha")
     store.add_certificate(record, actor="test")
-    revoked = store.revoke_certificate(record.serial, reason="keyCompromise", at=NOW, actor="test")
+    revoked = store.revoke_certificates(record.serial, reason="keyCompromise", at=NOW, actor="test").record
     assert revoked.revoked_at == NOW and revoked.status(NOW) == "revoked"
     with pytest.raises(Conflict) as info:
-        store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="test")
+        store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="test")
     assert info.value.code == "already_revoked"
     with pytest.raises(NotFound):
-        store.revoke_certificate("abcdef", reason="superseded", at=NOW, actor="test")
+        store.revoke_certificates("abcdef", reason="superseded", at=NOW, actor="test")
     assert store.revoked() == [(record.serial, NOW, "keyCompromise")]
 
 
@@ -284,7 +293,7 @@ def test_list_certificates_filters_and_paginates_by_cursor(store: Store) -> None
     future = cert("alpha", not_before=NOW + timedelta(days=1))
     other = cert("beta", not_after=NOW + timedelta(days=5))
     store.add_certificates([(r, "test") for r in (valid, expiring, expired, revoked, future, other)])
-    store.revoke_certificate(revoked.serial, reason="superseded", at=NOW, actor="test")
+    store.revoke_certificates(revoked.serial, reason="superseded", at=NOW, actor="test")
 
     def serials(**kwargs: Any) -> list[str]:
         return [r.serial for r in store.list_certificates(CertificateQuery(now=NOW, **kwargs))]
@@ -332,7 +341,7 @@ def test_sqlite_lists_rare_statuses_the_same_whichever_way_it_finds_them(tmp_pat
         store.add_certificates([(r, "test") for r in records])
         revoked = [r.serial for r in records[3::50]]
         for serial in reversed(revoked):  # revoked out of id order
-            store.revoke_certificate(serial, reason="superseded", at=NOW, actor="test")
+            store.revoke_certificates(serial, reason="superseded", at=NOW, actor="test")
         expired = [r.serial for r in records if r.not_after < NOW and r.serial not in revoked]
 
         def pages(status: str) -> list[str]:
@@ -398,7 +407,7 @@ def test_every_change_writes_its_audit_row(store: Store) -> None:
     store.add_token(token("alpha"), actor="admin:1")
     store.add_certificate(record, actor="enrolment:1", consume_token=token("alpha").token_id)
     store.update_service(service("alpha"), actor="admin:1")
-    store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="admin:1")
+    store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="admin:1")
     store.new_crl(crl_builder(), actor="system:crl")
     store.revoke_token(token("alpha").token_id, at=NOW, actor="admin:1")
     entries = store.audit_log(limit=100)
@@ -427,7 +436,7 @@ def test_crl_numbers_strictly_increase_and_the_newest_sees_every_revocation(stor
                 numbers[index].append(stores[index].new_crl(crl_builder(seen), actor=f"t{index}").number)
         else:  # revoke, then publish, as the authority does
             for record in records:
-                store.revoke_certificate(record.serial, reason="superseded", at=NOW, actor="t2")
+                store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="t2")
                 numbers[2].append(store.new_crl(crl_builder(seen), actor="t2").number)
 
     try:

@@ -45,10 +45,13 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
         _ID, _q("chain", {"type": "boolean"}, "append intermediate and root")]}, "200", None),
     "renew_certificate": ("Renew (same key) or rekey (with a CSR)", ["mtls", "admin"], {
         "parameters": [_ID], "requestBody": _json_body("RenewRequest", False)}, "201", "Issued"),
-    "revoke_certificate": ("Revoke the current (or given) certificate; the CRL is regenerated",
+    "revoke_certificate": ("Revoke the current (or given) certificate; keyCompromise also revokes every "
+                           "unexpired certificate with the same key; the CRL is regenerated",
                            ["mtls", "admin"], {"parameters": [
                                _ID, _q("reason", {"type": "string"}, "RFC 5280 reason name, e.g. keyCompromise"),
-                               _q("serial", {"type": "string"}, "lowercase hex serial")]}, "200", "Certificate"),
+                               _q("serial", {"type": "string"}, "lowercase hex serial"),
+                               _q("all", {"type": "boolean"}, "every unexpired certificate of the service")]},
+                           "200", "Revoked"),
     "list_services": ("The service registry", ["mtls", "admin"], {"parameters": [
         _q("healthy", {"type": "boolean"}, "only services whose last probe succeeded"), *_PAGE]},
         "200", "ServicePage"),
@@ -59,6 +62,9 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
     "update_service": ("Change a registry entry (admin: anything; service: own descriptive fields)",
                        ["admin", "mtls"], {"parameters": [_ID], "requestBody": _json_body("ServiceUpdate")},
                        "200", "Service"),
+    "decommission_service": ("Decommission a service: revoke its unexpired certificates, spend its "
+                             "enrolment tokens, drop it from the registry", ["admin"], {"parameters": [_ID]},
+                             "200", "Decommissioned"),
     "new_enrolment_token": ("A fresh one-time enrolment token for a service", ["admin"],
                             {"parameters": [_ID]}, "201", None),
     "ca_root": ("Root CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]}, "200", None),
@@ -88,6 +94,10 @@ SCHEMAS: dict[str, Any] = {
         "status": {"enum": ["valid", "revoked", "expired", "not_yet_valid"]},
         "fingerprint_sha256": _STR, "revoked_at": {"type": ["string", "null"]},
         "revocation_reason": {"type": ["string", "null"]}}},
+    "Revoked": {"allOf": [{"$ref": "#/components/schemas/Certificate"}, {"type": "object", "properties": {
+        "revoked_serials": {**_STRS, "description": "every serial this call revoked, the named one first"}}}]},
+    "Decommissioned": {"type": "object", "properties": {
+        "service_id": _STR, "status": {"const": "decommissioned"}, "revoked_serials": _STRS}},
     "ServiceRegistration": {"type": "object", "required": ["service_id"], "properties": {
         "service_id": _STR, "service_name": _STR, "endpoints": _STRS, "health_check_url": _STR,
         "version": _STR, "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS}},

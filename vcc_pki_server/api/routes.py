@@ -97,10 +97,18 @@ async def revoke_certificate(request: Request) -> Response:
     serial = request.query_params.get("serial") or None
     if serial is not None and not all(c in "0123456789abcdefABCDEF" for c in serial):
         raise InvalidRequest(f"serial must be hexadecimal, got {serial!r}")
+    every = query_bool(request, "all") or False
     authority = _authority(request)
-    record = await as_actor(request, lambda actor: authority.revoke(
-        service_id, reason=reason, serial=serial, actor=actor))
-    return JSONResponse(render.certificate(record, authority.clock()))
+    revoked = await as_actor(request, lambda actor: authority.revoke(
+        service_id, reason=reason, serial=serial, all_certificates=every, actor=actor))
+    return JSONResponse(render.revoked(revoked, authority.clock()))
+
+
+async def decommission_service(request: Request) -> Response:
+    service_id = _service_id(request)
+    authority = _authority(request)
+    serials = await as_actor(request, lambda actor: authority.decommission(service_id, actor=actor))
+    return JSONResponse({"service_id": service_id, "status": "decommissioned", "revoked_serials": serials})
 
 
 # -- services -------------------------------------------------------------------------------
@@ -276,6 +284,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/services/register", register_service, methods=["POST"]),
     Route(f"{API}/services/{{service_id}}", get_service, methods=["GET"]),
     Route(f"{API}/services/{{service_id}}", update_service, methods=["PATCH"]),
+    Route(f"{API}/services/{{service_id}}", decommission_service, methods=["DELETE"]),
     Route(f"{API}/services/{{service_id}}/enrolment-token", new_enrolment_token, methods=["POST"]),
     Route(f"{API}/ca/root", ca_root, methods=["GET"]),
     Route(f"{API}/ca/intermediate", ca_intermediate, methods=["GET"]),

@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives import serialization
 
 from ..ca import REASONS
 from ..encoding import pem_text
-from ..errors import InvalidRequest, NotFound
-from ..store import CertificateRecord, CRLRecord, utc_text
+from ..errors import InvalidRequest, NotFound, NotPermitted
+from ..policy import check_service_id
+from ..store import CRLRecord, Revoked, utc_text
 from .base import Actor, log
 from .issuance import Issuance
 
@@ -27,8 +28,13 @@ class Revocation(Issuance):
         self._crl_pem: tuple[int, bytes] | None = None
 
     def revoke(self, service_id: str, *, reason: str = "unspecified", serial: str | None = None,
-               actor: Actor) -> CertificateRecord:
-        """Revoke ``serial`` (or the service's current certificate) and publish a new CRL."""
+               all_certificates: bool = False, actor: Actor) -> Revoked:
+        """Revoke ``serial`` (or the service's current certificate) and publish a new CRL.
+
+        With ``all_certificates`` every unexpired certificate of the service goes too; with
+        ``reason="keyCompromise"`` every unexpired certificate with the same public key, of any
+        service (they carry keyCompromise too). One transaction: all of them or none.
+        """
         self._require(actor, service_id, "revoke certificates")
         if reason not in REASONS:
             raise InvalidRequest(f"unknown revocation reason {reason!r}; use one of {', '.join(REASONS)}")
@@ -41,13 +47,27 @@ class Revocation(Issuance):
                 raise NotFound(f"service '{service_id}' has no certificate with serial {serial}",
                                code="unknown_certificate")
             target = record
-        revoked = self.store.revoke_certificate(target.serial, reason=reason, at=self.clock(),
-                                                actor=actor.label)
-        log.info("certificate revoked service_id=%s serial=%s reason=%s actor=%s", service_id,
-                 revoked.serial, reason, actor.label)
+        revoked = self.store.revoke_certificates(target.serial, reason=reason, at=self.clock(), actor=actor.label,
+                                                 service_wide=all_certificates,
+                                                 same_key=reason == "keyCompromise")
+        log.info("certificate revoked service_id=%s serial=%s reason=%s actor=%s%s", service_id,
+                 target.serial, reason, actor.label,
+                 f" also={','.join(revoked.serials[1:])}" if len(revoked.serials) > 1 else "")
         if self._ca is not None:
             self.generate_crl(actor=actor)
         return revoked
+
+    def decommission(self, service_id: str, *, actor: Actor) -> list[str]:
+        """Take a service out (SPEC §10): its unexpired certificates revoked
+        (cessationOfOperation), its enrolment tokens spent, gone from the registry; a new CRL.
+        Returns the serials revoked. Admins only."""
+        if not actor.is_admin:
+            raise NotPermitted("only an admin decommissions a service")
+        serials = self.store.decommission_service(check_service_id(service_id), at=self.clock(), actor=actor.label)
+        log.info("service decommissioned service_id=%s revoked=%d actor=%s", service_id, len(serials), actor.label)
+        if self._ca is not None and serials:
+            self.generate_crl(actor=actor)
+        return serials
 
     def generate_crl(self, *, actor: Actor) -> CRLRecord:
         """Sign and store a new CRL of every revoked certificate."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from .. import render
 from ..authority import Actor, Authority, Issued
 from ..ca import REASONS
 from ..encoding import cert_pem
@@ -134,14 +135,18 @@ def cmd_cert_revoke(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"unknown revocation reason {args.reason!r}; use one of {', '.join(REASONS)}")
     serial = args.serial.replace(":", "").lower() if args.serial else None
     with open_authority(args, sign=True) as (_, authority):
-        record = authority.revoke(args.service_id, reason=args.reason, serial=serial,
-                                  actor=Actor.operator())
+        revoked = authority.revoke(args.service_id, reason=args.reason, serial=serial,
+                                   all_certificates=args.all, actor=Actor.operator())
         crl = authority.store.latest_crl()
-        data = certificate_json(record, authority.clock())
+        data = render.revoked(revoked, authority.clock())
     data["crl_number"] = crl.number if crl else None
     if args.json:
         print_json(data)
     else:
+        record, others = revoked.record, revoked.serials[1:]
         print(f"revoked certificate {record.serial} of '{record.service_id}' ({args.reason}); "
               f"published CRL number {data['crl_number']}")
+        if others:
+            why = "of the service or with the same key" if args.all else "with the same key"
+            print(f"also revoked {len(others)} other certificate(s) {why}: {', '.join(others)}")
     return 0

@@ -19,7 +19,7 @@ from .ca_commands import (
 from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
 from .crl_commands import cmd_crl_generate, cmd_crl_list
 from .output import PROG
-from .service_commands import cmd_service_info, cmd_service_list, cmd_service_register
+from .service_commands import cmd_service_delete, cmd_service_info, cmd_service_list, cmd_service_register
 from .token_commands import cmd_token_create, cmd_token_list, cmd_token_revoke
 
 Command = Callable[[argparse.Namespace], int]
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-id", required=True, metavar="ID")
     p.add_argument("--reason", required=True, metavar="REASON", help="an RFC 5280 reason, e.g. keyCompromise")
     p.add_argument("--serial", metavar="HEX", help="a specific certificate of the service")
+    p.add_argument("--all", action="store_true",
+                   help="every unexpired certificate of the service (keyCompromise also revokes every "
+                        "certificate with the same key, of any service, with or without --all)")
 
     # service
     service = group("service", "the service registry")
@@ -178,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(service, "list", cmd_service_list, "list services with health and certificate expiry")
     p.add_argument("--healthy", action="store_true", help="only services whose last probe succeeded")
     p = command(service, "info", cmd_service_info, "show a registry entry and its certificate history")
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p = command(service, "delete", cmd_service_delete,
+                "decommission a service: revoke its unexpired certificates (cessationOfOperation), spend "
+                "its enrolment tokens, drop it from the registry (history stays; the id may be "
+                "registered again)", ca_pw)
     p.add_argument("--service-id", required=True, metavar="ID")
 
     # crl

@@ -1,4 +1,4 @@
-"""The service registry: ``pki-admin service register | list | info``."""
+"""The service registry: ``pki-admin service register | list | info | delete``."""
 
 from __future__ import annotations
 
@@ -87,4 +87,19 @@ def cmd_service_info(args: argparse.Namespace) -> int:
         print_table(("  SERIAL", "STATUS", "NOT AFTER", "REVOCATION"),
                     [(f"  {r.serial}", r.status(now), utc_text(r.not_after),
                       r.revocation_reason or "-") for r in history])
+    return 0
+
+
+def cmd_service_delete(args: argparse.Namespace) -> int:
+    with open_authority(args, sign=True) as (_, authority):
+        serials = authority.decommission(args.service_id, actor=Actor.operator())
+        crl = authority.store.latest_crl()
+    if args.json:
+        print_json({"service_id": args.service_id, "status": "decommissioned", "revoked_serials": serials,
+                    "crl_number": crl.number if crl else None})
+    else:
+        print(f"decommissioned service '{args.service_id}': {len(serials)} certificate(s) revoked "
+              f"(cessationOfOperation), enrolment tokens spent, removed from the registry")
+        if serials:
+            print(f"revoked: {', '.join(serials)}; published CRL number {crl.number if crl else '-'}")
     return 0

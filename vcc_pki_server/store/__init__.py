@@ -17,7 +17,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..encoding import der_fingerprint, pem_text
+from ..encoding import der_fingerprint, pem_text, public_key_id
 
 
 def utc_text(moment: datetime) -> str:
@@ -87,6 +87,7 @@ class CertificateRecord:
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
     row_id: int | None = None
+    key_id: str = ""  # SHA-256 of the SubjectPublicKeyInfo, lowercase hex ("" in rows from before v3)
 
     @classmethod
     def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime,
@@ -111,6 +112,7 @@ class CertificateRecord:
             san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
             fingerprint=der_fingerprint(der), pem=pem_text(der), issued_at=issued_at,
+            key_id=public_key_id(cert),
         )
 
     def status(self, now: datetime) -> str:
@@ -182,6 +184,16 @@ class CertificateQuery:
 # enrolment token to spend with it (or None).
 NewCertificate = tuple[CertificateRecord, str, "str | None"]
 
+
+@attrs.frozen
+class Revoked:
+    """What one revocation did: the certificate named (as revoked) and every serial revoked,
+    the named one first."""
+
+    record: CertificateRecord
+    serials: tuple[str, ...]
+
+
 Outcomes = Callable[[list["BaseException | None"]], None]
 """Called once per submission of certificates: the error of each, ``None`` where recorded."""
 
@@ -206,7 +218,9 @@ class Store(Protocol):
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
     def certificates_for(self, service_id: str) -> list[CertificateRecord]: ...
     def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]: ...
-    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord: ...
+    def revoke_certificates(self, serial: str, *, reason: str, at: datetime, actor: str,
+                            service_wide: bool = False, same_key: bool = False) -> Revoked: ...
+    def decommission_service(self, service_id: str, *, at: datetime, actor: str) -> list[str]: ...
 
     # CRLs
     def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,

@@ -21,7 +21,7 @@ from . import (
 Row = tuple[Any, ...]
 
 CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c.not_before, "
-                "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason")
+                "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason, c.key_id")
 CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
 SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
                    "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
@@ -62,6 +62,7 @@ def certificate_record(r: Row) -> CertificateRecord:
         san_dns=tuple(json.loads(r[4])), san_ip=tuple(json.loads(r[5])),
         not_before=parse_utc(r[6]), not_after=parse_utc(r[7]), fingerprint=r[8], pem=r[9],
         issued_at=parse_utc(r[10]), revoked_at=opt_time(r[11]), revocation_reason=r[12],
+        key_id=r[13] or "",
     )
 
 
@@ -89,7 +90,7 @@ def certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, 
     issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
     row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
            dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
-           record.fingerprint, record.pem, issued_at)
+           record.fingerprint, record.pem, issued_at, record.key_id)
     audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
              dumps({"not_after": not_after}))
     return row, audit

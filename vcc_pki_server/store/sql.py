@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from ..encoding import public_key_id_of_pem
 from ..errors import Conflict, NotFound
 from . import (
     AuditEntry,
@@ -27,6 +28,7 @@ from . import (
     Health,
     NewCertificate,
     Outcomes,
+    Revoked,
     ServiceRecord,
     TokenRecord,
     dumps,
@@ -54,7 +56,8 @@ from .rows import (
 
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
 INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
-                      "not_before, not_after, fingerprint, pem, issued_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
+                      "not_before, not_after, fingerprint, pem, issued_at, key_id) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 
 
 class SQLStore:
@@ -122,11 +125,20 @@ class SQLStore:
 
     # -- services ---------------------------------------------------------------------------
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
+        """Register a service; an id that was decommissioned is registered again (same row:
+        its certificates and audit history stay, its health starts afresh)."""
         with self._write() as db:
-            with self._duplicate(db, f"service '{service.service_id}' is already registered"):
-                self._exec(db, "INSERT INTO services (service_name, endpoints, health_check_url, version, "
-                               "owner, metadata, san_dns, san_ip, created_at, updated_at, service_id) "
-                               "VALUES (?,?,?,?,?,?,?,?,?,?,?)", service_params(service))
+            again = self._exec(db, "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, "
+                                   "version=?, owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, "
+                                   "updated_at=?, health_status='unknown', last_checked=NULL, "
+                                   "last_error=NULL, consecutive_failures=0, decommissioned_at=NULL "
+                                   "WHERE service_id=? AND decommissioned_at IS NOT NULL",
+                               service_params(service)).rowcount
+            if not again:
+                with self._duplicate(db, f"service '{service.service_id}' is already registered"):
+                    self._exec(db, "INSERT INTO services (service_name, endpoints, health_check_url, version, "
+                                   "owner, metadata, san_dns, san_ip, created_at, updated_at, service_id) "
+                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)", service_params(service))
             self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
                                        service_id=service.service_id,
                                        details={"san_dns": list(service.san_dns),
@@ -138,26 +150,28 @@ class SQLStore:
         with self._write() as db:
             cur = self._exec(db, "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, "
                                  "version=?, owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, "
-                                 "updated_at=? WHERE service_id=?", service_params(service))
+                                 "updated_at=? WHERE service_id=? AND decommissioned_at IS NULL",
+                             service_params(service))
             if cur.rowcount == 0:
                 raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
             self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
                                        service_id=service.service_id))
 
     def get_service(self, service_id: str) -> ServiceRecord | None:
-        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=?", (service_id,))
+        rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services WHERE service_id=? "
+                          "AND decommissioned_at IS NULL", (service_id,))
         return self._service(rows[0]) if rows else None
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
                       after: str | None = None) -> list[ServiceRecord]:
-        clauses: list[str] = []
+        clauses: list[str] = ["decommissioned_at IS NULL"]
         params: list[Any] = []
         if healthy is not None:
             clauses.append("health_status = 'healthy'" if healthy else "health_status != 'healthy'")
         if after is not None:
             clauses.append("service_id > ?")
             params.append(after)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        where = "WHERE " + " AND ".join(clauses)
         rows = self._read(f"SELECT {SERVICE_COLUMNS} FROM services {where} "
                           f"ORDER BY service_id LIMIT ?", [*params, limit])
         return [self._service(r) for r in rows]
@@ -258,7 +272,12 @@ class SQLStore:
                           f"ORDER BY c.id LIMIT ?", [*params, query.limit])
         return [self._cert(r) for r in rows]
 
-    def revoke_certificate(self, serial: str, *, reason: str, at: datetime, actor: str) -> CertificateRecord:
+    def revoke_certificates(self, serial: str, *, reason: str, at: datetime, actor: str,
+                            service_wide: bool = False, same_key: bool = False) -> Revoked:
+        """Revoke ``serial`` and, in the same transaction, with ``service_wide`` every other
+        unexpired certificate of its service, with ``same_key`` every unexpired certificate
+        (of any service) with the public key of one revoked here. Each gets ``reason`` and an
+        audit entry. 404 for an unknown serial, 409 if it is already revoked."""
         with self._write() as db:
             row = self._exec(db, f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?{self.LOCK_ROW}",
                              (serial,)).fetchone()
@@ -268,12 +287,65 @@ class SQLStore:
             if record.revoked_at is not None:
                 raise Conflict(f"certificate {serial} of '{record.service_id}' is already revoked "
                                f"({record.revocation_reason})", code="already_revoked")
-            self._exec(db, "INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
-                       (serial, utc_text(at), reason))
-            self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
-                                       service_id=record.service_id, serial=serial,
-                                       details={"reason": reason}))
-        return attrs.evolve(record, revoked_at=parse_utc(utc_text(at)), revocation_reason=reason)
+            now = utc_text(at)
+            targets = {serial: record.service_id}
+            if service_wide:
+                targets.update(self._live_serials(db, "c.service_id = ?", (record.service_id,), now))
+            if same_key:
+                keys = {record.key_id or public_key_id_of_pem(record.pem)}
+                if service_wide:
+                    keys |= self._keys_of(db, list(targets))
+                targets.update(self._same_key(db, keys, now))
+            for target, service_id in targets.items():
+                self._exec(db, "INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
+                           (target, now, reason))
+                details: dict[str, Any] = {"reason": reason}
+                if target != serial:
+                    details["with"] = serial
+                self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
+                                           service_id=service_id, serial=target, details=details))
+        return Revoked(attrs.evolve(record, revoked_at=parse_utc(now), revocation_reason=reason),
+                       tuple(targets))
+
+    def decommission_service(self, service_id: str, *, at: datetime, actor: str) -> list[str]:
+        """Revoke every unexpired certificate of the service (cessationOfOperation), spend its
+        enrolment tokens, and take it out of the registry; returns the serials revoked. Its
+        certificates and audit history stay. 404 for an unknown (or decommissioned) id."""
+        now = utc_text(at)
+        with self._write() as db:
+            cur = self._exec(db, "UPDATE services SET decommissioned_at=? WHERE service_id=? "
+                                 "AND decommissioned_at IS NULL", (now, service_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown service '{service_id}'", code="unknown_service")
+            serials = list(self._live_serials(db, "c.service_id = ?", (service_id,), now))
+            for serial in serials:
+                self._exec(db, "INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
+                           (serial, now, "cessationOfOperation"))
+            self._exec(db, "UPDATE tokens SET revoked_at=? WHERE service_id=? AND kind='enrolment' "
+                           "AND used_at IS NULL AND revoked_at IS NULL", (now, service_id))
+            self._audit(db, AuditEntry(at=at, actor=actor, action="service.decommission", service_id=service_id,
+                                       details={"revoked_serials": serials}))
+        return serials
+
+    def _live_serials(self, db: Any, where: str, params: tuple[Any, ...], now: str) -> dict[str, str]:
+        """Serial → service of the unexpired, unrevoked certificates matching ``where``."""
+        rows = self._exec(db, f"SELECT c.serial, c.service_id FROM {CERT_FROM} WHERE r.serial IS NULL "
+                              f"AND c.not_after > ? AND {where} ORDER BY c.id", (now, *params)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def _keys_of(self, db: Any, serials: list[str]) -> set[str]:
+        marks = ",".join("?" * len(serials))
+        rows = self._exec(db, f"SELECT key_id, pem FROM certificates WHERE serial IN ({marks})",
+                          tuple(serials)).fetchall()
+        return {r[0] or public_key_id_of_pem(r[1]) for r in rows}
+
+    def _same_key(self, db: Any, keys: set[str], now: str) -> dict[str, str]:
+        """Unexpired, unrevoked certificates of any of ``keys`` (a scan of the unexpired: no
+        index slows issuance for this rare question; rows from before schema v3 are judged
+        by their PEM)."""
+        rows = self._exec(db, f"SELECT c.serial, c.service_id, c.key_id, c.pem FROM {CERT_FROM} "
+                              "WHERE r.serial IS NULL AND c.not_after > ? ORDER BY c.id", (now,)).fetchall()
+        return {r[0]: r[1] for r in rows if (r[2] or public_key_id_of_pem(r[3])) in keys}
 
     def revoked(self) -> list[tuple[str, datetime, str]]:
         rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")

@@ -60,6 +60,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX certificates_service ON certificates(service_id, id);
     CREATE INDEX certificates_not_after ON certificates(not_after)
     """,
+    # 3: the key of each certificate (keyCompromise revokes every certificate of the key; no
+    # index: found by a scan of the unexpired, rarely, instead of slowing every issuance), and
+    # decommissioned services (their rows stay for the certificates and the audit log).
+    """
+    ALTER TABLE certificates ADD COLUMN key_id TEXT;
+    ALTER TABLE services ADD COLUMN decommissioned_at TEXT
+    """,
 )
 
 
