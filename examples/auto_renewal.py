@@ -1,12 +1,13 @@
 """Automatic renewal: a short-lived certificate renewed by the SDK's background thread.
 
-The service enrols for one day. A certificate that short is renewed two thirds into its
-life (the ``renew_before_days`` window would be longer than the whole lifetime), so to see
-it happen in seconds, not hours, this example gives the client a clock that runs
-``--speed`` times faster than real time. The background check (every ``--interval``
-seconds) notices the renewal is due, renews with a new key, swaps ``cert.pem``/``key.pem``
-atomically, reloads the TLS contexts and calls ``on_renewed``. Finally ``renew_now()`` runs
-one check in the foreground: nothing is due any more.
+The service enrols for eight hours. By default a certificate is renewed when one third of
+its lifetime is left (here after about 5 h 20 min), so to see it happen in seconds, not
+hours, this example gives the client a clock that runs ``--speed`` times faster than real
+time. The background check (every ``--interval`` seconds) notices the renewal is due,
+renews with a new key, swaps ``cert.pem``/``key.pem`` atomically, reloads the TLS contexts
+and calls ``on_renewed``. The new certificate keeps the lifetime of the old one (eight
+hours). Finally ``renew_now()`` runs one check in the foreground, at the real time: nothing
+is due any more.
 
     python examples/auto_renewal.py --url https://127.0.0.1:8443 \\
         --root-fingerprint sha256:9f2c... --admin-token vcc_adm_...
@@ -48,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ca-bundle", default=env("VCC_PKI_CA_BUNDLE"), help="or: a PEM file with the root CA")
     parser.add_argument("--workdir", default=env("VCC_PKI_WORKDIR", "example-data"), help="where keys go")
     parser.add_argument("--service-id", default=f"renewing-{uuid.uuid4().hex[:8]}")
-    parser.add_argument("--speed", type=float, default=30000.0, help="how much faster the example's clock runs")
+    parser.add_argument("--speed", type=float, default=10000.0, help="how much faster the example's clock runs")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between background checks")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the renewal")
     return parser.parse_args(argv)
@@ -91,7 +92,7 @@ def register_as_admin(pki: PKIClient, url: str, admin_token: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Enrol for a day, watch the background renewal, print each step. Returns the exit status."""
+    """Enrol for eight hours, watch the background renewal, print each step. Returns the exit status."""
     args = parse_args(argv)
     if not (args.token or args.admin_token):
         print("auto_renewal: give an enrolment token (--token) or an admin token (--admin-token)", file=sys.stderr)
@@ -113,13 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    ca_bundle=args.ca_bundle, clock=fast_clock(args.speed)) as pki:
         try:
             token = args.token or register_as_admin(pki, args.url, args.admin_token)
-            first = pki.enroll(token, validity_days=1)
+            first = pki.enroll(token, validity=timedelta(hours=8))
             print(f"enrolled {args.service_id}: certificate {first.serial_number} "
-                  f"valid until {first.not_after:%Y-%m-%d %H:%M} UTC (1 day)")
+                  f"valid until {first.not_after:%Y-%m-%d %H:%M} UTC (8 hours)")
             server_ctx = pki.server_ssl_context()  # would serve uvicorn; follows the renewal below
 
-            pki.enable_auto_renewal(renew_before_days=30, check_interval=args.interval,
-                                    on_renewed=on_renewed, on_error=on_error)
+            # Renews when a third of the lifetime is left (no renew_before_days).
+            pki.enable_auto_renewal(check_interval=args.interval, on_renewed=on_renewed, on_error=on_error)
             print(f"auto-renewal on: a check every {args.interval} s, clock running {args.speed:.0f}x")
             if not done.wait(args.timeout):
                 print(f"auto_renewal: no renewal within {args.timeout} s; errors: {failures}", file=sys.stderr)
@@ -127,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pki.disable_auto_renewal()
 
             new = renewed[0]
+            # Only this client's clock runs fast: the CA signed both seconds apart, for 8 hours each.
+            kept = abs((new.not_valid_after_utc - first.not_after).total_seconds()) < 300
             print(f"renewed in the background: {first.serial_number} -> {new.serial_number:x}, "
-                  f"valid until {new.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+                  f"valid until {new.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (the same 8-hour lifetime: {kept})")
             assert pki.files is not None
             cert, _ = pki.files.load()        # checked: the key on disk belongs to this certificate
             print(f"files swapped: {pki.files.cert_file.name} and {pki.files.key_file.name} hold the new pair: "
@@ -136,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen = presented_serial(server_ctx, pki.client_ssl_context())
             print(f"server context made before the renewal now presents: {seen:x} "
                   f"(the new certificate: {seen == new.serial_number})")
-            print(f"check in the foreground: {'renewed' if pki.renew_now() else 'nothing due'}")
+            real_now = datetime.now(timezone.utc)  # the fast clock is past the new one's renewal time too
+            print(f"check in the foreground: {'renewed' if pki.renew_now(now=real_now) else 'nothing due'}")
         except (PKIError, RenewalError, httpx.HTTPError) as exc:
             print(f"auto_renewal: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

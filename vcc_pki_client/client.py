@@ -55,7 +55,7 @@ def _utc_now() -> datetime:
 class _AutoRenewal:
     policy: RenewalPolicy
     rekey: bool = True
-    validity_days: int | None = None
+    validity: timedelta | None = None
 
 
 class PKIClient:
@@ -171,24 +171,28 @@ class PKIClient:
     # -- certificates -------------------------------------------------------------------
     def enroll(
         self, token: str | None = None, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (),
-        validity_days: int | None = None,
+        validity_days: int | None = None, validity: timedelta | None = None,
     ) -> IssuedCertificate:
         """Get the first certificate with a one-time enrolment token.
 
         A key of ``key_type`` is made here; only a CSR is sent (without SANs, the CA grants
-        the service's whole allow-list). Certificate, key (0600) and chain are written
-        atomically. Not retried once the request may have reached the server (that could
-        spend the token); retried only while the connection is refused.
+        the service's whole allow-list). ``validity`` (or ``validity_days``) asks for a
+        lifetime (at least 5 minutes, at most what the CA's policy allows); by default the
+        CA's. Certificate, key (0600) and chain are written atomically. Not retried once the
+        request may have reached the server (that could spend the token); retried only while
+        the connection is refused.
         Raises AuthenticationError for a spent, expired or unknown token,
         PolicyRefusedError for SANs outside the allow-list.
         """
         token = token or self._enrollment_token
         if not token:
             raise ConfigurationError("enroll() needs an enrolment token (argument or enrollment_token=)")
-        return self._issue(self._key_type, san_dns, san_ip, validity_days, token=token, retry=Retry.UNSENT)
+        return self._issue(self._key_type, san_dns, san_ip, _lifetime(validity_days, validity), token=token,
+                           retry=Retry.UNSENT)
 
     def request_certificate(
         self, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (), validity_days: int | None = None,
+        validity: timedelta | None = None,
     ) -> IssuedCertificate:
         """A new certificate (new key of the current kind) requested with the current one over mTLS.
 
@@ -197,25 +201,28 @@ class PKIClient:
         """
         with self._renew_lock:
             kind = key_kind(self._session.require_files().load()[1])
-            issued = self._issue(kind, san_dns, san_ip, validity_days, token=None, retry=Retry.TRANSIENT)
+            issued = self._issue(kind, san_dns, san_ip, _lifetime(validity_days, validity), token=None,
+                                 retry=Retry.TRANSIENT)
             self._notify(issued.certificate)
         return issued
 
-    def renew(self, rekey: bool = True, *, validity_days: int | None = None) -> IssuedCertificate:
+    def renew(self, rekey: bool = True, *, validity_days: int | None = None,
+              validity: timedelta | None = None) -> IssuedCertificate:
         """Renew the current certificate over mTLS: new serial, new validity, same names.
 
         ``rekey=True`` makes a new key of the same kind and sends its CSR; ``rekey=False``
-        keeps the key. Retried on transient failures (a repeat only issues one more
-        certificate). Files are swapped atomically (a failure leaves the old pair in place),
-        contexts from this client reloaded, ``on_renewed`` called.
+        keeps the key. Without ``validity`` (or ``validity_days``) the new certificate has the
+        lifetime of the one renewed (an 8-hour certificate stays 8 hours), within the policy.
+        Retried on transient failures (a repeat only issues one more certificate). Files are
+        swapped atomically (a failure leaves the old pair in place), contexts from this client
+        reloaded, ``on_renewed`` called.
         """
         with self._renew_lock:
             files = self._session.require_files()
             cert, key = files.load()
             new_key = generate_private_key(key_kind(key)) if rekey else key
-            body = renew_request(build_csr(new_key, self.service_id, *_sans(cert)) if rekey else None)
-            if validity_days is not None:
-                body["validity_days"] = validity_days
+            body = renew_request(build_csr(new_key, self.service_id, *_sans(cert)) if rekey else None,
+                                 _lifetime(validity_days, validity))
             data = self._conn().json("POST", f"/certificates/{self.service_id}/renew", body=body)
             issued = IssuedCertificate.from_json(data)
             self._session.install(issued, new_key)
@@ -299,26 +306,37 @@ class PKIClient:
 
     # -- automatic renewal --------------------------------------------------------------
     def enable_auto_renewal(
-        self, renew_before_days: float = 30, *, check_interval: timedelta | float = timedelta(hours=1),
+        self, renew_before_days: float | None = None, *, check_interval: timedelta | float | None = None,
         on_renewed: Callable[[x509.Certificate], None] | None = None,
         on_error: Callable[[Exception], None] | None = None, rekey: bool = True, validity_days: int | None = None,
+        validity: timedelta | None = None,
     ) -> None:
         """Check the certificate now and every ``check_interval`` (seconds or timedelta) in a
-        background thread; renew it ``renew_before_days`` before it expires (for a lifetime
-        shorter than that: at two thirds), with retries on transient failures.
+        background thread; renew it when one third of its lifetime is left (an 8-hour
+        certificate at about 5 h 20 min, a 90-day one at 60 days), or ``renew_before_days``
+        before it expires if given (for a lifetime shorter than that: at two thirds), with
+        retries on transient failures. The check interval defaults to an hour, or a tenth of
+        the current certificate's lifetime if that is shorter. Renewals keep the lifetime of
+        the certificate renewed unless ``validity`` (or ``validity_days``) says otherwise.
 
         ``on_renewed(cert)`` follows every renewal; a renewal that gives up is logged and
         reported to ``on_error(RenewalError)``. Calling again replaces the settings.
         """
         if not self.enrolled:
             raise ConfigurationError(f"service {self.service_id!r} has no certificate to renew yet: enroll() first")
-        interval = check_interval if isinstance(check_interval, timedelta) else timedelta(seconds=check_interval)
-        policy = RenewalPolicy(renew_before=timedelta(days=renew_before_days), check_interval=interval,
-                               **attrs.asdict(self._retry))
+        if check_interval is None:
+            cert = self.certificate
+            interval = min(timedelta(hours=1), (cert.not_valid_after_utc - cert.not_valid_before_utc) / 10)
+        elif isinstance(check_interval, timedelta):
+            interval = check_interval
+        else:
+            interval = timedelta(seconds=check_interval)
+        before = None if renew_before_days is None else timedelta(days=renew_before_days)
+        policy = RenewalPolicy(renew_before=before, check_interval=interval, **attrs.asdict(self._retry))
         with self._lock:
             if self._closing:
                 raise ConfigurationError("this PKIClient is closed")
-            self._auto = _AutoRenewal(policy, rekey, validity_days)
+            self._auto = _AutoRenewal(policy, rekey, _lifetime(validity_days, validity))
             self._on_renewed, self._due = on_renewed, None
             if self._renewer is None:
                 self._renewer = Renewer(service_id=self.service_id)
@@ -349,7 +367,7 @@ class PKIClient:
                     return None
                 logger.info("service %s: renewing certificate %x (not_after %s)", self.service_id,
                             cert.serial_number, cert.not_valid_after_utc.isoformat())
-                return self.renew(rekey=auto.rekey, validity_days=auto.validity_days)
+                return self.renew(rekey=auto.rekey, validity=auto.validity)
             except Exception as exc:
                 raise RenewalError(f"renewal of the certificate of service {self.service_id!r} failed: {exc}",
                                    last_error=exc) from exc
@@ -437,11 +455,11 @@ class PKIClient:
     def _conn(self) -> Connection:
         return self._session.connection()
 
-    def _issue(self, kind: str, san_dns: Sequence[str], san_ip: Sequence[str], validity_days: int | None,
+    def _issue(self, kind: str, san_dns: Sequence[str], san_ip: Sequence[str], validity: timedelta | None,
                *, token: str | None, retry: Retry) -> IssuedCertificate:
         self._session.require_files()
         key = generate_private_key(kind)
-        body = certificate_request(self.service_id, build_csr(key, self.service_id, san_dns, san_ip), validity_days)
+        body = certificate_request(self.service_id, build_csr(key, self.service_id, san_dns, san_ip), validity)
         data = self._conn().json("POST", "/certificates/request", body=body, token=token, retry=retry)
         issued = IssuedCertificate.from_json(data)
         with self._renew_lock:
@@ -458,6 +476,14 @@ class PKIClient:
             callback(cert)
         except Exception:  # the renewal itself succeeded; a broken hook must not undo that
             logger.exception("service %s: on_renewed callback raised", self.service_id)
+
+
+def _lifetime(validity_days: int | None, validity: timedelta | None) -> timedelta | None:
+    if validity_days is not None and validity is not None:
+        raise ConfigurationError("give validity or validity_days, not both")
+    if validity_days is not None:
+        return timedelta(days=validity_days)
+    return validity
 
 
 def _checked_id(service_id: str) -> str:

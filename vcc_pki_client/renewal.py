@@ -31,8 +31,8 @@ logger = logging.getLogger("vcc_pki_client.renewal")
 T = TypeVar("T")
 
 
-def _positive(instance: object, attribute: attrs.Attribute[timedelta], value: timedelta) -> None:
-    if value <= timedelta(0):
+def _positive(instance: object, attribute: attrs.Attribute[timedelta | None], value: timedelta | None) -> None:
+    if value is not None and value <= timedelta(0):
         raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
@@ -40,7 +40,8 @@ def _positive(instance: object, attribute: attrs.Attribute[timedelta], value: ti
 class RenewalPolicy:
     """How early to renew, how often to look, and how to retry transient failures.
 
-    ``renew_before``: renew this long before ``not_after`` (see :func:`next_renewal_at`).
+    ``renew_before``: renew this long before ``not_after``; None (the default): when one
+    third of the lifetime is left (see :func:`next_renewal_at`).
     ``check_interval``: how often the background renewer looks at the certificate.
     ``jitter``: fraction of the renewal window by which a renewal may come earlier, so
     a fleet issued at once does not renew at once (0 to 1).
@@ -49,8 +50,8 @@ class RenewalPolicy:
     fields as :class:`~vcc_pki_client.retry.RetryPolicy`, which sets those of other calls).
     """
 
-    renew_before: timedelta = attrs.field(default=timedelta(days=30), validator=_positive)
-    check_interval: timedelta = attrs.field(default=timedelta(hours=1), validator=_positive)
+    renew_before: timedelta | None = attrs.field(default=None, validator=_positive)
+    check_interval: timedelta = attrs.field(default=timedelta(hours=1), validator=_positive)  # type: ignore[arg-type]
     jitter: float = attrs.field(default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
     max_attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     backoff_initial: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
@@ -66,18 +67,17 @@ def next_renewal_at(
 ) -> datetime:
     """When a certificate valid from ``not_before`` to ``not_after`` should be renewed.
 
-    The renewal window is ``policy.renew_before`` before ``not_after``; when that is not
-    shorter than the lifetime (a short-lived certificate), the window is the last third
-    of the lifetime instead, i.e. renewal at two thirds. The time is then moved earlier by
-    ``rand() * policy.jitter * window`` (``rand`` in [0, 1)), and never before
-    ``not_before``. Call it once per certificate and keep the result: drawing again at
+    The renewal window is the last third of the lifetime (renewal at two thirds), or
+    ``policy.renew_before`` before ``not_after`` when set and shorter than the lifetime. The
+    time is then moved earlier by ``rand() * policy.jitter * window`` (``rand`` in [0, 1)),
+    and never before ``not_before``. Call it once per certificate and keep the result: drawing again at
     every check would skew renewals early.
 
     Raises ValueError for naive datetimes or an empty lifetime.
 
     >>> t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    >>> next_renewal_at(t0, t0 + timedelta(days=365), RenewalPolicy(), rand=lambda: 0.0)
-    datetime.datetime(2026, 12, 2, 0, 0, tzinfo=datetime.timezone.utc)
+    >>> next_renewal_at(t0, t0 + timedelta(hours=9), RenewalPolicy(), rand=lambda: 0.0)
+    datetime.datetime(2026, 1, 1, 6, 0, tzinfo=datetime.timezone.utc)
     """
     for value in (not_before, not_after):
         if value.tzinfo is None or value.utcoffset() is None:
@@ -85,7 +85,8 @@ def next_renewal_at(
     lifetime = not_after - not_before
     if lifetime <= timedelta(0):
         raise ValueError(f"not_after {not_after} is not after not_before {not_before}")
-    window = policy.renew_before if policy.renew_before < lifetime else lifetime / 3
+    before = policy.renew_before
+    window = before if before is not None and before < lifetime else lifetime / 3
     at = not_after - window - window * (policy.jitter * rand())
     return max(at, not_before).astimezone(timezone.utc)
 

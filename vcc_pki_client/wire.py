@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -82,18 +82,28 @@ def normalize_fingerprint(text: str) -> str:
 
 
 def certificate_request(
-    service_id: str, csr: x509.CertificateSigningRequest, validity_days: int | None = None
+    service_id: str, csr: x509.CertificateSigningRequest, validity: timedelta | None = None
 ) -> dict[str, Any]:
     """Body of ``POST /certificates/request``."""
-    body: dict[str, Any] = {"service_id": service_id, "csr": _csr_pem(csr)}
-    if validity_days is not None:
-        body["validity_days"] = validity_days
-    return body
+    return {"service_id": service_id, "csr": _csr_pem(csr), **lifetime_field(validity)}
 
 
-def renew_request(csr: x509.CertificateSigningRequest | None = None) -> dict[str, Any]:
-    """Body of ``POST /certificates/{service_id}/renew``: with a CSR it is a rekey."""
-    return {} if csr is None else {"csr": _csr_pem(csr)}
+def renew_request(csr: x509.CertificateSigningRequest | None = None,
+                  validity: timedelta | None = None) -> dict[str, Any]:
+    """Body of ``POST /certificates/{service_id}/renew``: with a CSR it is a rekey; without
+    ``validity`` the server keeps the lifetime of the certificate renewed."""
+    return {**({} if csr is None else {"csr": _csr_pem(csr)}), **lifetime_field(validity)}
+
+
+def lifetime_field(validity: timedelta | None) -> dict[str, int]:
+    """``validity_days`` for whole days (what servers before SPEC §10 understand), else
+    ``validity_seconds``; nothing for None."""
+    if validity is None:
+        return {}
+    seconds = int(validity.total_seconds())
+    if seconds <= 0:
+        raise ConfigurationError(f"validity must be positive, got {validity}")
+    return {"validity_days": seconds // 86400} if seconds % 86400 == 0 else {"validity_seconds": seconds}
 
 
 def _csr_pem(csr: x509.CertificateSigningRequest) -> str:

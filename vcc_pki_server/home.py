@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,8 @@ class Home:
                                        san_dns=dns, san_ip=ips, actor=actor)
         issued, key = authority.issue_with_key(SERVER_SERVICE_ID, common_name="localhost",
                                                san_dns=dns, san_ip=ips, key_type="ec-p256",
-                                               validity_days=config.max_validity_days, actor=actor)
+                                               validity=timedelta(days=config.max_validity_days),
+                                               actor=actor)
         self.server_dir.mkdir(mode=0o700, exist_ok=True)
         write_file(self.server_key, key_pem(key, None), 0o400)
         write_file(self.server_cert, cert_pem(issued.certificate, issued.chain[0]), 0o644)

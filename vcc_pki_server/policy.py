@@ -167,6 +167,26 @@ def is_ip(value: str) -> bool:
     return _ip_or_none(value) is not None
 
 
+MIN_LIFETIME = timedelta(seconds=300)
+
+
+def lifetime_text(lifetime: timedelta) -> str:
+    """``30 days``, ``8 hours``, ``90 minutes`` or ``301 seconds``: the largest whole unit."""
+    seconds = int(lifetime.total_seconds())
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} seconds"
+
+
+@attrs.frozen(kw_only=True)
+class Lifetimes:
+    """A service's own lifetime settings (``default_validity_seconds``/``max_validity_seconds``)."""
+
+    default: timedelta | None = None
+    maximum: timedelta | None = None
+
+
 @attrs.frozen(kw_only=True)
 class Policy:
     """Issuance limits: default and maximum leaf lifetime, backdating for clock skew."""
@@ -175,16 +195,27 @@ class Policy:
     max_validity_days: int = 365
     backdate: timedelta = timedelta(minutes=5)
 
-    def validity(self, requested_days: int | None, now: datetime) -> tuple[datetime, datetime]:
-        """``(not_before, not_after)`` for a request; a lifetime under a day or above the
-        maximum is refused. (The HTTP layer checks that JSON gave an integer.)"""
-        days = self.default_validity_days if requested_days is None else requested_days
-        if days < 1:
-            raise InvalidRequest(f"validity_days must be a positive integer, got {requested_days!r}")
-        if days > self.max_validity_days:
-            raise InvalidRequest(
-                f"validity_days {days} exceeds the policy maximum of {self.max_validity_days}")
-        return now - self.backdate, now + timedelta(days=days)
+    def validity(self, requested: timedelta | None, now: datetime, *, service: Lifetimes = Lifetimes(),
+                 cap: bool = False) -> tuple[datetime, datetime]:
+        """``(not_before, not_after)`` for a requested lifetime (None: the service's default,
+        else the server's). Under :data:`MIN_LIFETIME`, or above the maximum (the service's if
+        it is lower than the server's), is refused naming the limit; with ``cap`` a lifetime
+        above the maximum is cut to it instead (a renewal keeping its old lifetime)."""
+        maximum = timedelta(days=self.max_validity_days)
+        limit = f"the server's maximum of {lifetime_text(maximum)} (max_validity_days)"
+        if service.maximum is not None and service.maximum < maximum:
+            maximum = service.maximum
+            limit = f"this service's maximum of {lifetime_text(maximum)} (max_validity_seconds)"
+        if requested is None:
+            lifetime = min(service.default or timedelta(days=self.default_validity_days), maximum)
+        elif requested < MIN_LIFETIME:
+            raise InvalidRequest(f"a certificate lifetime must be at least {int(MIN_LIFETIME.total_seconds())} "
+                                 f"seconds (5 minutes), got {lifetime_text(requested)}")
+        elif requested > maximum and not cap:
+            raise InvalidRequest(f"a lifetime of {lifetime_text(requested)} exceeds {limit}")
+        else:
+            lifetime = min(requested, maximum)
+        return now - self.backdate, now + lifetime
 
     def grant_names(
         self, service_id: str, allow_dns: Iterable[str], allow_ip: Iterable[str], *,
@@ -233,7 +264,7 @@ class Policy:
 
     def template(self, service_id: str, allow_dns: Iterable[str], allow_ip: Iterable[str],
                  csr: x509.CertificateSigningRequest, *, now: datetime,
-                 validity_days: int | None = None) -> LeafTemplate:
+                 validity: timedelta | None = None, lifetimes: Lifetimes = Lifetimes()) -> LeafTemplate:
         """The leaf template for a checked CSR (see :func:`load_csr`)."""
         cn, dns, ips = csr_names(csr)
         try:
@@ -247,6 +278,6 @@ class Policy:
         allowed_dns, allowed_ip = _allow_list(tuple(allow_dns), tuple(allow_ip))
         common_name, san_dns, san_ip = self._grant(service_id, allowed_dns, allowed_ip, cn,
                                                    req_dns, req_ip)
-        not_before, not_after = self.validity(validity_days, now)
+        not_before, not_after = self.validity(validity, now, service=lifetimes)
         return LeafTemplate(common_name=common_name, san_dns=san_dns, san_ip=san_ip,
                             not_before=not_before, not_after=not_after)

@@ -69,6 +69,8 @@ def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | No
         "metadata": record.metadata,
         "san_dns": list(record.san_dns),
         "san_ip": list(record.san_ip),
+        "default_validity_seconds": record.default_validity_seconds,
+        "max_validity_seconds": record.max_validity_seconds,
         "created_at": opt_text(record.created_at),
         "updated_at": opt_text(record.updated_at),
         "health": {

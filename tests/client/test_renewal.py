@@ -32,8 +32,21 @@ YEAR = timedelta(days=365)
 
 
 def test_renews_renew_before_ahead_of_expiry() -> None:
-    at = next_renewal_at(T0, T0 + YEAR, RenewalPolicy(), rand=lambda: 0.0)
+    at = next_renewal_at(T0, T0 + YEAR, RenewalPolicy(renew_before=timedelta(days=30)), rand=lambda: 0.0)
     assert at == T0 + YEAR - timedelta(days=30)
+
+
+@pytest.mark.parametrize(("lifetime", "renew_after"), [
+    (timedelta(hours=8), timedelta(hours=5, minutes=20)),
+    (timedelta(days=90), timedelta(days=60)),
+    (timedelta(minutes=6), timedelta(minutes=4)),
+])
+def test_by_default_renews_when_a_third_of_the_lifetime_is_left(lifetime: timedelta,
+                                                                  renew_after: timedelta) -> None:
+    assert next_renewal_at(T0, T0 + lifetime, RenewalPolicy(), rand=lambda: 0.0) == T0 + renew_after
+    # Jitter (10 % of the window by default) only brings it earlier.
+    earliest = next_renewal_at(T0, T0 + lifetime, RenewalPolicy(), rand=lambda: 1.0)
+    assert earliest == T0 + renew_after - lifetime / 3 * 0.1
 
 
 def test_jitter_moves_renewal_earlier_within_bounds() -> None:
@@ -61,7 +74,7 @@ def test_never_before_not_before() -> None:
 def test_result_is_utc_whatever_the_input_zone() -> None:
     tokyo = timezone(timedelta(hours=9))
     at = next_renewal_at(T0.astimezone(tokyo), (T0 + YEAR).astimezone(tokyo), RenewalPolicy(), rand=lambda: 0.0)
-    assert at.tzinfo == timezone.utc and at == T0 + YEAR - timedelta(days=30)
+    assert at.tzinfo == timezone.utc and at == T0 + YEAR * 2 / 3
 
 
 def test_next_renewal_at_refuses_naive_and_empty_lifetimes() -> None:

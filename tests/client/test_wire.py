@@ -259,9 +259,11 @@ def test_page_from_json() -> None:
 def test_request_bodies() -> None:
     key = generate_private_key()
     csr = build_csr(key, "billing")
-    body = certificate_request("billing", csr, validity_days=30)
+    body = certificate_request("billing", csr, validity=timedelta(days=30))
     assert body["service_id"] == "billing" and body["validity_days"] == 30
     assert x509.load_pem_x509_csr(body["csr"].encode()).public_key() == csr.public_key()
     assert "validity_days" not in certificate_request("billing", csr)
+    assert certificate_request("billing", csr, validity=timedelta(hours=8))["validity_seconds"] == 28800
     assert renew_request() == {}
     assert renew_request(csr)["csr"] == body["csr"]
+    assert renew_request(None, timedelta(minutes=15)) == {"validity_seconds": 900}

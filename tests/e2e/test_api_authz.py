@@ -165,9 +165,17 @@ def test_service_updates_own_entry_but_not_its_san_allow_list(enrolled: Enrol, a
                     svc.client.patch(f"{API}/services/{svc.service_id}", json={"san_ip": ["10.9.9.9"]}),
                     svc.client.post(f"{API}/services/register",
                                     json={"service_id": svc.service_id, "san_dns": ["evil.example"]})):
-        assert "allow-list" in problem(attempt, 403, "not_permitted")["detail"]
+        assert "allow-list" in problem(attempt, 403, "policy_refused")["detail"]
     entry = admin.get(f"{API}/services/{svc.service_id}").json()
     assert entry["san_dns"] == ["own.internal"] and entry["san_ip"] == [] and entry["version"] == "9"
+    # Repeating its allow-list is no change, and is fine (SPEC §10).
+    again = svc.client.post(f"{API}/services/register",
+                            json={"service_id": svc.service_id, "san_dns": ["own.internal"], "version": "10"})
+    assert again.status_code == 200, again.text
+    assert again.json()["san_dns"] == ["own.internal"] and again.json()["version"] == "10"
+    # Lifetimes are the admin's to set.
+    problem(svc.client.patch(f"{API}/services/{svc.service_id}", json={"max_validity_seconds": 3600}),
+            403, "not_permitted")
     # An admin may change it.
     r = admin.patch(f"{API}/services/{svc.service_id}", json={"san_dns": ["own.internal", "new.internal"]})
     assert r.status_code == 200 and r.json()["san_dns"] == ["own.internal", "new.internal"]

@@ -41,8 +41,8 @@ EXPECTED: dict[str, list[str]] = {
         r"two_services_mtls: OK",
     ],
     "auto_renewal.py": [
-        rf"enrolled renewing-{HEX}: certificate {HEX} valid until .* UTC \(1 day\)",
-        rf"renewed in the background: {HEX} -> {HEX}, valid until .* UTC",
+        rf"enrolled renewing-{HEX}: certificate {HEX} valid until .* UTC \(8 hours\)",
+        rf"renewed in the background: {HEX} -> {HEX}, valid until .* UTC \(the same 8-hour lifetime: True\)",
         r"files swapped: cert\.pem and key\.pem hold the new pair: True",
         rf"server context made before the renewal now presents: {HEX} \(the new certificate: True\)",
         r"check in the foreground: nothing due",

@@ -270,7 +270,7 @@ def test_renewal_against_a_stopped_server_keeps_the_old_pair_and_recovers(tmp_pa
     authority = home.authority(CA_PASSWORD)
     try:
         issued, key = authority.issue_with_key(sid, common_name=sid, san_dns=[sid, "localhost"],
-                                               san_ip=["127.0.0.1"], key_type="ec-p256", validity_days=1,
+                                               san_ip=["127.0.0.1"], key_type="ec-p256", validity=timedelta(days=1),
                                                actor=Actor.operator())
         folder = home.write_service_files(sid, issued, key)
     finally:

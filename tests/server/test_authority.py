@@ -146,7 +146,7 @@ def test_refused_request_does_not_consume_the_enrolment_token(authority: Authori
         authority.issue(service_id, bad_csr, actor=authority.authenticate_token(token))
     with pytest.raises(InvalidRequest):
         authority.issue(service_id, make_csr(dns_name(service_id))[0],
-                        actor=authority.authenticate_token(token), validity_days=9999)
+                        actor=authority.authenticate_token(token), validity=timedelta(days=9999))
     assert authority.certificates(service_id) == []
     good_csr, _ = make_csr(dns_name(service_id))
     issued = authority.issue(service_id, good_csr, actor=authority.authenticate_token(token))
@@ -341,9 +341,16 @@ def test_service_may_update_its_descriptive_fields_but_not_its_allow_list(
     me = authority.authenticate_certificate(der(issued.certificate))
     updated = authority.update_service(service_id, {"version": "2.1", "endpoints": ["https://a:1"]}, actor=me)
     assert updated.version == "2.1" and updated.endpoints == ("https://a:1",)
-    with pytest.raises(NotPermitted):
+    with pytest.raises(PolicyRefused, match="evil.example"):
         authority.update_service(service_id, {"san_dns": ["evil.example"]}, actor=me)
     assert authority.service(service_id).san_dns == (dns_name(service_id),)
+    # Repeating or narrowing its own allow-list is allowed; widening is not.
+    narrowed = authority.update_service(service_id, {"san_ip": []}, actor=me)
+    assert narrowed.san_dns == (dns_name(service_id),) and narrowed.san_ip == ()
+    with pytest.raises(PolicyRefused, match="10.1.2.3"):
+        authority.update_service(service_id, {"san_ip": ["10.1.2.3"]}, actor=me)
+    with pytest.raises(NotPermitted, match="lifetimes"):
+        authority.update_service(service_id, {"default_validity_seconds": 600}, actor=me)
 
 
 def test_renew_keeps_the_public_key_and_changes_the_serial(authority: Authority, operator: Actor,
@@ -392,7 +399,7 @@ def test_renewal_does_not_revoke_the_previous_certificate(authority: Authority, 
 def test_current_is_the_newest_valid_certificate(authority: Authority, at_time: ClockedAuthority,
                                                  operator: Actor, service_id: str) -> None:
     first = enrol(authority, service_id, operator)
-    second = authority.renew(service_id, actor=operator, validity_days=2)
+    second = authority.renew(service_id, actor=operator, validity=timedelta(days=2))
     assert authority.current(service_id).serial == second.record.serial
     # Once the short-lived newer one has expired, the older one is current again.
     assert at_time(now() + timedelta(days=3)).current(service_id).serial == first.record.serial
@@ -474,7 +481,7 @@ def test_authenticate_certificate_rejects_expired(authority: Authority, at_time:
                                                   operator: Actor, service_id: str) -> None:
     token = register(authority, service_id, operator)
     csr, _ = make_csr(dns_name(service_id))
-    issued = authority.issue(service_id, csr, actor=authority.authenticate_token(token), validity_days=1)
+    issued = authority.issue(service_id, csr, actor=authority.authenticate_token(token), validity=timedelta(days=1))
     assert at_time(now() + timedelta(hours=23)).authenticate_certificate(der(issued.certificate))
     with pytest.raises(NotAuthenticated, match="expired"):
         at_time(now() + timedelta(days=1, minutes=1)).authenticate_certificate(der(issued.certificate))

@@ -14,7 +14,14 @@ from cryptography.x509.oid import NameOID
 
 from support import make_csr
 from vcc_pki_server.errors import InvalidCSR, InvalidRequest, PolicyRefused
-from vcc_pki_server.policy import Policy, check_service_id, load_csr_key, normalize_dns_name, normalize_sans
+from vcc_pki_server.policy import (
+    Lifetimes,
+    Policy,
+    check_service_id,
+    load_csr_key,
+    normalize_dns_name,
+    normalize_sans,
+)
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -257,32 +264,48 @@ def test_validity_defaults_to_365_days_backdated_five_minutes() -> None:
     assert not_after == NOW + timedelta(days=365)
 
 
-def test_validity_days_up_to_the_maximum_are_granted() -> None:
-    assert Policy().validity(1, NOW)[1] == NOW + timedelta(days=1)
-    assert Policy().validity(365, NOW)[1] == NOW + timedelta(days=365)
+def test_lifetimes_up_to_the_maximum_are_granted() -> None:
+    assert Policy().validity(timedelta(days=1), NOW)[1] == NOW + timedelta(days=1)
+    assert Policy().validity(timedelta(days=365), NOW)[1] == NOW + timedelta(days=365)
+    assert Policy().validity(timedelta(seconds=300), NOW)[1] == NOW + timedelta(seconds=300)
     assert Policy(max_validity_days=30, default_validity_days=30).validity(None, NOW)[1] == \
         NOW + timedelta(days=30)
 
 
 @pytest.mark.parametrize(("policy", "days"), [(Policy(), 366), (Policy(max_validity_days=90), 91)])
-def test_validity_days_above_the_maximum_is_an_invalid_field(policy: Policy, days: int) -> None:
+def test_a_lifetime_above_the_maximum_is_an_invalid_field_naming_the_limit(policy: Policy, days: int) -> None:
     with pytest.raises(InvalidRequest) as info:
-        policy.validity(days, NOW)
+        policy.validity(timedelta(days=days), NOW)
     assert info.value.code == "invalid_field"
-    assert str(days) in str(info.value) and str(policy.max_validity_days) in str(info.value)
+    assert f"{days} days" in str(info.value) and f"{policy.max_validity_days} days" in str(info.value)
+    assert "max_validity_days" in str(info.value)
 
 
-@pytest.mark.parametrize("days", [0, -1, -365])
-def test_validity_days_must_be_a_positive_integer(days: int) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        Policy().validity(days, NOW)
+@pytest.mark.parametrize("seconds", [299, 60, 0, -1])
+def test_a_lifetime_under_five_minutes_is_refused(seconds: int) -> None:
+    with pytest.raises(InvalidRequest, match="at least 300 seconds") as info:
+        Policy().validity(timedelta(seconds=seconds), NOW)
     assert info.value.code == "invalid_field"
+
+
+def test_a_service_s_own_lifetimes_come_first_within_the_server_s() -> None:
+    service = Lifetimes(default=timedelta(hours=8), maximum=timedelta(days=1))
+    assert Policy().validity(None, NOW, service=service)[1] == NOW + timedelta(hours=8)
+    with pytest.raises(InvalidRequest, match="this service's maximum of 1 days \\(max_validity_seconds\\)"):
+        Policy().validity(timedelta(days=2), NOW, service=service)
+    # A service maximum above the server's does not lift it; cap= cuts instead of refusing.
+    loose = Lifetimes(maximum=timedelta(days=1000))
+    with pytest.raises(InvalidRequest, match="server's maximum of 365 days"):
+        Policy().validity(timedelta(days=400), NOW, service=loose)
+    assert Policy().validity(timedelta(days=400), NOW, cap=True)[1] == NOW + timedelta(days=365)
+    assert Policy().validity(None, NOW, service=Lifetimes(default=timedelta(days=900)))[1] == \
+        NOW + timedelta(days=365)
 
 
 def test_template_carries_the_requested_lifetime() -> None:
     csr, _ = make_csr("api.example")
-    template = _template(csr, validity_days=10)
+    template = _template(csr, validity=timedelta(days=10))
     assert template.not_before == NOW - timedelta(minutes=5)
     assert template.not_after == NOW + timedelta(days=10)
     with pytest.raises(InvalidRequest):
-        _template(csr, validity_days=400)
+        _template(csr, validity=timedelta(days=400))

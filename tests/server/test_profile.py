@@ -136,7 +136,7 @@ def assert_leaf_profile(leaf: x509.Certificate, intermediate: x509.Certificate, 
 
 def enrol(authority: Authority, key: Any = None, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
           allow_dns: tuple[str, ...] = (), allow_ip: tuple[str, ...] = ("10.1.2.3",),
-          validity_days: int | None = None) -> Issued:
+          validity: timedelta | None = None) -> Issued:
     """Register a fresh service and enrol it once with its token; the CSR's CN is a DNS name."""
     service_id = f"svc-{uuid.uuid4().hex[:10]}"
     name = f"{service_id}.svc.internal"
@@ -144,7 +144,7 @@ def enrol(authority: Authority, key: Any = None, *, dns: tuple[str, ...] = (), i
                                           actor=OPERATOR)
     csr, _ = make_csr(name, dns=dns, ips=ips, key=key)
     return authority.issue(service_id, csr, actor=authority.authenticate_token(token.value),
-                           validity_days=validity_days)
+                           validity=validity)
 
 
 def verify_ok(root: Path, intermediate: Path, leaf: Path, crl: Path | None = None,
@@ -263,7 +263,7 @@ def test_leaf_defaults_to_365_days(ec_leaf: Issued) -> None:
 
 
 def test_leaf_lifetime_follows_validity_days(authority: Authority) -> None:
-    leaf = enrol(authority, validity_days=30).certificate
+    leaf = enrol(authority, validity=timedelta(days=30)).certificate
     now = datetime.now(timezone.utc)
     assert abs(leaf.not_valid_after_utc - (now + timedelta(days=30))) < timedelta(minutes=2)
 

@@ -168,9 +168,10 @@ def test_a_version_1_database_migrates_keeping_every_row(backend: Backend, monke
         patch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
         backend.open().close()
     records = [attrs.evolve(cert("alpha"), key_id="") for _ in range(3)]
+    v1_service = service_params(service("alpha"))[:10] + service_params(service("alpha"))[-1:]
     backend.rows("INSERT INTO services (service_name, endpoints, health_check_url, version, owner, metadata, "
                  "san_dns, san_ip, created_at, updated_at, service_id) VALUES ("
-                 + ",".join(map(_sql_text, service_params(service("alpha")))) + ")")
+                 + ",".join(map(_sql_text, v1_service)) + ")")
     for record in records:
         row = certificate_rows(record, "test")[0][:10]  # without key_id
         backend.rows("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, not_before, "

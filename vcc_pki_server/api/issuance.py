@@ -22,6 +22,7 @@ import functools
 import json
 import threading
 from collections import deque
+from datetime import timedelta
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -29,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from .. import render
 from ..authority import Actor, Authority, Issued
 from ..policy import check_service_id
-from .requests import authenticate_scope, field, parse_json_body, read_body
+from .requests import authenticate_scope, field, parse_json_body, read_body, requested_lifetime
 
 ISSUE_PATH = "/api/v1/certificates/request"
 
@@ -38,11 +39,11 @@ _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separ
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
-def issue_arguments(body: dict[str, Any]) -> tuple[str, str, int | None]:
-    """``(service_id, csr, validity_days)`` of a certificate request's body, checked."""
+def issue_arguments(body: dict[str, Any]) -> tuple[str, str, timedelta | None]:
+    """``(service_id, csr, lifetime)`` of a certificate request's body, checked."""
     service_id = check_service_id(field(body, "service_id", str))
     csr = field(body, "csr", str)
-    return service_id, csr or "", field(body, "validity_days", int, required=False)
+    return service_id, csr or "", requested_lifetime(body)
 
 
 class RequestCertificate:
@@ -103,7 +104,7 @@ class _Mailbox:
                 waiter.set_result(outcome)
 
 
-_Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, "int | None"]
+_Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, "timedelta | None"]
 
 
 class Issuer:
@@ -118,7 +119,7 @@ class Issuer:
         self._closed = False
 
     async def issue(self, authorization: str | None, scope: Scope, service_id: str, csr: str,
-                    validity_days: int | None) -> Issued:
+                    validity: timedelta | None) -> Issued:
         """The certificate, once recorded; raises what :meth:`Authority.issue` raises."""
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
@@ -128,7 +129,7 @@ class Issuer:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the issuer is closed")
-            self._jobs.append((mailbox, waiter, authorization, scope, service_id, csr, validity_days))
+            self._jobs.append((mailbox, waiter, authorization, scope, service_id, csr, validity))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="issuer", daemon=True)
                 self._thread.start()
@@ -165,7 +166,7 @@ class Issuer:
                 try:
                     actor = authenticate_scope(authority, authorization, scope)
                     signed.append((authority.sign_request(service_id, csr, actor=actor,
-                                                          validity_days=validity), actor))
+                                                          validity=validity), actor))
                 except BaseException as exc:
                     refused.append((mailbox, waiter, exc))
                 else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, MutableMapping
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -83,6 +84,26 @@ def field(body: dict[str, Any], name: str, kind: type[T], *, required: bool = Tr
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidRequest(f"field '{name}' must be {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def requested_lifetime(body: dict[str, Any]) -> timedelta | None:
+    """The lifetime a request or renewal body asks for: ``validity_days`` (a positive integer)
+    or ``validity_seconds`` (an integer; the policy refuses under 300), not both; None if
+    neither. Whether it is allowed is the policy's to say."""
+    days = field(body, "validity_days", int, required=False)
+    seconds = field(body, "validity_seconds", int, required=False)
+    if days is not None and seconds is not None:
+        raise InvalidRequest("give validity_days or validity_seconds, not both")
+    if days is not None:
+        if days < 1:
+            raise InvalidRequest(f"validity_days must be a positive integer, got {days}")
+        return timedelta(days=min(days, _LONGEST_DAYS))
+    if seconds is not None:
+        return timedelta(seconds=max(min(seconds, _LONGEST_DAYS * 86400), 0))
+    return None
+
+
+_LONGEST_DAYS = 10**6  # beyond any policy; keeps timedelta() from overflowing on absurd input
 
 
 def query_int(request: Request, name: str, *, default: int | None = None, low: int = 0,

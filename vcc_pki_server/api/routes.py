@@ -21,7 +21,7 @@ from ..policy import check_service_id
 from ..store import Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document
-from .requests import as_actor, field, query_bool, query_int, read_json
+from .requests import as_actor, field, query_bool, query_int, read_json, requested_lifetime
 
 PEM = "application/x-pem-file"
 
@@ -84,10 +84,10 @@ async def renew_certificate(request: Request) -> Response:
     service_id = _service_id(request)
     body = await read_json(request, optional=True)
     csr = field(body, "csr", str, required=False)
-    validity = field(body, "validity_days", int, required=False)
+    validity = requested_lifetime(body)
     authority = _authority(request)
     issued = await as_actor(request, lambda actor: authority.renew(
-        service_id, actor=actor, csr_pem=csr, validity_days=validity))
+        service_id, actor=actor, csr_pem=csr, validity=validity))
     return JSONResponse(render.issued(issued), status_code=201)
 
 
@@ -138,7 +138,8 @@ async def list_services(request: Request) -> Response:
 async def register_service(request: Request) -> Response:
     body = await read_json(request)
     service_id = check_service_id(field(body, "service_id", str))
-    known = {"service_id", "san_dns", "san_ip", *_REGISTRY_FIELDS}
+    known = {"service_id", "san_dns", "san_ip", "default_validity_seconds", "max_validity_seconds",
+             *_REGISTRY_FIELDS}
     unknown = set(body) - known
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")

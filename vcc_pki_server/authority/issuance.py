@@ -12,8 +12,8 @@ from cryptography import x509
 
 from ..ca import LeafTemplate, generate_key, leaf_subject_text
 from ..errors import CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound
-from ..policy import check_public_key, check_service_id, is_ip, load_csr_key
-from ..store import CertificateQuery, CertificateRecord, current_certificate, utc_text
+from ..policy import MIN_LIFETIME, Lifetimes, check_public_key, check_service_id, is_ip, load_csr_key
+from ..store import CertificateQuery, CertificateRecord, ServiceRecord, current_certificate, utc_text
 from .base import Actor, Issued, log
 from .tokens import Tokens
 
@@ -60,14 +60,14 @@ class Issuance(Tokens):
         return Issued(cert, record, self.ca.chain)
 
     def sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-                     validity_days: int | None = None) -> Issued:
+                     validity: timedelta | None = None) -> Issued:
         """Check who asks, the CSR and the policy; sign. Nothing is recorded yet: that is
         :meth:`record_issued`, and a certificate is handed out only once recorded."""
         self._require(actor, service_id, "request a certificate", enrolment=True)
         service = self.service(service_id)
         csr, public_key = load_csr_key(csr_pem)
         template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
-                                        now=self.clock(), validity_days=validity_days)
+                                        now=self.clock(), validity=validity, lifetimes=lifetimes(service))
         cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 
@@ -112,15 +112,15 @@ class Issuance(Tokens):
         return outcome
 
     def issue(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
-              validity_days: int | None = None) -> Issued:
+              validity: timedelta | None = None) -> Issued:
         """Issue a certificate from a CSR for ``service_id`` (:meth:`sign_request`, then
         :meth:`record_issued`); returns once it is recorded."""
-        issued = self.sign_request(service_id, csr_pem, actor=actor, validity_days=validity_days)
+        issued = self.sign_request(service_id, csr_pem, actor=actor, validity=validity)
         return self._recorded(issued, actor)
 
     def issue_with_key(self, service_id: str, *, common_name: str | None, san_dns: Iterable[str] = (),
                        san_ip: Iterable[str] = (), key_type: str = "rsa-2048",
-                       validity_days: int | None = None, actor: Actor,
+                       validity: timedelta | None = None, actor: Actor,
                        service_name: str | None = None) -> tuple[Issued, Any]:
         """Local admin issuance with a key generated here (the prototype's ``cert issue``).
 
@@ -134,9 +134,11 @@ class Issuance(Tokens):
         # service behind without its certificate.
         if self._ca is None:
             raise CAUnavailable("the CA key is not loaded")
-        not_before, not_after = self.policy.validity(validity_days, self.clock())
+        existing = self.store.get_service(service_id)
+        not_before, not_after = self.policy.validity(
+            validity, self.clock(), service=lifetimes(existing) if existing else Lifetimes())
         key = generate_key(key_type)
-        if self.store.get_service(service_id) is None:
+        if existing is None:
             self.register_service(service_id, service_name=service_name, san_dns=names, san_ip=ips,
                                   actor=actor)
         service = self.service(service_id)
@@ -148,21 +150,27 @@ class Issuance(Tokens):
         return self._record(service_id, cert, actor, template=template), key
 
     def renew(self, service_id: str, *, actor: Actor, csr_pem: str | bytes | None = None,
-              validity_days: int | None = None) -> Issued:
+              validity: timedelta | None = None) -> Issued:
         """A new certificate (new serial, new validity) for the service's current one.
 
         Without a CSR the public key stays (renewal); with one it changes (rekey). The names
-        are those of the current certificate, checked again against the allow-list. The
-        previous certificate is not revoked.
+        are those of the current certificate, checked again against the allow-list. Without
+        ``validity`` the new certificate gets the lifetime of the one renewed (capped by
+        the policy). The previous certificate is not revoked.
         """
         self._require(actor, service_id, "renew certificates")
         service = self.service(service_id)
         current = self.current(service_id)
         now = self.clock()
+        limits = lifetimes(service)
+        if validity is None:  # keep the lifetime of the certificate renewed
+            kept = max(current.not_after - current.issued_at, MIN_LIFETIME)  # notBefore is backdated
+            _, not_after = self.policy.validity(kept, now, service=limits, cap=True)
+            validity = not_after - now
         if csr_pem is not None:
             csr, public_key = load_csr_key(csr_pem)
             template = self.policy.template(service_id, service.san_dns, service.san_ip, csr, now=now,
-                                            validity_days=validity_days)
+                                            validity=validity, lifetimes=limits)
         else:
             old = current.certificate()
             cn_attrs = old.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
@@ -170,9 +178,18 @@ class Issuance(Tokens):
                 service_id, service.san_dns, service.san_ip,
                 cn=str(cn_attrs[0].value) if cn_attrs else None,
                 dns=current.san_dns, ips=current.san_ip)
-            not_before, not_after = self.policy.validity(validity_days, now)
+            not_before, not_after = self.policy.validity(validity, now, service=limits)
             template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, not_before=not_before,
                                     not_after=not_after)
             public_key = check_public_key(old.public_key())
         return self._record(service_id, self.ca.sign_leaf(public_key, template), actor,
                             template=template)
+
+
+def lifetimes(service: ServiceRecord) -> Lifetimes:
+    """The lifetime settings an admin gave ``service`` (none: the server's policy)."""
+    def seconds(value: int | None) -> timedelta | None:
+        return None if value is None else timedelta(seconds=value)
+
+    return Lifetimes(default=seconds(service.default_validity_seconds),
+                     maximum=seconds(service.max_validity_seconds))

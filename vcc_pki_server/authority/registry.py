@@ -8,14 +8,15 @@ from typing import Any
 import attrs
 
 from .. import tokens
-from ..errors import InvalidRequest, NotPermitted, UnknownService
-from ..policy import check_service_id, normalize_sans
+from ..errors import InvalidRequest, NotPermitted, PolicyRefused, UnknownService
+from ..policy import MIN_LIFETIME, check_service_id, normalize_sans
 from ..store import Health, ServiceRecord
 from .base import Actor, log
 from .identity import Identity
 
 _SERVICE_FIELDS = ("service_name", "endpoints", "health_check_url", "version", "owner", "metadata")
-_ADMIN_FIELDS = ("san_dns", "san_ip")
+_LIFETIME_FIELDS = ("default_validity_seconds", "max_validity_seconds")
+_ADMIN_FIELDS = ("san_dns", "san_ip", *_LIFETIME_FIELDS)
 
 
 
@@ -42,10 +43,13 @@ class Registry(Identity):
         if not dns and not ips:
             dns = (service_id,)
         now = self.clock()
+        limits = _check_lifetimes({k: fields.pop(k) for k in _LIFETIME_FIELDS if k in fields})
         values = _check_fields(fields)
         record = ServiceRecord(service_id=service_id, service_name=service_name or service_id,
                                san_dns=dns, san_ip=tuple(str(i) for i in ips),
-                               created_at=now, updated_at=now, **values)
+                               created_at=now, updated_at=now, **values,
+                               default_validity_seconds=limits["default_validity_seconds"],
+                               max_validity_seconds=limits["max_validity_seconds"])
         token = tokens.new_token("enrolment", now=now, service_id=service_id,
                                  expires_at=now + self.settings.enrolment_token_ttl)
         self.store.add_service(record, actor=actor.label, token=token.record)
@@ -60,7 +64,8 @@ class Registry(Identity):
         itself again updates its own entry with ``fields`` (no token)."""
         if not actor.is_admin:
             return self.update_service(service_id, fields, actor=actor), None
-        descriptive = {k: v for k, v in fields.items() if k in _SERVICE_FIELDS and k != "service_name"}
+        descriptive = {k: v for k, v in fields.items()
+                       if k in (*_SERVICE_FIELDS, *_LIFETIME_FIELDS) and k != "service_name"}
         return self.register_service(service_id, service_name=fields.get("service_name"),
                                      san_dns=_str_list(fields.get("san_dns", []), "san_dns"),
                                      san_ip=_str_list(fields.get("san_ip", []), "san_ip"),
@@ -73,8 +78,10 @@ class Registry(Identity):
         unknown = set(changes) - set(_SERVICE_FIELDS) - set(_ADMIN_FIELDS)
         if unknown:
             raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-        if not actor.is_admin and set(changes) & set(_ADMIN_FIELDS):
-            raise NotPermitted("only an admin changes a SAN allow-list")
+        if not actor.is_admin:
+            if set(changes) & set(_LIFETIME_FIELDS):
+                raise NotPermitted("only an admin changes the lifetimes of a service's certificates")
+            _only_narrows(current, changes)
         values: dict[str, Any] = _check_fields({k: v for k, v in changes.items() if k in _SERVICE_FIELDS})
         if "service_name" in changes:
             values["service_name"] = changes["service_name"]
@@ -82,6 +89,7 @@ class Registry(Identity):
             dns, ips = normalize_sans(_str_list(changes.get("san_dns", current.san_dns), "san_dns"),
                                       _str_list(changes.get("san_ip", current.san_ip), "san_ip"))
             values["san_dns"], values["san_ip"] = dns, tuple(str(i) for i in ips)
+        values.update(_check_lifetimes({k: changes.get(k, getattr(current, k)) for k in _LIFETIME_FIELDS}))
         updated = attrs.evolve(current, updated_at=self.clock(), **values)
         self.store.update_service(updated, actor=actor.label)
         return updated
@@ -131,3 +139,33 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         else:
             raise InvalidRequest(f"unknown field {name!r}")
     return out
+
+
+def _check_lifetimes(fields: dict[str, Any]) -> dict[str, int | None]:
+    """``default_validity_seconds`` / ``max_validity_seconds``: integers of at least 300 (or
+    null: the server's policy), the default not above the maximum."""
+    out: dict[str, int | None] = {}
+    for name in _LIFETIME_FIELDS:
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < MIN_LIFETIME.total_seconds()):
+            raise InvalidRequest(f"{name} must be an integer of at least "
+                                 f"{int(MIN_LIFETIME.total_seconds())} (seconds), got {value!r}")
+        out[name] = value
+    default, maximum = out.get("default_validity_seconds"), out.get("max_validity_seconds")
+    if default is not None and maximum is not None and default > maximum:
+        raise InvalidRequest(f"default_validity_seconds {default} is above max_validity_seconds {maximum}")
+    return out
+
+
+def _only_narrows(current: ServiceRecord, changes: dict[str, Any]) -> None:
+    """A service may repeat or narrow its own SAN allow-list, never widen it (403 naming the SAN)."""
+    if "san_dns" not in changes and "san_ip" not in changes:
+        return
+    dns, ips = normalize_sans(_str_list(changes.get("san_dns", current.san_dns), "san_dns"),
+                              _str_list(changes.get("san_ip", current.san_ip), "san_ip"))
+    allowed_dns, allowed_ip = normalize_sans(current.san_dns, current.san_ip)
+    outside = [n for n in dns if n not in allowed_dns] + [str(i) for i in ips if i not in allowed_ip]
+    if outside:
+        raise PolicyRefused(f"SAN '{outside[0]}' is not in the allow-list of service '{current.service_id}'; "
+                            "only an admin widens it")

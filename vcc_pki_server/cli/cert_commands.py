@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -18,11 +19,21 @@ from .access import open_authority
 from .output import PROG, certificate_json, key_label, print_fields, print_json, print_table, progress, sans_text
 
 
+def lifetime(args: argparse.Namespace) -> timedelta | None:
+    """``--validity`` or ``--validity-days`` (None: the policy's default)."""
+    if args.validity_days is not None:
+        if args.validity_days < 1:
+            raise InvalidRequest(f"--validity-days must be a positive integer, got {args.validity_days}")
+        return timedelta(days=args.validity_days)
+    validity: timedelta | None = args.validity
+    return validity
+
+
 def cmd_cert_issue(args: argparse.Namespace) -> int:
     with open_authority(args, sign=True) as (home, authority):
         issued, key = authority.issue_with_key(
             args.service_id, common_name=args.cn, san_dns=args.san_dns, san_ip=args.san_ip,
-            key_type=args.key_type, validity_days=args.validity_days, actor=Actor.operator(),
+            key_type=args.key_type, validity=lifetime(args), actor=Actor.operator(),
             service_name=args.name)
         folder = home.write_service_files(args.service_id, issued, key)
         data = certificate_json(issued.record, authority.clock())
@@ -116,8 +127,7 @@ def rewrite_service_files(home: Home, service_id: str, issued: Issued) -> Path |
 
 def cmd_cert_renew(args: argparse.Namespace) -> int:
     with open_authority(args, sign=True) as (home, authority):
-        issued = authority.renew(args.service_id, actor=Actor.operator(),
-                                 validity_days=args.validity_days)
+        issued = authority.renew(args.service_id, actor=Actor.operator(), validity=lifetime(args))
         folder = rewrite_service_files(home, args.service_id, issued)
         data = certificate_json(issued.record, authority.clock())
     if args.json:

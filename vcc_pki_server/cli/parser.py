@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from ..ca import KEY_TYPES, REASONS
@@ -91,6 +92,23 @@ def san_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help="IPv4/IPv6 addresses (one or more; the option may repeat)")
 
 
+def duration(text: str) -> timedelta:
+    """``--validity``'s value: a number and a unit, ``s``, ``m``, ``h`` or ``d`` (``15m``, ``8h``, ``30d``)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in units or not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 15m, 8h or 30d, got {text!r}")
+    return timedelta(seconds=int(number) * units[unit])
+
+
+def validity_options(p: argparse.ArgumentParser, default: str) -> None:
+    """``--validity 8h`` (and ``--validity-days N``, the older spelling): the certificate's lifetime."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--validity", type=duration, metavar="DURATION",
+                       help=f"lifetime of the certificate: 15m, 8h, 30d (at least 5m); {default}")
+    group.add_argument("--validity-days", type=int, metavar="DAYS", help="the same in days")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter, epilog=EPILOG, parents=[global_options(suppress=False)],
@@ -141,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cn", required=True, metavar="CN", help="common name (also put into the SANs)")
     san_options(p)
     p.add_argument("--key-type", choices=KEY_TYPES, default="rsa-2048", help="default: %(default)s")
-    p.add_argument("--validity-days", type=int, metavar="DAYS", help="default and maximum from config.toml")
+    validity_options(p, "default: the service's default_validity_seconds, else config.toml's "
+                        "default_validity_days; at most their maximum")
     p.add_argument("--name", help="service name when the service is new (default: the id)")
     p = command(cert, "list", cmd_cert_list, "list certificates")
     p.add_argument("--service-id", metavar="ID")
@@ -154,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "renew a service's current certificate with the same key (new serial and validity); "
                 "updates service_certificates/<id>/ if it holds the matching key", ca_pw)
     p.add_argument("--service-id", required=True, metavar="ID")
-    p.add_argument("--validity-days", type=int, metavar="DAYS")
+    validity_options(p, "default: the lifetime of the certificate renewed (capped by the policy)")
     p = command(cert, "revoke", cmd_cert_revoke,
                 "revoke a certificate (the current one unless --serial) and publish a new CRL", ca_pw,
                 epilog="reasons: " + ", ".join(REASONS))

@@ -68,6 +68,9 @@ class ServiceRecord:
     created_at: datetime
     updated_at: datetime
     health: Health = Health()
+    # Lifetimes of its certificates set by an admin (None: the server's policy decides).
+    default_validity_seconds: int | None = None
+    max_validity_seconds: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -28,10 +28,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE certificates DROP CONSTRAINT IF EXISTS certificates_fingerprint_key
     """,
-    # 3: the key of each certificate, decommissioned services (see the SQLite store).
+    # 3: the key of each certificate, decommissioned services, per-service lifetimes (see the
+    # SQLite store).
     """
     ALTER TABLE certificates ADD COLUMN IF NOT EXISTS key_id TEXT COLLATE "C";
-    ALTER TABLE services ADD COLUMN IF NOT EXISTS decommissioned_at TEXT COLLATE "C"
+    ALTER TABLE services ADD COLUMN IF NOT EXISTS decommissioned_at TEXT COLLATE "C";
+    ALTER TABLE services ADD COLUMN IF NOT EXISTS default_validity_seconds INTEGER;
+    ALTER TABLE services ADD COLUMN IF NOT EXISTS max_validity_seconds INTEGER
     """,
 )
 

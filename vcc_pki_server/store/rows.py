@@ -25,11 +25,18 @@ CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c
 CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
 SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
                    "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
-                   "last_checked, last_error, consecutive_failures")
+                   "last_checked, last_error, consecutive_failures, default_validity_seconds, "
+                   "max_validity_seconds")
 TOKEN_COLUMNS = ("token_id, kind, secret_hash, name, service_id, created_at, expires_at, "
                  "used_at, revoked_at")
 CRL_COLUMNS = "number, this_update, next_update, der, entries"
 AUDIT_COLUMNS = "at, actor, action, service_id, serial, details"
+
+
+# The columns :func:`service_params` gives values for, in its order (``service_id`` last).
+SERVICE_WRITE = ("service_name", "endpoints", "health_check_url", "version", "owner", "metadata", "san_dns",
+                 "san_ip", "created_at", "updated_at", "default_validity_seconds", "max_validity_seconds",
+                 "service_id")
 
 
 def opt_time(text: str | None) -> datetime | None:
@@ -37,10 +44,12 @@ def opt_time(text: str | None) -> datetime | None:
 
 
 def service_params(s: ServiceRecord) -> Row:
-    """The values of an INSERT/UPDATE of ``services``, ``service_id`` last (for the WHERE)."""
+    """The values of an INSERT/UPDATE of :data:`SERVICE_WRITE` columns, ``service_id`` last
+    (for the WHERE)."""
     return (s.service_name, dumps(list(s.endpoints)), s.health_check_url, s.version, s.owner,
             dumps(s.metadata), dumps(list(s.san_dns)), dumps(list(s.san_ip)),
-            utc_text(s.created_at), utc_text(s.updated_at), s.service_id)
+            utc_text(s.created_at), utc_text(s.updated_at), s.default_validity_seconds,
+            s.max_validity_seconds, s.service_id)
 
 
 def service_record(r: Row) -> ServiceRecord:
@@ -52,6 +61,7 @@ def service_record(r: Row) -> ServiceRecord:
         created_at=parse_utc(r[9]), updated_at=parse_utc(r[10]),
         health=Health(status=r[11], last_checked=opt_time(r[12]), last_error=r[13],
                       consecutive_failures=r[14]),
+        default_validity_seconds=r[15], max_validity_seconds=r[16],
     )
 
 

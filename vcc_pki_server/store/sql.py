@@ -43,6 +43,7 @@ from .rows import (
     CERT_FROM,
     CRL_COLUMNS,
     SERVICE_COLUMNS,
+    SERVICE_WRITE,
     TOKEN_COLUMNS,
     Row,
     audit_entry,
@@ -58,6 +59,9 @@ INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, de
 INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
                       "not_before, not_after, fingerprint, pem, issued_at, key_id) "
                       "VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+
+
+_SET_SERVICE = ", ".join(f"{column}=?" for column in SERVICE_WRITE[:-1])
 
 
 class SQLStore:
@@ -128,17 +132,14 @@ class SQLStore:
         """Register a service; an id that was decommissioned is registered again (same row:
         its certificates and audit history stay, its health starts afresh)."""
         with self._write() as db:
-            again = self._exec(db, "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, "
-                                   "version=?, owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, "
-                                   "updated_at=?, health_status='unknown', last_checked=NULL, "
-                                   "last_error=NULL, consecutive_failures=0, decommissioned_at=NULL "
-                                   "WHERE service_id=? AND decommissioned_at IS NOT NULL",
+            again = self._exec(db, f"UPDATE services SET {_SET_SERVICE}, health_status='unknown', "
+                                   "last_checked=NULL, last_error=NULL, consecutive_failures=0, "
+                                   "decommissioned_at=NULL WHERE service_id=? AND decommissioned_at IS NOT NULL",
                                service_params(service)).rowcount
             if not again:
                 with self._duplicate(db, f"service '{service.service_id}' is already registered"):
-                    self._exec(db, "INSERT INTO services (service_name, endpoints, health_check_url, version, "
-                                   "owner, metadata, san_dns, san_ip, created_at, updated_at, service_id) "
-                                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)", service_params(service))
+                    self._exec(db, f"INSERT INTO services ({', '.join(SERVICE_WRITE)}) "
+                                   f"VALUES ({','.join('?' * len(SERVICE_WRITE))})", service_params(service))
             self._audit(db, AuditEntry(at=service.created_at, actor=actor, action="service.register",
                                        service_id=service.service_id,
                                        details={"san_dns": list(service.san_dns),
@@ -148,10 +149,8 @@ class SQLStore:
 
     def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None:
         with self._write() as db:
-            cur = self._exec(db, "UPDATE services SET service_name=?, endpoints=?, health_check_url=?, "
-                                 "version=?, owner=?, metadata=?, san_dns=?, san_ip=?, created_at=?, "
-                                 "updated_at=? WHERE service_id=? AND decommissioned_at IS NULL",
-                             service_params(service))
+            cur = self._exec(db, f"UPDATE services SET {_SET_SERVICE} WHERE service_id=? "
+                                 "AND decommissioned_at IS NULL", service_params(service))
             if cur.rowcount == 0:
                 raise NotFound(f"unknown service '{service.service_id}'", code="unknown_service")
             self._audit(db, AuditEntry(at=service.updated_at, actor=actor, action=action,
