@@ -1,10 +1,14 @@
 """Revocation: CRL generation with 1k / 10k / 100k revoked certificates, one revocation over
 the API with 100k already revoked (request to response, CRL regenerated before the answer),
-and ``GET /api/v1/crl`` latency served from the stored copy.
+``GET /api/v1/crl`` latency served from the stored copy, and CRL hygiene: the same after
+90 % of those revoked certificates have expired (they leave the CRL).
 
 The store is filled with real certificates signed in-process by the home's CA (EC P-256
 intermediate); the revocations before the timed ones are written directly in one transaction
-(set-up); the timed revocations go through ``DELETE /api/v1/certificates/{id}/revoke``.
+(set-up); the timed revocations go through ``DELETE /api/v1/certificates/{id}/revoke``
+(reason superseded: the benchmark's certificates share 64 keys, and keyCompromise would
+revoke every certificate of the key). Expiry is set-up too: ``not_after`` of 90 % of the
+revoked rows is moved into the past in the store, which is what the CRL builder reads.
 
     python -m benchmarks.revocation [--quick] [--runs 3]
 """
@@ -65,6 +69,49 @@ def crl_generation(home: Any, revoked: int, runs: int) -> dict[str, float]:
         authority.store.close()
 
 
+def hygiene(home: Any, token: str, revoked: list[str], spare: list[tuple[str, str]], revocations: int,
+            runs: int) -> dict[str, Any]:
+    """90 % of ``revoked`` expire (set-up: their ``not_after`` moves into the past); then the
+    CRL is generated (timed) and ``revocations`` more certificates are revoked over the API."""
+    from vcc_pki_server.store.sqlite import SQLiteStore
+
+    expired = revoked[: len(revoked) * 9 // 10]
+    store = SQLiteStore(home.db)
+    try:
+        bytes_before = len(store.latest_crl().der)  # type: ignore[union-attr]
+        with store._write() as db:
+            db.executemany("UPDATE certificates SET not_after = '2026-01-01T00:00:00Z' WHERE serial = ?",
+                           [(s,) for s in expired])
+    finally:
+        store.close()
+    authority = open_authority(home)
+    try:
+        generate = []
+        crl = authority.generate_crl(actor=Actor.operator())  # warm-up (and a CRL whatever runs is)
+        for _ in range(runs):
+            start = time.perf_counter()
+            crl = authority.generate_crl(actor=Actor.operator())
+            generate.append(time.perf_counter() - start)
+    finally:
+        authority.store.close()
+    timings = []
+    with Server(home) as server, KeepAlive(server.port, client_context(home)) as conn:
+        for service_id, serial in spare[:revocations]:
+            status, body, seconds = conn.request(
+                "DELETE", f"/api/v1/certificates/{service_id}/revoke?reason=superseded&serial={serial}",
+                headers={"Authorization": f"Bearer {token}"})
+            if status != 200:
+                raise RuntimeError(f"revocation answered {status}: {body[:300]!r}")
+            timings.append(seconds)
+        status, body, _ = conn.request("GET", "/api/v1/crl")
+    print(f"  hygiene: {len(expired):,} of {len(revoked):,} revoked expired: CRL of {crl.entries:,} entries, "
+          f"{len(crl.der):,} bytes (was {bytes_before:,}); generate+store {median(generate) * 1000:.1f} ms; "
+          f"one revocation {median(timings) * 1000:.1f} ms; served CRL {len(body):,} bytes", flush=True)
+    return {"revoked": len(revoked), "expired": len(expired), "entries": crl.entries, "crl_bytes": len(crl.der),
+            "bytes_before": bytes_before, "generate_s": median(generate), "revocation_s": timings,
+            "served_crl_bytes": len(body)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.revocation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with KeepAlive(server.port, ctx) as conn:
                 for service_id, serial in certs[top:top + revocations]:
                     status, body, seconds = conn.request(
-                        "DELETE", f"/api/v1/certificates/{service_id}/revoke?reason=keyCompromise&serial={serial}",
+                        "DELETE", f"/api/v1/certificates/{service_id}/revoke?reason=superseded&serial={serial}",
                         headers=headers)
                     if status != 200:
                         raise RuntimeError(f"revocation answered {status}: {body[:300]!r}")
@@ -122,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         "requests": len(lat)}
                     print(f"  GET /api/v1/crl{query or ' (DER)'}: p50 {crl_latency[fmt]['p50_ms']:.2f} ms, "
                           f"p99 {crl_latency[fmt]['p99_ms']:.2f} ms, {size:,} bytes", flush=True)
+        clean = hygiene(home, token, [serial for _, serial in certs[:top]], certs[top + revocations:],
+                        revocations, runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
@@ -136,9 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["  worst of them", f"{max(timings) * 1000:.1f} ms"],
         ["GET /api/v1/crl (DER) p50 / p99", f"{der['p50_ms']:.2f} / {der['p99_ms']:.2f} ms"],
         ["GET /api/v1/crl?format=pem p50 / p99", f"{pem['p50_ms']:.2f} / {pem['p99_ms']:.2f} ms"],
+        [f"after {clean['expired']:,} of {clean['revoked']:,} revoked expired: CRL entries",
+         f"{clean['entries']:,} ({clean['crl_bytes']:,} bytes, was {clean['bytes_before']:,})"],
+        ["  generate + store that CRL", f"{clean['generate_s'] * 1000:.1f} ms"],
+        [f"  one revocation then (median of {len(clean['revocation_s'])})",
+         f"{median(clean['revocation_s']) * 1000:.1f} ms"],
     ]))
     data = {"runs": runs, "quick": args.quick, "generation": generation,
-            "revocation_s": timings, "revocation_median_s": median(timings), "crl_get": crl_latency}
+            "revocation_s": timings, "revocation_median_s": median(timings), "crl_get": crl_latency,
+            "hygiene": clean}
     path = write_result("revocation", data)
     print(f"\nresults: {path}")
     return data

@@ -76,22 +76,22 @@ def test_spent_token_cannot_record_a_second_certificate(store: SQLiteStore) -> N
 
 
 def test_failed_crl_build_stores_nothing(store: SQLiteStore, db_path: Path) -> None:
-    store.new_crl(crl_builder(), actor="test")
+    store.new_crl(crl_builder(), at=NOW, actor="test")
     audit_before = count(db_path, "audit_log")
 
     def broken(number: int, revoked: list[tuple[str, datetime, str]]) -> CRLRecord:
         raise ValueError("signing failed")
 
     with pytest.raises(ValueError):
-        store.new_crl(broken, actor="test")
+        store.new_crl(broken, at=NOW, actor="test")
     assert store.latest_crl_number() == 1
     assert count(db_path, "audit_log") == audit_before
-    assert store.new_crl(crl_builder(), actor="test").number == 2
+    assert store.new_crl(crl_builder(), at=NOW, actor="test").number == 2
 
 
 def test_integrity_check_is_ok_after_writes(store: SQLiteStore) -> None:
     store.add_certificates([(cert("alpha"), "test") for _ in range(20)])
-    store.new_crl(crl_builder(), actor="test")
+    store.new_crl(crl_builder(), at=NOW, actor="test")
     assert store.integrity_check() == "ok"
 
 

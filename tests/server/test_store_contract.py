@@ -409,7 +409,7 @@ def test_every_change_writes_its_audit_row(store: Store) -> None:
     store.add_certificate(record, actor="enrolment:1", consume_token=token("alpha").token_id)
     store.update_service(service("alpha"), actor="admin:1")
     store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="admin:1")
-    store.new_crl(crl_builder(), actor="system:crl")
+    store.new_crl(crl_builder(), at=NOW, actor="system:crl")
     store.revoke_token(token("alpha").token_id, at=NOW, actor="admin:1")
     entries = store.audit_log(limit=100)
     assert [e.action for e in entries][::-1] == [
@@ -434,11 +434,11 @@ def test_crl_numbers_strictly_increase_and_the_newest_sees_every_revocation(stor
         barrier.wait()
         if index < 2:
             for _ in range(12):
-                numbers[index].append(stores[index].new_crl(crl_builder(seen), actor=f"t{index}").number)
+                numbers[index].append(stores[index].new_crl(crl_builder(seen), at=NOW, actor=f"t{index}").number)
         else:  # revoke, then publish, as the authority does
             for record in records:
                 store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="t2")
-                numbers[2].append(store.new_crl(crl_builder(seen), actor="t2").number)
+                numbers[2].append(store.new_crl(crl_builder(seen), at=NOW, actor="t2").number)
 
     try:
         run_threads(3, work)
@@ -457,7 +457,7 @@ def test_crl_numbers_strictly_increase_and_the_newest_sees_every_revocation(stor
 
 
 def test_crl_history_keeps_fifty_rows_and_two_bodies(store: Store, backend: Backend) -> None:
-    made = [store.new_crl(crl_builder(), actor="t") for _ in range(53)]
+    made = [store.new_crl(crl_builder(), at=NOW, actor="t") for _ in range(53)]
     bodies = dict(backend.rows("SELECT number, length(der) FROM crls"))
     assert sorted(bodies) == list(range(3, 54))
     assert {n for n, size in bodies.items() if size} == {52, 53}
@@ -494,3 +494,21 @@ def test_home_opens_postgres_from_the_environment_before_config_toml(
         assert isinstance(s, PostgresStore)
     finally:
         s.close()
+
+
+def test_a_crl_lists_a_revoked_certificate_until_its_not_after(store: Store) -> None:
+    """CRL hygiene (SPEC §10): an expired certificate leaves the first CRL built after its notAfter."""
+    store.add_service(service("hyg"), actor="test")
+    short = cert("hyg", not_after=NOW + timedelta(hours=1))
+    long = cert("hyg", not_after=NOW + timedelta(days=30))
+    for record in (short, long):
+        store.add_certificate(record, actor="test")
+        store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="test")
+    seen: dict[int, set[str]] = {}
+    first = store.new_crl(crl_builder(seen), at=NOW, actor="t")
+    at_expiry = store.new_crl(crl_builder(seen), at=short.not_after, actor="t")
+    later = store.new_crl(crl_builder(seen), at=NOW + timedelta(days=2), actor="t")
+    assert seen[first.number] == {short.serial, long.serial} and first.entries == 2
+    assert seen[at_expiry.number] == {long.serial} == seen[later.number]
+    assert later.entries == 1
+    assert {serial for serial, _, _ in store.revoked()} == {short.serial, long.serial}  # the record stays

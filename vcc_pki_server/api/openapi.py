@@ -80,11 +80,15 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
 _STR = {"type": "string"}
 _STRS = {"type": "array", "items": _STR}
 _TIME = {"type": "string", "format": "date-time"}
+_LIFETIME = {"validity_days": {"type": "integer", "minimum": 1},
+             "validity_seconds": {"type": "integer", "minimum": 300, "description": "or validity_days, not both"}}
+_SERVICE_LIFETIMES = {name: {"type": ["integer", "null"], "minimum": 300, "description": "admin only"}
+                      for name in ("default_validity_seconds", "max_validity_seconds")}
 SCHEMAS: dict[str, Any] = {
     "CertificateRequest": {"type": "object", "required": ["service_id", "csr"], "properties": {
-        "service_id": _STR, "csr": {"type": "string", "description": "PEM CSR"},
-        "validity_days": {"type": "integer", "minimum": 1}}},
-    "RenewRequest": {"type": "object", "properties": {"csr": _STR, "validity_days": {"type": "integer"}}},
+        "service_id": _STR, "csr": {"type": "string", "description": "PEM CSR"}, **_LIFETIME}},
+    "RenewRequest": {"type": "object", "properties": {
+        "csr": _STR, **_LIFETIME, "description": "without a lifetime: that of the certificate renewed"}},
     "Issued": {"type": "object", "properties": {
         "service_id": _STR, "serial_number": _STR, "certificate": _STR, "chain": _STR,
         "not_before": _TIME, "not_after": _TIME, "fingerprint_sha256": _STR}},
@@ -100,10 +104,11 @@ SCHEMAS: dict[str, Any] = {
         "service_id": _STR, "status": {"const": "decommissioned"}, "revoked_serials": _STRS}},
     "ServiceRegistration": {"type": "object", "required": ["service_id"], "properties": {
         "service_id": _STR, "service_name": _STR, "endpoints": _STRS, "health_check_url": _STR,
-        "version": _STR, "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS}},
+        "version": _STR, "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS,
+        **_SERVICE_LIFETIMES}},
     "ServiceUpdate": {"type": "object", "properties": {
         "service_name": _STR, "endpoints": _STRS, "health_check_url": _STR, "version": _STR,
-        "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS}},
+        "owner": _STR, "metadata": {"type": "object"}, "san_dns": _STRS, "san_ip": _STRS, **_SERVICE_LIFETIMES}},
     "Service": {"type": "object", "properties": {
         "service_id": _STR, "service_name": _STR, "endpoints": _STRS, "health": {"type": "object"},
         "certificates": {"type": "array", "items": {"$ref": "#/components/schemas/Certificate"}}}},

@@ -81,7 +81,7 @@ class Revocation(Issuance):
             return CRLRecord(number=number, this_update=now, next_update=next_update,
                              der=crl.public_bytes(serialization.Encoding.DER), entries=len(revoked))
 
-        crl = self.store.new_crl(build, actor=actor.label)
+        crl = self.store.new_crl(build, at=now, actor=actor.label)
         with self._crl_lock:
             self._crl_cache = (time.monotonic(), crl)
         log.info("CRL generated number=%d entries=%d next_update=%s", crl.number, crl.entries,

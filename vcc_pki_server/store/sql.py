@@ -352,11 +352,16 @@ class SQLStore:
 
     # -- CRLs -------------------------------------------------------------------------------
     def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
-                actor: str) -> CRLRecord:
+                at: datetime, actor: str) -> CRLRecord:
         """Build and store the next CRL inside one write transaction.
 
-        ``build(number, revoked)`` signs it. The transaction holds the write lock (SQLite) or
-        an advisory lock taken before anything is read (PostgreSQL, where under READ
+        ``build(number, revoked)`` signs it; ``revoked`` holds the revoked certificates still
+        unexpired ``at`` (the CRL's thisUpdate): an expired one leaves the first CRL built
+        after its notAfter (RFC 5280 §3.3 allows it, and 90 % expired revocations would
+        otherwise make every CRL and every handshake that checks it ten times the cost).
+
+        The transaction holds the write lock (SQLite) or an advisory lock taken before
+        anything is read (PostgreSQL, where under READ
         COMMITTED every later statement sees all committed before it): CRL numbers strictly
         increase, and the newest CRL holds every revocation committed before it, even with
         several processes or replicas revoking at once.
@@ -364,7 +369,9 @@ class SQLStore:
         with self._write() as db:
             self._lock_crl_numbers(db)
             number = int(self._exec(db, "SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
-            rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations").fetchall()
+            rows = self._exec(db, "SELECT r.serial, r.revoked_at, r.reason FROM revocations r "
+                                  "JOIN certificates c ON c.serial = r.serial WHERE c.not_after > ?",
+                              (utc_text(at),)).fetchall()
             crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
             self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der) "
                            "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
