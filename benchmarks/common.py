@@ -389,13 +389,13 @@ def revoke_directly(home: Home, serials: Sequence[str], reason: str = "supersede
     """Mark ``serials`` revoked in one transaction (benchmark set-up, not the API path: the
     timed revocation goes through the API)."""
     from vcc_pki_server.store import utc_text
+    from vcc_pki_server.store.sql import INSERT_REVOCATION
     from vcc_pki_server.store.sqlite import SQLiteStore
 
     store = SQLiteStore(home.db)
     at = utc_text(datetime.now(timezone.utc))
     try:
         with store._write() as db:
-            db.executemany("INSERT INTO revocations (serial, revoked_at, reason) VALUES (?,?,?)",
-                           [(s, at, reason) for s in serials])
+            db.executemany(INSERT_REVOCATION, [(s, at, reason, s) for s in serials])
     finally:
         store.close()

@@ -55,7 +55,7 @@ def inprocess(home: Any, csrs: list[tuple[str, str]], *, repeats: int = 3) -> di
             csr = x509.load_pem_x509_csr(data)
             if not csr.is_signature_valid:
                 raise AssertionError("CSR signature invalid")
-            cn, dns, ips = csr_names(csr)
+            cn, dns, ips, _ = csr_names(csr)
             template = LeafTemplate(common_name=cn or dns[0], san_dns=tuple(dns), san_ip=tuple(ips),
                                     not_before=now, not_after=now + timedelta(days=365))
             key = csr.public_key()

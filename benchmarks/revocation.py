@@ -80,8 +80,9 @@ def hygiene(home: Any, token: str, revoked: list[str], spare: list[tuple[str, st
     try:
         bytes_before = len(store.latest_crl().der)  # type: ignore[union-attr]
         with store._write() as db:
-            db.executemany("UPDATE certificates SET not_after = '2026-01-01T00:00:00Z' WHERE serial = ?",
-                           [(s,) for s in expired])
+            for table in ("certificates", "revocations"):
+                db.executemany(f"UPDATE {table} SET not_after = '2026-01-01T00:00:00Z' WHERE serial = ?",
+                               [(s,) for s in expired])
     finally:
         store.close()
     authority = open_authority(home)

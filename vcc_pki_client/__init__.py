@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         TrustError,
     )
     from .files import CertificateFiles
+    from .identity import peer_service_id
     from .renewal import RenewalPolicy
     from .retry import RetryPolicy
     from .tls import ReloadingContexts
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 # httpx and APScheduler with the rest of the SDK.
 _HOME = {
     "AsyncPKIClient": "aio", "PKIClient": "client", "CertificateFiles": "files", "RenewalPolicy": "renewal",
-    "RetryPolicy": "retry", "ReloadingContexts": "tls",
+    "RetryPolicy": "retry", "ReloadingContexts": "tls", "peer_service_id": "identity",
     **dict.fromkeys(("CertificateInfo", "IssuedCertificate", "Page", "ServiceEntry", "ServiceHealth"), "wire"),
     **dict.fromkeys(("APIError", "AuthenticationError", "ConfigurationError", "ConflictError",
                      "InvalidResponseError", "NotFoundError", "PermissionDeniedError", "PKIError",
@@ -107,4 +108,5 @@ __all__ = [
     "ServiceHealth",
     "TransportError",
     "TrustError",
+    "peer_service_id",
 ]

@@ -58,9 +58,12 @@ def _raw_extension(value: x509.ExtensionType, critical: bool) -> x509.Extension[
 
 
 @functools.lru_cache(maxsize=1024)
-def _san_extension(dns: tuple[str, ...], ips: tuple[IPAddress, ...]) -> x509.Extension[x509.ExtensionType]:
+def _san_extension(dns: tuple[str, ...], ips: tuple[IPAddress, ...],
+                   uri: str | None) -> x509.Extension[x509.ExtensionType]:
     """A leaf's subjectAltName, encoded once per set of names (a service's few sets repeat)."""
     names: list[x509.GeneralName] = [*map(x509.DNSName, dns), *map(x509.IPAddress, ips)]
+    if uri is not None:
+        names.append(x509.UniformResourceIdentifier(uri))
     return _raw_extension(x509.SubjectAlternativeName(names), False)
 
 
@@ -174,6 +177,8 @@ class LeafTemplate:
     not_before: datetime
     not_after: datetime
     serial_number: int = attrs.field(factory=x509.random_serial_number)
+    # The service's identity as a URI SAN (SPEC §10: spiffe://<trust-domain>/svc/<service_id>).
+    uri: str | None = None
 
 
 @attrs.frozen
@@ -250,7 +255,7 @@ class CertificateAuthority:
         # Handed to the builder as one list: add_extension() one by one costs more than signing.
         extensions = [
             *self._leaf_head[is_rsa],
-            _san_extension(template.san_dns, template.san_ip),
+            _san_extension(template.san_dns, template.san_ip, template.uri),
             _ski_extension(public_key),
             *self._leaf_tail,
         ]

@@ -11,7 +11,7 @@ import attrs
 
 from .authority import Settings
 from .errors import CAError
-from .policy import Policy
+from .policy import DEFAULT_TRUST_DOMAIN, Policy, check_trust_domain
 
 
 @attrs.frozen(kw_only=True)
@@ -21,6 +21,8 @@ class Config:
     public_url: str = "https://127.0.0.1:8443"
     server_san_dns: tuple[str, ...] = ("localhost",)
     server_san_ip: tuple[str, ...] = ("127.0.0.1",)
+    # SPEC §10: every leaf carries spiffe://<trust_domain>/svc/<service_id>.
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     default_validity_days: int = 365
     max_validity_days: int = 365
     crl_validity_days: int = 7
@@ -54,6 +56,11 @@ class Config:
         for key in ("server_san_dns", "server_san_ip"):
             if key in flat:
                 flat[key] = tuple(flat[key])
+        if "trust_domain" in flat:
+            try:
+                check_trust_domain(flat["trust_domain"])
+            except CAError as exc:
+                raise CAError(f"config.toml: {exc.message}") from None
         return cls(**flat)
 
     def to_toml(self) -> str:
@@ -69,6 +76,7 @@ class Config:
             f"public_url = {q(self.public_url)}\n"
             f"server_san_dns = {arr(self.server_san_dns)}\n"
             f"server_san_ip = {arr(self.server_san_ip)}\n"
+            f"trust_domain = {q(self.trust_domain)}\n"
             + (f"database_url = {q(self.database_url)}\n" if self.database_url else "")
             + "\n"
             "[policy]\n"
@@ -84,7 +92,7 @@ class Config:
 
     def policy(self) -> Policy:
         return Policy(default_validity_days=self.default_validity_days,
-                      max_validity_days=self.max_validity_days)
+                      max_validity_days=self.max_validity_days, trust_domain=self.trust_domain)
 
     def settings(self) -> Settings:
         return Settings(crl_validity=timedelta(days=self.crl_validity_days),

@@ -1,12 +1,9 @@
 """Give the ASGI app the client certificate presented at the TLS handshake.
 
 uvicorn does not implement the ASGI TLS extension (upstream PRs are still open): its scope
-carries no client certificate. This module subclasses uvicorn's HTTP protocol so that every
-HTTP request's scope gets ``scope["extensions"]["tls"]`` in the shape of that extension::
-
-    {"client_cert_chain": [leaf_pem] or [], "server_cert": None,
-     "tls_version": 0x0304, "cipher_suite": 0x1302,
-     "client_cert_der": leaf_der or None}     # our addition, see peer_certificate_der()
+carries no client certificate. The SDK's :mod:`vcc_pki_client.asgi` adds it (services use it
+to tell who calls them); this module puts it on the server's protocols (h11 and httptools)
+together with the coalescing transport, and builds the server's context and uvicorn config.
 
 The hook leans on uvicorn internals (``connection_made`` and the ``self.app`` attribute its
 protocols read for every request), so pyproject pins ``uvicorn<0.55``;
@@ -29,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from vcc_pki_client.asgi import ASGIApp, peer_certificate_der, tls_extension
+from vcc_pki_client.asgi import TLSExtensionMixin as _SDKTLSExtensionMixin
 
 from .transport import CoalescingTransport
 
@@ -47,73 +47,17 @@ __all__ = [
     "uvicorn_config",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 StrPath = str | os.PathLike[str]
 
-# Wire values of TLS versions (RFC 8446 §4.2.1), as the ASGI TLS extension wants them.
-_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
+class TLSExtensionMixin(_SDKTLSExtensionMixin):
+    """The SDK's mixin (the ASGI TLS extension in every scope), plus the server's transport
+    that sends one loop pass's writes as one TLS record (:mod:`.transport`)."""
 
-def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
-    """Describe a finished handshake as the ASGI TLS extension's ``tls`` dict.
-
-    ``client_cert_der`` (not in the ASGI spec) keeps the leaf's DER so that the app does
-    not decode PEM on every request.
-    """
-    der = ssl_object.getpeercert(binary_form=True)
-    cipher = ssl_object.cipher()
-    suite = None
-    if cipher is not None:
-        # get_ciphers() ids are 0x0300XXXX, where XXXX is the IANA number the spec asks for.
-        ids = {c["name"]: c["id"] & 0xFFFF for c in ssl_object.context.get_ciphers()}
-        suite = ids.get(cipher[0])
-    return {
-        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
-        "client_cert_der": der or None,
-        "server_cert": None,
-        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
-        "cipher_suite": suite,
-    }
-
-
-class _WithTLSExtension:
-    """Wrap one connection's app so each HTTP scope carries that connection's TLS extension."""
-
-    __slots__ = ("app", "tls")
-
-    def __init__(self, app: ASGIApp, tls: Mapping[str, Any]) -> None:
-        self.app = app
-        self.tls = tls
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            # A fresh dict per request: one request's app cannot alter what the next one sees.
-            tls = {**self.tls, "client_cert_chain": list(self.tls["client_cert_chain"])}
-            scope = {**scope, "extensions": {**scope.get("extensions", {}), "tls": tls}}
-        await self.app(scope, receive, send)
-
-
-class TLSExtensionMixin(asyncio.Protocol):
-    """Mix into a uvicorn HTTP protocol class (first base) to add the ASGI TLS extension.
-
-    uvicorn calls ``connection_made`` once the handshake is complete, so the peer
-    certificate is known there; the protocol's ``self.app``, read for every request of the
-    connection, is then wrapped to put it in each scope. Plain-HTTP connections are left alone.
-    """
-
-    app: ASGIApp
     transport: Any  # set by uvicorn's connection_made; replaced by a CoalescingTransport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Run uvicorn's setup, then bind this connection's TLS facts to its app."""
         super().connection_made(transport)
-        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.app = _WithTLSExtension(self.app, tls_extension(ssl_object))
         self.transport = CoalescingTransport(self.transport, asyncio.get_running_loop())
 
 
@@ -133,23 +77,6 @@ else:  # httptools is a server dependency (pyproject), so this is the one normal
 
     MTLSProtocol = MTLSHttpToolsProtocol
     __all__ += ["MTLSHttpToolsProtocol"]
-
-
-def peer_certificate_der(scope: Mapping[str, Any]) -> bytes | None:
-    """Return the DER of the client certificate verified at the handshake, or None.
-
-    Reads the ASGI TLS extension: our ``client_cert_der`` when present, else the first PEM
-    of ``client_cert_chain`` (so a server that implements the extension natively works
-    too). None for plain HTTP and for a TLS client that sent no certificate.
-    """
-    tls = scope.get("extensions", {}).get("tls")
-    if not tls:
-        return None
-    der: bytes | None = tls.get("client_cert_der")
-    if der is not None:
-        return der
-    chain = tls.get("client_cert_chain") or []
-    return ssl.PEM_cert_to_DER_cert(chain[0]) if chain else None
 
 
 def server_ssl_context(

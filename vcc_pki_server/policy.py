@@ -114,19 +114,20 @@ def load_csr_key(data: str | bytes) -> tuple[x509.CertificateSigningRequest, Lea
     return csr, key
 
 
-def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str], list[IPAddress]]:
-    """The CN and SANs a CSR asks for (unvalidated)."""
+def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str], list[IPAddress], list[str]]:
+    """The CN and SANs (DNS, IP, URI) a CSR asks for (unvalidated)."""
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else None
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return cn, [], []
+        return cn, [], [], []
     except ValueError as exc:
         raise InvalidCSR(f"CSR extensions cannot be parsed: {exc}") from None
     # One pass over the names (get_values_for_type() walks them all on every call).
     dns: list[str] = []
     ips: list[IPAddress] = []
+    uris: list[str] = []
     others: list[x509.GeneralName] = []
     network = False
     for name in san:
@@ -138,13 +139,15 @@ def csr_names(csr: x509.CertificateSigningRequest) -> tuple[str | None, list[str
                 ips.append(value)
             else:
                 network = True
+        elif isinstance(name, x509.UniformResourceIdentifier):
+            uris.append(name.value)
         else:
             others.append(name)
     if others:
         raise InvalidCSR(f"CSR asks for unsupported SAN types: {', '.join(type(g).__name__ for g in others)}")
     if network:
         raise InvalidCSR("CSR asks for an IP network, not an address, in its SANs")
-    return cn, dns, ips
+    return cn, dns, ips, uris
 
 
 _IPV4_CHARS = frozenset("0123456789.")
@@ -168,6 +171,15 @@ def is_ip(value: str) -> bool:
 
 
 MIN_LIFETIME = timedelta(seconds=300)
+DEFAULT_TRUST_DOMAIN = "vcc-pki.internal"
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
+
+
+def check_trust_domain(value: str) -> str:
+    """A SPIFFE trust domain: lowercase letters, digits, dots and dashes (InvalidRequest otherwise)."""
+    if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value) or ".." in value:
+        raise InvalidRequest(f"invalid trust domain {value!r}: lowercase letters, digits, '.' and '-'")
+    return value
 
 
 def lifetime_text(lifetime: timedelta) -> str:
@@ -194,6 +206,11 @@ class Policy:
     default_validity_days: int = 365
     max_validity_days: int = 365
     backdate: timedelta = timedelta(minutes=5)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    def spiffe_id(self, service_id: str) -> str:
+        """The identity every certificate of ``service_id`` carries as a URI SAN (SPEC §10)."""
+        return f"spiffe://{self.trust_domain}/svc/{service_id}"
 
     def validity(self, requested: timedelta | None, now: datetime, *, service: Lifetimes = Lifetimes(),
                  cap: bool = False) -> tuple[datetime, datetime]:
@@ -266,7 +283,11 @@ class Policy:
                  csr: x509.CertificateSigningRequest, *, now: datetime,
                  validity: timedelta | None = None, lifetimes: Lifetimes = Lifetimes()) -> LeafTemplate:
         """The leaf template for a checked CSR (see :func:`load_csr`)."""
-        cn, dns, ips = csr_names(csr)
+        cn, dns, ips, uris = csr_names(csr)
+        identity = self.spiffe_id(service_id)
+        for uri in uris:
+            if uri != identity:
+                raise PolicyRefused(f"URI SAN '{uri}' is not the identity of service '{service_id}' ({identity})")
         try:
             req_dns, req_ip = normalize_sans(dns, ips)
             if cn is not None:
@@ -279,5 +300,5 @@ class Policy:
         common_name, san_dns, san_ip = self._grant(service_id, allowed_dns, allowed_ip, cn,
                                                    req_dns, req_ip)
         not_before, not_after = self.validity(validity, now, service=lifetimes)
-        return LeafTemplate(common_name=common_name, san_dns=san_dns, san_ip=san_ip,
+        return LeafTemplate(common_name=common_name, san_dns=san_dns, san_ip=san_ip, uri=identity,
                             not_before=not_before, not_after=not_after)

@@ -34,6 +34,7 @@ PUBLIC_API = [
     "ServiceHealth",
     "TransportError",
     "TrustError",
+    "peer_service_id",
 ]
 
 # SPEC §7 names these; renaming one breaks every service that uses the SDK.

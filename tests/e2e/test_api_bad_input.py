@@ -133,8 +133,7 @@ def _csr_with(key: Any, service_id: str, sans: list[x509.GeneralName] | None = N
 
 
 @pytest.mark.parametrize(("kind", "named"), [("ed448", "Ed448"), ("secp256k1", "secp256k1"),
-                                             ("rsa-e3", "exponent 3"), ("email-san", "RFC822Name"),
-                                             ("uri-san", "UniformResourceIdentifier")])
+                                             ("rsa-e3", "exponent 3"), ("email-san", "RFC822Name")])
 def test_csrs_with_refused_keys_or_name_types_are_400(kind: str, named: str, admin: httpx.Client, sid: str,
                                                        problem: Problem) -> None:
     p256 = ec.generate_private_key(ec.SECP256R1())
@@ -143,10 +142,28 @@ def test_csrs_with_refused_keys_or_name_types_are_400(kind: str, named: str, adm
         "secp256k1": lambda: _csr_with(ec.generate_private_key(ec.SECP256K1()), sid),
         "rsa-e3": lambda: _csr_with(rsa.generate_private_key(3, 2048), sid),
         "email-san": lambda: _csr_with(p256, sid, [x509.RFC822Name(f"ops@{sid}.internal")]),
-        "uri-san": lambda: _csr_with(p256, sid, [x509.UniformResourceIdentifier(f"spiffe://vcc/{sid}")]),
     }[kind]()
     detail = problem(admin.post(REQUEST, json={"service_id": sid, "csr": csr}), 400, "invalid_csr")["detail"]
     assert named in detail
+
+
+@pytest.mark.parametrize("uri", ["spiffe://vcc/{sid}", "spiffe://vcc-pki.internal/svc/other",
+                                 "https://{sid}.internal/", "spiffe://evil.example/svc/{sid}"])
+def test_a_csr_asking_for_another_uri_san_is_403(uri: str, admin: httpx.Client, sid: str, problem: Problem) -> None:
+    asked = uri.format(sid=sid)
+    csr = _csr_with(ec.generate_private_key(ec.SECP256R1()), sid, [x509.UniformResourceIdentifier(asked)])
+    detail = problem(admin.post(REQUEST, json={"service_id": sid, "csr": csr}), 403, "policy_refused")["detail"]
+    assert asked in detail and f"spiffe://vcc-pki.internal/svc/{sid}" in detail
+
+
+def test_a_csr_asking_for_its_own_identity_gets_it(admin: httpx.Client, sid: str) -> None:
+    own = f"spiffe://vcc-pki.internal/svc/{sid}"
+    csr = _csr_with(ec.generate_private_key(ec.SECP256R1()), sid, [x509.UniformResourceIdentifier(own)])
+    r = admin.post(REQUEST, json={"service_id": sid, "csr": csr})
+    assert r.status_code == 201, r.text
+    cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [own]
 
 
 def test_rekey_with_a_bad_csr_is_400(enrolled: Enrol, problem: Problem) -> None:

@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import CA_PASSWORD, ROOT_PASSWORD
 from support import BIN, make_csr, openssl_verify, pem, pkilint_cert, pkilint_crl
+from vcc_pki_client import peer_service_id
 from vcc_pki_server import ca as ca_module
 from vcc_pki_server.authority import Actor, Authority, Issued
 from vcc_pki_server.config import Config
@@ -117,7 +118,11 @@ def assert_leaf_profile(leaf: x509.Certificate, intermediate: x509.Certificate, 
     san = ext(leaf, x509.SubjectAlternativeName).value
     names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
     names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
-    assert all(isinstance(g, (x509.DNSName, x509.IPAddress)) for g in san)
+    # SPEC §10: exactly one URI, the service's SPIFFE-style identity; read back by the SDK.
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    assert len(uris) == 1 and uris[0].startswith("spiffe://vcc-pki.internal/svc/")
+    assert peer_service_id(leaf) == uris[0].rsplit("/", 1)[1]
+    assert all(isinstance(g, (x509.DNSName, x509.IPAddress, x509.UniformResourceIdentifier)) for g in san)
     cn = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert cn in names
     assert ski(leaf) == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key()).digest

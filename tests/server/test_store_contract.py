@@ -191,6 +191,8 @@ def test_a_version_1_database_migrates_keeping_every_row(backend: Backend, monke
                 for r in migrated.certificates_for("alpha")}
         assert kept == {r.serial: r for r in records}
         assert [serial for serial, _, _ in migrated.revoked()] == [records[1].serial]
+        # The revocation learnt its certificate's notAfter (what the CRL's query reads).
+        assert backend.rows("SELECT not_after FROM revocations") == [(utc_text(records[1].not_after),)]
         newer = cert("alpha")
         migrated.add_certificate(newer, actor="test")
         stored = migrated.get_certificate(newer.serial)

@@ -144,7 +144,7 @@ class Issuance(Tokens):
         service = self.service(service_id)
         cn, dns, ip_list = self.policy.grant_names(service_id, service.san_dns, service.san_ip,
                                                    cn=common_name, dns=names, ips=ips)
-        template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list,
+        template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list, uri=self.policy.spiffe_id(service_id),
                                 not_before=not_before, not_after=not_after)
         cert = self.ca.sign_leaf(key.public_key(), template)
         return self._record(service_id, cert, actor, template=template), key
@@ -179,7 +179,8 @@ class Issuance(Tokens):
                 cn=str(cn_attrs[0].value) if cn_attrs else None,
                 dns=current.san_dns, ips=current.san_ip)
             not_before, not_after = self.policy.validity(validity, now, service=limits)
-            template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, not_before=not_before,
+            template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ips, uri=self.policy.spiffe_id(service_id),
+                                    not_before=not_before,
                                     not_after=not_after)
             public_key = check_public_key(old.public_key())
         return self._record(service_id, self.ca.sign_leaf(public_key, template), actor,

@@ -15,7 +15,7 @@ from ..bootstrap import initialize, key_type_label, record_key_creation, refuse_
 from ..config import Config
 from ..errors import CAError, CAUnavailable, InvalidRequest
 from ..home import Home
-from ..policy import normalize_sans
+from ..policy import check_trust_domain, normalize_sans
 from ..store import utc_text
 from .access import ca_password, existing_home, root_password
 from .output import (
@@ -130,6 +130,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     config = attrs.evolve(config, server_san_dns=dns, server_san_ip=tuple(str(i) for i in ips))
     if args.public_url is not None:
         config = attrs.evolve(config, public_url=check_public_url(args.public_url))
+    if args.trust_domain is not None:
+        config = attrs.evolve(config, trust_domain=check_trust_domain(args.trust_domain))
     root_pw = root_password(args, confirm=True)
     ca_pw = ca_password(args, confirm=True)
     done = initialize(home, config, root_password=root_pw, ca_password=ca_pw,

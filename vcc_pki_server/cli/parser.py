@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
     p.add_argument("--public-url", metavar="URL",
                    help="base URL of the API server for CRL and AIA URLs (default: https://127.0.0.1:8443)")
+    p.add_argument("--trust-domain", metavar="DOMAIN",
+                   help="every certificate names its service spiffe://DOMAIN/svc/<service id> "
+                        "(default: vcc-pki.internal)")
     san_options(p, prefix="server-")
     p.add_argument("--root-key-type", choices=ROOT_KEY_TYPES, default="rsa-4096", help="default: %(default)s")
     p.add_argument("--intermediate-key-type", choices=INTERMEDIATE_KEY_TYPES, default="rsa-2048",

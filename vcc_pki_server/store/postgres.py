@@ -34,7 +34,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE certificates ADD COLUMN IF NOT EXISTS key_id TEXT COLLATE "C";
     ALTER TABLE services ADD COLUMN IF NOT EXISTS decommissioned_at TEXT COLLATE "C";
     ALTER TABLE services ADD COLUMN IF NOT EXISTS default_validity_seconds INTEGER;
-    ALTER TABLE services ADD COLUMN IF NOT EXISTS max_validity_seconds INTEGER
+    ALTER TABLE services ADD COLUMN IF NOT EXISTS max_validity_seconds INTEGER;
+    ALTER TABLE revocations ADD COLUMN IF NOT EXISTS not_after TEXT COLLATE "C";
+    UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,
 )
 

@@ -63,12 +63,15 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: the key of each certificate (keyCompromise revokes every certificate of the key; no
     # index: found by a scan of the unexpired, rarely, instead of slowing every issuance), and
     # decommissioned services (their rows stay for the certificates and the audit log), and the
-    # lifetimes an admin sets per service.
+    # lifetimes an admin sets per service; each revocation keeps its certificate's notAfter (the
+    # CRL leaves out the expired without a join).
     """
     ALTER TABLE certificates ADD COLUMN key_id TEXT;
     ALTER TABLE services ADD COLUMN decommissioned_at TEXT;
     ALTER TABLE services ADD COLUMN default_validity_seconds INTEGER;
-    ALTER TABLE services ADD COLUMN max_validity_seconds INTEGER
+    ALTER TABLE services ADD COLUMN max_validity_seconds INTEGER;
+    ALTER TABLE revocations ADD COLUMN not_after TEXT;
+    UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,
 )
 
