@@ -174,8 +174,8 @@ class Home:
         ips = list(dict.fromkeys(["127.0.0.1", *config.server_san_ip]))
         actor = Actor.operator()
         if authority.store.get_service(SERVER_SERVICE_ID) is None:
-            authority.register_service(SERVER_SERVICE_ID, service_name="VCC PKI server",
-                                       san_dns=dns, san_ip=ips, actor=actor)
+            authority.register_without_token(SERVER_SERVICE_ID, service_name="VCC PKI server",
+                                             san_dns=dns, san_ip=ips, actor=actor)
         issued, key = authority.issue_with_key(SERVER_SERVICE_ID, common_name="localhost",
                                                san_dns=dns, san_ip=ips, key_type="ec-p256",
                                                validity=timedelta(days=config.max_validity_days),

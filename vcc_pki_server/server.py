@@ -86,16 +86,20 @@ SERVER_RENEW_BEFORE = timedelta(days=30)
 
 
 def renew_server_certificate_if_due(home: Home, password: str) -> bool:
-    """Re-issue the server's own certificate (new key) at start-up when it expires within 30 days."""
-    current = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
-    if current.not_valid_after_utc - utc_now() > SERVER_RENEW_BEFORE:
+    """Issue the server's own certificate (new key) at start-up when the home has none (a home
+    made step by step with `ca init-root` and `ca create-intermediate`), or re-issue it when it
+    expires within 30 days; and a first CRL if there is none."""
+    current = x509.load_pem_x509_certificate(home.server_cert.read_bytes()) if home.server_cert.exists() else None
+    if current is not None and current.not_valid_after_utc - utc_now() > SERVER_RENEW_BEFORE:
         return False
     authority = home.authority(password)
     try:
         issued = home.issue_server_certificate(authority, home.config())
+        if authority.store.latest_crl() is None:
+            authority.generate_crl(actor=Actor.operator())
     finally:
         authority.store.close()
-    log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
+    log.info("server certificate %s serial=%s not_after=%s", "renewed" if current else "made", issued.record.serial,
              issued.certificate.not_valid_after_utc.isoformat())
     return True
 
@@ -153,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dev and not home.has_root():
             password = dev_init(home)
         else:
-            if not home.has_intermediate() or not home.server_cert.exists():
-                raise CAError(f"{home.root} has no CA and server certificate: run `pki-admin init` "
-                              "(or start with --dev)")
+            if not home.has_intermediate():
+                raise CAError(f"{home.root} has no CA: run `pki-admin init` (or `pki-admin ca init-root` "
+                              "and `pki-admin ca create-intermediate`), or start with --dev")
             password = resolve_password(args, home)
         home.load_ca(password)  # fail early, in the parent, on a wrong password
         home.open_store().close()  # ... and on an unreachable database; migrations run once, here

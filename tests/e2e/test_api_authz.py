@@ -395,6 +395,13 @@ def test_certificate_list_paginates_with_cursor(admin: httpx.Client, register: R
     items, pages = _all_pages(admin, {"service_id": service_id, "limit": 2})
     assert [i["serial_number"] for i in items] == serials  # oldest first, no repeats, none lost
     assert pages == 3
+    # A last page that is exactly full says so: no cursor to an empty page (SPEC §10).
+    items, pages = _all_pages(admin, {"service_id": service_id, "limit": 5})
+    assert len(items) == 5 and pages == 1
+    two = admin.get(f"{API}/certificates/", params={"service_id": service_id, "limit": 3}).json()
+    last = admin.get(f"{API}/certificates/", params={"service_id": service_id, "limit": 3,
+                                                      "cursor": two["next_cursor"]}).json()
+    assert len(last["items"]) == 2 and last["next_cursor"] is None
     everything, _ = _all_pages(admin, {"limit": 1000})
     assert set(serials) <= {i["serial_number"] for i in everything}
     assert len({i["serial_number"] for i in everything}) == len(everything)

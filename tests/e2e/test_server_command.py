@@ -103,6 +103,32 @@ def test_home_without_a_ca_fails_with_one_line_and_creates_nothing(tmp_path: Pat
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"vcc-pki-server: error: {home} has no CA and server certificate: run `pki-admin init` "
-        "(or start with --dev)"]
+        f"vcc-pki-server: error: {home} has no CA: run `pki-admin init` (or `pki-admin ca init-root` "
+        "and `pki-admin ca create-intermediate`), or start with --dev"]
     assert not home.exists()
+
+
+def test_a_home_made_step_by_step_serves(tmp_path: Path) -> None:
+    """SPEC §10: `ca init-root`, `ca create-intermediate`, then the server, which makes its own
+    TLS certificate (and a first CRL) on its first start."""
+    from vcc_pki_server import cli
+
+    root = tmp_path / "root.pw"
+    root.write_text("root secret\n")
+    ca = tmp_path / "ca.pw"
+    ca.write_text(CA_PASSWORD + "\n")
+    g = ["--home", str(tmp_path / "steps")]
+    assert cli.main([*g, "ca", "init-root", "--key-type", "ec-p384", "--root-password-file", str(root)]) == 0
+    assert cli.main([*g, "ca", "create-intermediate", "--key-type", "ec-p256", "--root-password-file", str(root),
+                     "--password-file", str(ca)]) == 0
+    home = Home(tmp_path / "steps")
+    assert not home.server_cert.exists()
+    with RunningServer(home, CA_PASSWORD) as server:
+        ctx = tls_context(home.root_cert)
+        with httpx.Client(verify=ctx, timeout=10) as client:
+            health = client.get(f"{server.url}/health").json()
+            assert health["status"] == "ok" and health["crl_number"] >= 1
+            crl = x509.load_der_x509_crl(client.get(f"{server.url}/api/v1/crl").content)
+            assert crl.issuer == home.intermediate_certificate().subject
+        assert "server certificate made" in server.log_once(lambda log: "server certificate made" in log)
+    assert home.server_cert.exists()

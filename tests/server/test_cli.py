@@ -625,3 +625,32 @@ def test_console_script_exit_codes_and_no_traceback(tmp_path: Path) -> None:
     usage = sh("cert", "issue", "--service-id")
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
+
+
+def test_cert_issue_leaves_no_enrolment_token_and_service_token_makes_one(home: Path, run: Run) -> None:
+    """SPEC §10: a service `cert issue` registers gets its certificate without a live enrolment
+    token; `service token` prints a fresh one when one is wanted."""
+    g = ("--home", str(home))
+    assert run(*g, "cert", "issue", "--service-id", "legacy", "--cn", "legacy", "--key-type", "ec-p256").code == 0
+    auth = authority(home)
+    try:
+        assert [t for t in auth.store.list_tokens("enrolment") if t.service_id in ("legacy", "pki-server")] == []
+        r = run(*g, "service", "token", "--service-id", "legacy", "--json")
+        assert r.code == 0, r.err
+        value = r.json()["enrolment_token"]
+        assert auth.authenticate_token(value).service_id == "legacy"
+        human = run(*g, "service", "token", "--service-id", "legacy")
+        assert human.code == 0 and "shown only once" in human.out
+        missing = run(*g, "service", "token", "--service-id", "nope")
+        assert missing.code == 1 and missing.err.count("\n") == 1 and "unknown service" in missing.err
+    finally:
+        auth.store.close()
+
+
+def test_step_by_step_ca_commands_take_the_prototype_password_flags(tmp_path: Path, run: Run) -> None:
+    g = ("--home", str(tmp_path / "steps"))
+    assert run(*g, "ca", "init-root", "--key-type", "ec-p384", "--password", ROOT_PW).code == 0
+    r = run(*g, "ca", "create-intermediate", "--key-type", "ec-p256", "--root-password", ROOT_PW,
+            "--password", CA_PW)
+    assert r.code == 0, r.err
+    assert Home(tmp_path / "steps").load_ca(CA_PW) is not None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +25,7 @@ from .openapi import openapi_document
 from .requests import as_actor, field, query_bool, query_int, read_json, requested_lifetime
 
 PEM = "application/x-pem-file"
+T = TypeVar("T")
 
 
 def _authority(request: Request) -> Authority:
@@ -34,9 +36,14 @@ def _service_id(request: Request) -> str:
     return check_service_id(request.path_params["service_id"])
 
 
-def _page(items: list[dict[str, Any]], cursor: Any, limit: int) -> JSONResponse:
-    more = len(items) == limit and cursor is not None
-    return JSONResponse({"items": items, "next_cursor": str(cursor) if more else None})
+def _page(records: list[T], limit: int, render_one: Callable[[T], dict[str, Any]],
+          cursor_of: Callable[[T], Any]) -> JSONResponse:
+    """A page of at most ``limit`` of ``records`` (asked for ``limit + 1``: one more means
+    there is a next page, so a last page says ``next_cursor: null``)."""
+    page = records[:limit]
+    more = len(records) > limit and bool(page)
+    return JSONResponse({"items": [render_one(r) for r in page],
+                         "next_cursor": str(cursor_of(page[-1])) if more else None})
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -53,12 +60,11 @@ async def list_certificates(request: Request) -> Response:
 
     def work(actor: Actor) -> list[Any]:
         return authority.list_certificates(service_id=service_id, status=status,
-                                           expiring_within_days=expiring, limit=limit, after=cursor)
+                                           expiring_within_days=expiring, limit=limit + 1, after=cursor)
 
     records = await as_actor(request, work)
     now = authority.clock()
-    return _page([render.certificate(r, now) for r in records],
-                 records[-1].row_id if records else None, limit)
+    return _page(records, limit, lambda r: render.certificate(r, now), lambda r: r.row_id)
 
 
 async def get_certificate(request: Request) -> Response:
@@ -129,10 +135,9 @@ async def list_services(request: Request) -> Response:
     healthy = query_bool(request, "healthy")
     cursor = request.query_params.get("cursor") or None
     records = await as_actor(request, lambda actor: authority.list_services(
-        healthy=healthy, limit=limit, after=cursor))
+        healthy=healthy, limit=limit + 1, after=cursor))
     now = authority.clock()
-    return _page([render.service(r, now=now) for r in records],
-                 records[-1].service_id if records else None, limit)
+    return _page(records, limit, lambda r: render.service(r, now=now), lambda r: r.service_id)
 
 
 async def register_service(request: Request) -> Response:

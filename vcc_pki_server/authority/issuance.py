@@ -139,8 +139,8 @@ class Issuance(Tokens):
             validity, self.clock(), service=lifetimes(existing) if existing else Lifetimes())
         key = generate_key(key_type)
         if existing is None:
-            self.register_service(service_id, service_name=service_name, san_dns=names, san_ip=ips,
-                                  actor=actor)
+            self.register_without_token(service_id, service_name=service_name, san_dns=names, san_ip=ips,
+                                        actor=actor)
         service = self.service(service_id)
         cn, dns, ip_list = self.policy.grant_names(service_id, service.san_dns, service.san_ip,
                                                    cn=common_name, dns=names, ips=ips)

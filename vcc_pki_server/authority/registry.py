@@ -36,6 +36,20 @@ class Registry(Identity):
 
         With no SANs, the allow-list is the service id itself (a single-label DNS name).
         """
+        record, token = self._register(service_id, service_name, san_dns, san_ip, actor, fields, with_token=True)
+        assert token is not None
+        return record, token
+
+    def register_without_token(self, service_id: str, *, service_name: str | None = None,
+                               san_dns: Iterable[str] = (), san_ip: Iterable[str] = (),
+                               actor: Actor) -> ServiceRecord:
+        """Register a new service that gets its certificates from the admin, not by enrolling
+        (``pki-admin cert issue``, the server's own): no enrolment token is left behind."""
+        return self._register(service_id, service_name, san_dns, san_ip, actor, {}, with_token=False)[0]
+
+    def _register(self, service_id: str, service_name: str | None, san_dns: Iterable[str],
+                  san_ip: Iterable[str], actor: Actor, fields: dict[str, Any], *,
+                  with_token: bool) -> tuple[ServiceRecord, tokens.NewToken | None]:
         if not actor.is_admin:
             raise NotPermitted("only an admin registers new services")
         check_service_id(service_id)
@@ -51,8 +65,8 @@ class Registry(Identity):
                                default_validity_seconds=limits["default_validity_seconds"],
                                max_validity_seconds=limits["max_validity_seconds"])
         token = tokens.new_token("enrolment", now=now, service_id=service_id,
-                                 expires_at=now + self.settings.enrolment_token_ttl)
-        self.store.add_service(record, actor=actor.label, token=token.record)
+                                 expires_at=now + self.settings.enrolment_token_ttl) if with_token else None
+        self.store.add_service(record, actor=actor.label, token=token.record if token else None)
         log.info("service registered service_id=%s san_dns=%s san_ip=%s", service_id,
                  ",".join(dns), ",".join(record.san_ip))
         return record, token

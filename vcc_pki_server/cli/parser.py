@@ -20,7 +20,13 @@ from .ca_commands import (
 from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
 from .crl_commands import cmd_crl_generate, cmd_crl_list
 from .output import PROG
-from .service_commands import cmd_service_delete, cmd_service_info, cmd_service_list, cmd_service_register
+from .service_commands import (
+    cmd_service_delete,
+    cmd_service_info,
+    cmd_service_list,
+    cmd_service_register,
+    cmd_service_token,
+)
 from .token_commands import cmd_token_create, cmd_token_list, cmd_token_revoke
 
 Command = Callable[[argparse.Namespace], int]
@@ -69,12 +75,15 @@ def global_options(*, suppress: bool) -> argparse.ArgumentParser:
 def password_options(*, root: bool, ca: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     if root:
+        # Where the root's password is the only one (`ca init-root`), the prototype's
+        # --password/--password-file name it too.
+        alias = () if ca else ("--password-file",)
         group = parser.add_argument_group("root CA password")
-        group.add_argument("--root-password-file", metavar="FILE",
+        group.add_argument("--root-password-file", *alias, dest="root_password_file", metavar="FILE",
                            help="file holding the root key's password "
                                 "(else $VCC_PKI_ROOT_PASSWORD, else a prompt)")
-        group.add_argument("--root-password", metavar="PASSWORD",
-                           help="UNSAFE: visible in process lists and shell history")
+        group.add_argument("--root-password", *(() if ca else ("--password",)), dest="root_password",
+                           metavar="PASSWORD", help="UNSAFE: visible in process lists and shell history")
     if ca:
         group = parser.add_argument_group("intermediate CA password")
         group.add_argument("--password-file", "--ca-password-file", dest="password_file", metavar="FILE",
@@ -200,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(service, "list", cmd_service_list, "list services with health and certificate expiry")
     p.add_argument("--healthy", action="store_true", help="only services whose last probe succeeded")
     p = command(service, "info", cmd_service_info, "show a registry entry and its certificate history")
+    p.add_argument("--service-id", required=True, metavar="ID")
+    p = command(service, "token", cmd_service_token,
+                "print a fresh one-time enrolment token for a registered service (e.g. a second "
+                "instance, or after its certificate expired or was revoked)",
+                epilog="example:\n  pki-admin service token --service-id billing")
     p.add_argument("--service-id", required=True, metavar="ID")
     p = command(service, "delete", cmd_service_delete,
                 "decommission a service: revoke its unexpired certificates (cessationOfOperation), spend "

@@ -32,6 +32,19 @@ def cmd_service_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service_token(args: argparse.Namespace) -> int:
+    with open_authority(args, sign=False) as (_, authority):
+        token = authority.new_enrolment_token(args.service_id, actor=Actor.operator())
+    expires = opt_text(token.record.expires_at)
+    if args.json:
+        print_json({"service_id": args.service_id, "enrolment_token": token.value,
+                    "enrolment_token_id": token.record.token_id, "enrolment_token_expires_at": expires})
+    else:
+        print(f"enrolment token for '{args.service_id}' (shown only once, single use, expires {expires}):")
+        print(token.value)
+    return 0
+
+
 def all_services(authority: Authority, healthy: bool | None) -> list[ServiceRecord]:
     services: list[ServiceRecord] = []
     while True:
