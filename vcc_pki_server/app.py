@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
@@ -15,7 +16,7 @@ from starlette.types import ASGIApp
 
 from .api.edge import Edge
 from .api.issuance import ISSUE_PATH, Issuer
-from .api.routes import ROUTES, StoreProbe
+from .api.routes import ROUTES, RootCRL, StoreProbe
 from .authority import Authority
 
 log = logging.getLogger("vcc_pki_server.api")
@@ -25,9 +26,10 @@ Lifecycle = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
 def create_app(authority: Authority, *, background: list[Lifecycle] | None = None,
-               crl_refresh_seconds: float = 600.0) -> Edge:
+               crl_refresh_seconds: float = 600.0, root_crl: Path | None = None) -> Edge:
     """The API app. ``background`` jobs start with the app and stop with it; the CRL is
-    regenerated before its nextUpdate by a periodic check every ``crl_refresh_seconds``."""
+    regenerated before its nextUpdate by a periodic check every ``crl_refresh_seconds``;
+    ``root_crl`` is the file of the root's CRL (``<home>/ca/root_crl.pem``) it serves."""
     jobs = list(background or [])
     issuer = Issuer(authority)
     probe = StoreProbe(authority.store)
@@ -57,5 +59,5 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
             probe.close()
 
     direct = [r for r in ROUTES if isinstance(r, Route) and r.path == ISSUE_PATH]
-    state = State({"authority": authority, "issuer": issuer, "probe": probe})
+    state = State({"authority": authority, "issuer": issuer, "probe": probe, "root_crl": RootCRL(root_crl)})
     return Edge(Router(ROUTES, lifespan=lifespan), state=state, direct=direct)

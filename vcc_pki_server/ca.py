@@ -272,33 +272,43 @@ class CertificateAuthority:
 
     def build_crl(self, revoked: Sequence[tuple[int, datetime, str | None]], *, number: int,
                   this_update: datetime, next_update: datetime) -> x509.CertificateRevocationList:
-        """A v2 CRL of ``(serial, revoked_at, reason)`` entries with CRL number and AKI.
+        """The intermediate's CRL: :func:`build_crl` signed with its key."""
+        return build_crl(self.certificate, self.key, revoked, number=number, this_update=this_update,
+                         next_update=next_update)
 
-        The entry list is handed to the builder at once: ``add_revoked_certificate()`` copies the
-        list on every call, which makes 100k entries take seconds instead of a fraction of one.
-        """
-        # Each entry is made with one constructor call (the fluent setters copy the builder at
-        # every step); dates repeat (second precision) and reasons are few, so both are shared.
-        dates: dict[datetime, datetime] = {}
-        entries = []
-        for serial, revoked_at, reason in revoked:
-            if not 0 < serial < (1 << 159):
-                raise ValueError(f"serial number {serial:x} out of range")
-            when = dates.get(revoked_at)
-            if when is None:
-                when = dates[revoked_at] = _naive_utc(revoked_at)
-            # RFC 5280 §5.3.1: omit the reason code rather than use unspecified.
-            extensions: list[x509.Extension[x509.ExtensionType]] = (
-                [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else [])
-            entries.append(x509.RevokedCertificateBuilder(serial, when, extensions).build())
-        builder = x509.CertificateRevocationListBuilder(
-            issuer_name=self.certificate.subject,
-            last_update=this_update,
-            next_update=next_update,
-            extensions=[
-                x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
-                x509.Extension(self._aki.oid, False, self._aki),
-            ],
-            revoked_certificates=entries,
-        )
-        return builder.sign(self.key, self._hash)
+
+def build_crl(issuer: x509.Certificate, key: CAPrivateKey, revoked: Sequence[tuple[int, datetime, str | None]],
+              *, number: int, this_update: datetime, next_update: datetime) -> x509.CertificateRevocationList:
+    """A v2 CRL of ``(serial, revoked_at, reason)`` entries with CRL number and AKI, signed by
+    ``issuer`` (the intermediate for leaves, the root for intermediates).
+
+    The entry list is handed to the builder at once: ``add_revoked_certificate()`` copies the
+    list on every call, which makes 100k entries take seconds instead of a fraction of one.
+    """
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    # Each entry is made with one constructor call (the fluent setters copy the builder at
+    # every step); dates repeat (second precision) and reasons are few, so both are shared.
+    dates: dict[datetime, datetime] = {}
+    entries = []
+    for serial, revoked_at, reason in revoked:
+        if not 0 < serial < (1 << 159):
+            raise ValueError(f"serial number {serial:x} out of range")
+        when = dates.get(revoked_at)
+        if when is None:
+            when = dates[revoked_at] = _naive_utc(revoked_at)
+        # RFC 5280 §5.3.1: omit the reason code rather than use unspecified.
+        extensions: list[x509.Extension[x509.ExtensionType]] = (
+            [_REASON_EXTENSIONS[reason]] if reason and reason != "unspecified" else [])
+        entries.append(x509.RevokedCertificateBuilder(serial, when, extensions).build())
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=issuer.subject,
+        last_update=this_update,
+        next_update=next_update,
+        extensions=[
+            x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+            x509.Extension(aki.oid, False, aki),
+        ],
+        revoked_certificates=entries,
+    )
+    return builder.sign(key, signature_hash(key))

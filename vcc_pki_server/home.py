@@ -16,12 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from vcc_pki_client.files import write_atomically
 
 from .authority import Actor, Authority, Issued, utc_now
-from .ca import CAPrivateKey, CertificateAuthority, create_intermediate, create_root, generate_key
+from .ca import CAPrivateKey, CertificateAuthority, build_crl, create_intermediate, create_root, generate_key
 from .config import Config
 from .encoding import cert_pem
 from .errors import CAError, CAUnavailable
 from .store import Store
 from .store.sqlite import SQLiteStore
+
+ROOT_CRL_VALIDITY = timedelta(days=365)  # SPEC §10: the root's CRL, renewed by `pki-admin ca root-crl`
 
 SERVER_SERVICE_ID = "pki-server"
 
@@ -46,6 +48,7 @@ class Home:
         self.ca_dir = self.root / "ca"
         self.root_cert = self.ca_dir / "root_ca.pem"
         self.root_key = self.ca_dir / "root_ca_key.pem"
+        self.root_crl_file = self.ca_dir / "root_crl.pem"
         self.intermediate_cert = self.ca_dir / "intermediate_ca.pem"
         self.intermediate_key = self.ca_dir / "intermediate_ca_key.pem"
         self.services_dir = self.root / "service_certificates"
@@ -125,7 +128,33 @@ class Home:
         cert = create_intermediate(root, root_key, key, now=now or utc_now(), days=days)
         write_file(self.intermediate_key, key_pem(key, password), 0o400)
         write_file(self.intermediate_cert, cert_pem(cert), 0o644)
+        self._write_root_crl(root, root_key, now or utc_now())
         return cert
+
+    def write_root_crl(self, root_password: str, *, now: datetime | None = None) -> x509.CertificateRevocationList:
+        """Sign and write the root's CRL anew (``pki-admin ca root-crl``): the next CRL number,
+        valid for a year. Raises CAUnavailable for a wrong root password."""
+        root_key = self._load_key(self.root_key, root_password, "root CA")
+        return self._write_root_crl(self.root_certificate(), root_key, now or utc_now())
+
+    def root_crl(self) -> x509.CertificateRevocationList | None:
+        """The root's CRL (SPEC §10: the intermediates it revoked), None in a home without one."""
+        try:
+            return x509.load_pem_x509_crl(self.root_crl_file.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def _write_root_crl(self, root: x509.Certificate, root_key: CAPrivateKey,
+                        now: datetime) -> x509.CertificateRevocationList:
+        previous = self.root_crl()
+        number = 1
+        if previous is not None:
+            number = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        # No intermediate is revoked yet: CA rotation (SPEC §13) adds them.
+        crl = build_crl(root, root_key, [], number=number, this_update=now,
+                        next_update=now + ROOT_CRL_VALIDITY)
+        write_file(self.root_crl_file, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        return crl
 
     def load_ca(self, password: str, config: Config | None = None) -> CertificateAuthority:
         config = config or self.config()

@@ -126,7 +126,7 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
     authority = home.authority(password)
     ca_file = home.ca_dir / "ca_chain.pem"
     ctx = server_ssl_context(home.server_cert, home.server_key, ca_file)
-    app = create_app(authority, background=_background(home, args, authority))
+    app = create_app(authority, background=_background(home, args, authority), root_crl=home.root_crl_file)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers
     # that ends in a clean exit 0 instead of death by SIGTERM or a KeyboardInterrupt traceback.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -42,6 +42,7 @@ class World:
     target: Enrolled
     other: Enrolled
     callers: dict[str, httpx.Client]
+    root_ski: str  # the root's subject key identifier, hex (its CRL's path)
 
 
 @attrs.frozen
@@ -95,6 +96,7 @@ CASES: dict[str, Case] = {
     "ca-intermediate": Case("GET", "/ca/intermediate", PUBLIC),
     "ca-chain": Case("GET", "/ca/chain", PUBLIC),
     "crl": Case("GET", "/crl", PUBLIC),
+    "crl-of-issuer": Case("GET", "/crl/{root_ski}", PUBLIC),
     "health": Case("GET", "/health", PUBLIC),
     "openapi": Case("GET", "/openapi.json", PUBLIC),
 }
@@ -103,12 +105,14 @@ CODES = {401: "not_authenticated", 403: "not_permitted", 409: "conflict"}
 
 @pytest.fixture
 def world(enrolled: Enrol, clients: Clients, anon: httpx.Client, admin: httpx.Client) -> World:
+    root = x509.load_pem_x509_certificate(admin.get(f"{API}/ca/root").content)
+    root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
     target, other = enrolled(), enrolled()
     r = admin.post(f"{API}/services/{target.service_id}/enrolment-token")
     assert r.status_code == 201, r.text
     return World(target, other, {
         "anonymous": anon, "admin": admin, "enrolment": clients.new(token=r.json()["enrolment_token"]),
-        "own": target.client, "other": other.client})
+        "own": target.client, "other": other.client}, root_ski)
 
 
 @pytest.mark.parametrize("caller", CALLERS)
@@ -117,7 +121,7 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
                                                             problem: Problem) -> None:
     case = CASES[endpoint]
     prefix = "" if case.path in ("/health", "/openapi.json") else API
-    url = prefix + case.path.format(sid=world.target.service_id)
+    url = prefix + case.path.format(sid=world.target.service_id, root_ski=world.root_ski)
     kwargs: dict[str, Any] = {"params": case.params}
     if case.body is not None:
         kwargs["json"] = case.body(world)
@@ -133,7 +137,7 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
 
 def test_every_route_is_in_the_matrix() -> None:
     covered = {(c.method, (c.path if c.path in ("/health", "/openapi.json") else API + c.path)
-                .replace("{sid}", "{service_id}")) for c in CASES.values()}
+                .replace("{sid}", "{service_id}").replace("{root_ski}", "{ski}")) for c in CASES.values()}
     routes = {(m, r.path) for r in ROUTES if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
     assert routes == covered
 

@@ -73,6 +73,10 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
     "ca_chain": ("Intermediate then root, PEM", [], {}, "200", None),
     "crl": ("The current CRL (DER; ?format=pem for PEM)", [], {"parameters": [
         _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
+    "crl_of_issuer": ("The CRL of one CA by its subject key identifier (hex): the intermediate's, or the "
+                      "root's (revoked intermediates)", [], {"parameters": [
+                          {"name": "ski", "in": "path", "required": True, "schema": {"type": "string"}},
+                          _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
     "health": ("Liveness and readiness", [], {}, "200", None),
     "openapi": ("This document", [], {}, "200", None),
 }

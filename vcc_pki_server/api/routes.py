@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -17,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 from .. import render
 from ..authority import Actor, Authority
 from ..encoding import cert_pem
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotFound
 from ..policy import check_service_id
 from ..store import Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
@@ -237,6 +238,53 @@ async def crl(request: Request) -> Response:
     return Response(record.der, media_type="application/pkix-crl", headers=headers)
 
 
+class RootCRL:
+    """The root's CRL as ``pki-admin`` last wrote it (a file in the home), read again when the
+    file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._kept: tuple[tuple[int, int], x509.CertificateRevocationList] | None = None
+
+    def current(self) -> x509.CertificateRevocationList | None:
+        """The CRL, or None without one (a home made before SPEC §10, or no path given)."""
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        kept = self._kept
+        if kept is None or kept[0] != stamp:
+            kept = self._kept = (stamp, x509.load_pem_x509_crl(self.path.read_bytes()))
+        return kept[1]
+
+
+def _ski_hex(cert: x509.Certificate) -> str:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+async def crl_of_issuer(request: Request) -> Response:
+    """``/api/v1/crl/{issuer_ski_hex}``: the CRL of that CA (the intermediate's is ``/crl``'s)."""
+    ski = request.path_params["ski"].lower()
+    authority = _authority(request)
+    if ski == _ski_hex(authority.ca.certificate):
+        return await crl(request)
+    fmt = request.query_params.get("format", "der").lower()
+    if fmt not in ("der", "pem"):
+        raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
+    if ski != _ski_hex(authority.ca.root):
+        raise NotFound(f"no CA of this server has the subject key identifier {ski!r}")
+    root_crl: RootCRL = request.app.state.root_crl
+    found = await run_in_threadpool(root_crl.current)
+    if found is None:
+        raise NotFound("the root's CRL has not been made: run `pki-admin ca root-crl`")
+    encoding = serialization.Encoding.PEM if fmt == "pem" else serialization.Encoding.DER
+    return Response(found.public_bytes(encoding), media_type=PEM if fmt == "pem" else "application/pkix-crl",
+                    headers={"Cache-Control": "no-cache"})
+
+
 async def health(request: Request) -> Response:
     """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503."""
     probe: StoreProbe = request.app.state.probe
@@ -296,6 +344,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/ca/intermediate", ca_intermediate, methods=["GET"]),
     Route(f"{API}/ca/chain", ca_chain, methods=["GET"]),
     Route(f"{API}/crl", crl, methods=["GET"]),
+    Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]

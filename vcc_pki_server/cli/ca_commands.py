@@ -68,6 +68,23 @@ def cmd_ca_create_intermediate(args: argparse.Namespace) -> int:
     return show_ca_certificate(args, "intermediate CA", cert, home.intermediate_cert)
 
 
+def cmd_ca_root_crl(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    if not home.has_root():
+        raise CAError(f"{home.root} has no root CA: run `pki-admin ca init-root` first")
+    crl = home.write_root_crl(root_password(args))
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    next_update = crl.next_update_utc
+    data: JSON = {"number": number, "entries": len(crl), "path": str(home.root_crl_file),
+                  "next_update": utc_text(next_update) if next_update else None}
+    if args.json:
+        print_json(data)
+    else:
+        print(f"wrote the root's CRL number {number} ({len(crl)} revoked intermediate(s)) to "
+              f"{home.root_crl_file}; next update {data['next_update']}")
+    return 0
+
+
 def check_root_password(home: Home, password: str) -> None:
     try:
         serialization.load_pem_private_key(home.root_key.read_bytes(), password.encode())

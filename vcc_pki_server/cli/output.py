@@ -84,6 +84,9 @@ def ca_certificate_json(cert: x509.Certificate, path: Path) -> JSON:
         "key": key_label(cert.public_key()), "not_before": utc_text(cert.not_valid_before_utc),
         "not_after": utc_text(cert.not_valid_after_utc),
         "fingerprint_sha256": fingerprint_sha256(cert), "path": str(path),
+        # Its CRL's path on the server: /api/v1/crl/<subject_key_identifier>
+        "subject_key_identifier": cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value.digest.hex(),
     }
 
 

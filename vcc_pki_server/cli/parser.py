@@ -15,6 +15,7 @@ from .ca_commands import (
     cmd_ca_create_intermediate,
     cmd_ca_info,
     cmd_ca_init_root,
+    cmd_ca_root_crl,
     cmd_init,
 )
 from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "--password-file ca.pw")
     p.add_argument("--key-type", choices=INTERMEDIATE_KEY_TYPES, default="rsa-2048",
                    help="default: %(default)s")
+    command(ca, "root-crl", cmd_ca_root_crl,
+            "sign the root's CRL anew (revoked intermediates; valid a year); init and "
+            "create-intermediate make the first", password_options(root=True, ca=False),
+            epilog="example:\n  pki-admin ca root-crl --root-password-file root.pw")
     command(ca, "info", cmd_ca_info, "show the CA certificates and URLs (no password needed)")
 
     # cert
