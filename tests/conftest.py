@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,14 @@ ROOT_PASSWORD = "root-password-for-tests"
 CA_PASSWORD = "intermediate-password-for-tests"
 
 
-def build_home(path: Path, *, config: Config | None = None) -> Home:
-    """A home with an EC P-256 root and intermediate, config.toml and a server certificate."""
+def build_home(path: Path, *, config: Config | None = None, ca_made: datetime | None = None) -> Home:
+    """A home with an EC P-256 root and intermediate (made at ``ca_made``, default now),
+    config.toml and a server certificate."""
     home = Home(path)
     home.ensure()
     home.save_config(config or Config())
-    home.create_root(ROOT_PASSWORD, key_type="ec-p256")
-    home.create_intermediate(ROOT_PASSWORD, CA_PASSWORD, key_type="ec-p256")
+    home.create_root(ROOT_PASSWORD, key_type="ec-p256", now=ca_made)
+    home.create_intermediate(ROOT_PASSWORD, CA_PASSWORD, key_type="ec-p256", now=ca_made)
     authority = home.authority(CA_PASSWORD)
     home.issue_server_certificate(authority, home.config())
     authority.generate_crl(actor=Actor.operator())

@@ -12,19 +12,18 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 
 import uvicorn
 from cryptography import x509
 
-from . import logs, passwords
+from . import logs, passwords, server_cert
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
 from .bootstrap import initialize
 from .encoding import cert_pem
 from .errors import CAError
 from .home import Home, write_file
-from .mtls import server_ssl_context, uvicorn_config
+from .mtls import uvicorn_config
 
 log = logging.getLogger("vcc_pki_server.server")
 
@@ -56,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dev", action="store_true",
                         help="on an empty home, create a dev CA with random passwords kept in <home>/secrets/")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--cert-check-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="how often each worker looks at the server's own certificate: renews it when a "
+                             "third of its lifetime is left, reloads it when another worker did (default 60)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -82,15 +84,12 @@ def dev_init(home: Home) -> str:
     return ca_password
 
 
-SERVER_RENEW_BEFORE = timedelta(days=30)
-
-
 def renew_server_certificate_if_due(home: Home, password: str) -> bool:
     """Issue the server's own certificate (new key) at start-up when the home has none (a home
-    made step by step with `ca init-root` and `ca create-intermediate`), or re-issue it when it
-    expires within 30 days; and a first CRL if there is none."""
+    made step by step with `ca init-root` and `ca create-intermediate`), or re-issue it when a
+    third of its lifetime is left (as the running workers do); and a first CRL if there is none."""
     current = x509.load_pem_x509_certificate(home.server_cert.read_bytes()) if home.server_cert.exists() else None
-    if current is not None and current.not_valid_after_utc - utc_now() > SERVER_RENEW_BEFORE:
+    if current is not None and not server_cert.due(current, utc_now()):
         return False
     authority = home.authority(password)
     try:
@@ -124,9 +123,10 @@ def _background(home: Home, args: argparse.Namespace, authority: object) -> list
 def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> None:
     """One server process: its own store connection, app and event loop, on the shared socket."""
     authority = home.authority(password)
-    ca_file = home.ca_dir / "ca_chain.pem"
-    ctx = server_ssl_context(home.server_cert, home.server_key, ca_file)
-    app = create_app(authority, background=_background(home, args, authority), root_crl=home.root_crl_file)
+    own = server_cert.ServerCertificate(home, authority, interval=args.cert_check_interval)
+    ctx = own.ssl_context()
+    app = create_app(authority, background=[*_background(home, args, authority), (own.start, own.stop)],
+                     root_crl=home.root_crl_file)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers
     # that ends in a clean exit 0 instead of death by SIGTERM or a KeyboardInterrupt traceback.
     for signum in (signal.SIGTERM, signal.SIGINT):

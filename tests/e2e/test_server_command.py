@@ -8,7 +8,7 @@ import socket
 import stat
 import subprocess
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -80,20 +80,52 @@ def _workers_started(server: RunningServer) -> set[str]:
         re.findall(r"Started server process \[(\d+)\]", server.log()))
 
 
-def test_server_certificate_expiring_within_30_days_is_renewed_at_start(tmp_path: Path) -> None:
-    home = build_home(tmp_path / "h")
-    short = Config(default_validity_days=10, max_validity_days=10)
-    authority = Authority(home.open_store(), home.load_ca(CA_PASSWORD), policy=short.policy())
-    home.issue_server_certificate(authority, short)
+def presented_serial(server: RunningServer, home: Home) -> int:
+    """The serial of the certificate the server presents in a new handshake."""
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+            tls_context(home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_a_server_certificate_with_a_third_of_its_life_left_is_renewed_at_start(tmp_path: Path) -> None:
+    issued_nine_days_ago = datetime.now(timezone.utc) - timedelta(days=9)
+    home = build_home(tmp_path / "h", ca_made=issued_nine_days_ago - timedelta(days=1))
+    ten_days = Config(default_validity_days=10, max_validity_days=10)
+    authority = Authority(home.open_store(), home.load_ca(CA_PASSWORD), policy=ten_days.policy(),
+                          clock=lambda: issued_nine_days_ago)
+    home.issue_server_certificate(authority, ten_days)
     authority.store.close()
     before = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
     with RunningServer(home, CA_PASSWORD) as server:
-        with socket.create_connection(("127.0.0.1", server.port)) as raw, \
-                tls_context(home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
-            presented = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
-    assert presented.serial_number != before.serial_number
-    assert presented.not_valid_after_utc - before.not_valid_after_utc > timedelta(days=300)
+        presented = presented_serial(server, home)
+    assert presented != before.serial_number
+    after = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
+    assert after.serial_number == presented
+    assert after.not_valid_after_utc - before.not_valid_after_utc > timedelta(days=300)
     assert "server certificate renewed" in server.log()
+
+
+def test_every_worker_presents_a_server_certificate_replaced_while_running(tmp_path: Path) -> None:
+    """SPEC §10: the running server's own certificate changes without a restart, in every worker
+    (here another process replaced it, as a worker that renewed it does)."""
+    home = build_home(tmp_path / "h")
+    before = x509.load_pem_x509_certificate(home.server_cert.read_bytes()).serial_number
+    with RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2", "--cert-check-interval", "0.2"]) as server:
+        assert {presented_serial(server, home) for _ in range(6)} == {before}
+        authority = home.authority(CA_PASSWORD)
+        try:
+            new = home.issue_server_certificate(authority, home.config()).certificate.serial_number
+        finally:
+            authority.store.close()
+        deadline = time.monotonic() + 5
+        while True:
+            seen = [presented_serial(server, home) for _ in range(10)]  # new connections, either worker
+            if set(seen) == {new}:
+                break
+            assert time.monotonic() < deadline, f"still presented after 5 s: {set(seen) - {new}}"
+            time.sleep(0.1)
+        assert server.log_once(lambda log: log.count("server certificate reloaded") >= 2).count(
+            "server certificate reloaded") >= 2  # one line per worker
 
 
 def test_home_without_a_ca_fails_with_one_line_and_creates_nothing(tmp_path: Path) -> None:
