@@ -231,12 +231,18 @@ class PKIClient:
         self._keep_crl()
         return issued
 
-    def revoke(self, reason: str = "unspecified", serial: int | str | None = None) -> CertificateInfo:
+    def revoke(self, reason: str = "unspecified", serial: int | str | None = None, *,
+               all_certificates: bool = False) -> CertificateInfo:
         """Revoke the current certificate (or ``serial``, int or hex) with an RFC 5280 reason name.
 
-        Returns the revoked certificate's record; the server publishes a new CRL first.
+        ``keyCompromise`` also revokes every unexpired certificate with the same key (older
+        ones a same-key renewal left); ``all_certificates=True`` every unexpired certificate of
+        this service. Returns the named certificate's record, ``revoked_serials`` listing all
+        revoked; the server publishes a new CRL first.
         """
         params = {"reason": reason}
+        if all_certificates:
+            params["all"] = "true"
         if serial is not None:
             params["serial"] = format(serial, "x") if isinstance(serial, int) else serial.replace(":", "").lower()
         data = self._conn().json("DELETE", f"/certificates/{self.service_id}/revoke", params=params, retry=Retry.UNSENT)

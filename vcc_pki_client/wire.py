@@ -248,6 +248,9 @@ class CertificateInfo:
     fingerprint_sha256: str
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
+    #: In a revocation's answer: every serial the call revoked (the named one first; more with
+    #: keyCompromise, which takes every certificate of the key, or ``all=True``). Else empty.
+    revoked_serials: list[str] = attrs.field(factory=list)
 
     @classmethod
     def from_json(cls, data: object) -> CertificateInfo:
@@ -264,6 +267,7 @@ class CertificateInfo:
             fingerprint_sha256=m.text("fingerprint_sha256"),
             revoked_at=m.opt_time("revoked_at"),
             revocation_reason=m.opt_text("revocation_reason"),
+            revoked_serials=m.texts("revoked_serials", optional=True),
         )
 
 

@@ -177,3 +177,19 @@ def test_cli_revoke_all_and_service_delete(enrolled: Any, admin: httpx.Client, c
                      "--password-file", str(password)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown service" in err
+
+
+def test_the_sdk_revokes_every_certificate_of_its_compromised_key(pki_server: Any, ca_home: Home, register: Any,
+                                                                  tmp_path: Path) -> None:
+    from peers import FAST, fingerprint, new_id
+    from vcc_pki_client import PKIClient
+
+    sid = new_id()
+    with PKIClient(pki_server.url, sid, cert_file=tmp_path / "cert.pem", key_file=tmp_path / "key.pem",
+                   root_fingerprint=fingerprint(ca_home), retry_policy=FAST) as pki:
+        first = pki.enroll(register(sid))
+        second = pki.renew(rekey=False)  # the same key
+        record = pki.revoke("keyCompromise")
+        assert record.serial_number == second.serial_number and record.status == "revoked"
+        assert record.revoked_serials == [second.serial_number, first.serial_number]
+        assert pki.is_revoked(int(first.serial_number, 16)) and pki.is_revoked()
