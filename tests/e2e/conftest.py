@@ -10,6 +10,7 @@ Fixtures:
   (cert.pem / key.pem paths and an mTLS client).
 - ``problem``: asserts that a response is an RFC 9457 problem document of a given status.
 - ``sdk_clients``: PKIClients a test made, closed at teardown.
+- ``sdk_service``: a service registered and enrolled with the SDK (a PKIClient).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 
 from support import RunningServer, make_csr, tls_context
 from vcc_pki_client import PKIClient
-from vcc_pki_server.home import key_pem
+from vcc_pki_server.home import Home, key_pem
 
 API = "/api/v1"
 PROBLEM_MEMBERS = ("type", "title", "status", "detail", "code")
@@ -176,3 +177,34 @@ def sdk_clients() -> Iterator[list[PKIClient]]:
     yield made
     for pki in made:
         pki.close()
+
+
+SDKService = Callable[..., PKIClient]
+
+
+@pytest.fixture
+def sdk_service(pki_server: RunningServer, register: Register, tmp_path: Path, sdk_clients: list[PKIClient],
+                ca_root_fingerprint: str) -> SDKService:
+    """``sdk_service(enroll={...}, **client_kw)``: a new service registered by the admin (SANs:
+    its id, localhost, 127.0.0.1) and enrolled with a PKIClient made with ``client_kw``."""
+
+    def make(*, enroll: dict[str, Any] | None = None, **client_kw: Any) -> PKIClient:
+        from peers import FAST, new_id
+
+        sid = new_id()
+        token = register(sid, san_dns=[sid, "localhost"], san_ip=["127.0.0.1"])
+        client_kw.setdefault("retry_policy", FAST)
+        pki = PKIClient(pki_server.url, sid, cert_file=tmp_path / sid / "cert.pem",
+                        key_file=tmp_path / sid / "key.pem", root_fingerprint=ca_root_fingerprint, **client_kw)
+        sdk_clients.append(pki)
+        pki.enroll(token, **(enroll or {}))
+        return pki
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ca_root_fingerprint(ca_home: Home) -> str:
+    from peers import fingerprint
+
+    return fingerprint(ca_home)

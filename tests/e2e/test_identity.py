@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,27 +16,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from peers import FAST, fingerprint, new_id
-from support import RunningServer, free_port
+from support import free_port
 from vcc_pki_client import PKIClient, peer_service_id
 from vcc_pki_client.asgi import MTLSH11Protocol, caller_service_id
-from vcc_pki_server.home import Home
 
 
 @pytest.fixture
-def service(pki_server: RunningServer, ca_home: Home, register: Callable[..., str], tmp_path: Path,
-            sdk_clients: list[PKIClient]) -> Callable[[], PKIClient]:
-    def make() -> PKIClient:
-        sid = new_id()
-        token = register(sid, san_dns=[sid, "localhost"], san_ip=["127.0.0.1"])
-        pki = PKIClient(pki_server.url, sid, cert_file=tmp_path / sid / "cert.pem",
-                        key_file=tmp_path / sid / "key.pem", root_fingerprint=fingerprint(ca_home),
-                        retry_policy=FAST)
-        sdk_clients.append(pki)
-        pki.enroll(token)
-        return pki
-
-    return make
+def service(sdk_service: Callable[..., PKIClient]) -> Callable[[], PKIClient]:
+    return lambda: sdk_service()
 
 
 def serve(pki: PKIClient, allowed: set[str]) -> Iterator[int]:

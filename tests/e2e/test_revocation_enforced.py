@@ -19,10 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from peers import FAST, PeerServer, fingerprint, new_id
-from support import RunningServer, free_port
+from peers import FAST, PeerServer
+from support import free_port
 from vcc_pki_client import AsyncPKIClient, PKIClient
-from vcc_pki_server.home import Home
 
 API = "/api/v1"
 REFRESH = 1.0
@@ -30,22 +29,9 @@ Make = Callable[..., PKIClient]
 
 
 @pytest.fixture
-def service(pki_server: RunningServer, ca_home: Home, register: Callable[..., str], tmp_path: Path,
-            sdk_clients: list[PKIClient]) -> Make:
+def service(sdk_service: Callable[..., PKIClient]) -> Make:
     """``service(**client_kw)``: a new service, registered and enrolled, its CRL refreshed every second."""
-
-    def make(**kw: Any) -> PKIClient:
-        sid = new_id()
-        token = register(sid, san_dns=[sid, "localhost"], san_ip=["127.0.0.1"])
-        kw.setdefault("crl_refresh", REFRESH)
-        pki = PKIClient(pki_server.url, sid, cert_file=tmp_path / sid / "cert.pem",
-                        key_file=tmp_path / sid / "key.pem", root_fingerprint=fingerprint(ca_home),
-                        retry_policy=FAST, **kw)
-        sdk_clients.append(pki)
-        pki.enroll(token)
-        return pki
-
-    return make
+    return lambda **kw: sdk_service(**{"crl_refresh": REFRESH, **kw})
 
 
 def revoke(admin: httpx.Client, pki: PKIClient) -> None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -51,21 +50,9 @@ EnrolledFactory = Callable[..., PKIClient]
 
 
 @pytest.fixture
-def enrolled(pki_server: RunningServer, ca_home: Home, register: Register, tmp_path: Path,
-             sdk_clients: list[PKIClient]) -> EnrolledFactory:
+def enrolled(sdk_service: Callable[..., PKIClient]) -> EnrolledFactory:
     """``enrolled(**enroll_kw)``: a new service registered by the admin and enrolled with the SDK."""
-
-    def make(**enroll_kw: Any) -> PKIClient:
-        sid = new_id()
-        token = register(sid, san_dns=[sid, "localhost"], san_ip=["127.0.0.1"])
-        pki = PKIClient(pki_server.url, sid, cert_file=tmp_path / sid / "cert.pem",
-                        key_file=tmp_path / sid / "key.pem", root_fingerprint=fingerprint(ca_home),
-                        retry_policy=FAST)
-        sdk_clients.append(pki)
-        pki.enroll(token, **enroll_kw)
-        return pki
-
-    return make
+    return lambda **enroll_kw: sdk_service(enroll=enroll_kw)
 
 
 # -- (a) the prototype's example, as written ------------------------------------------------------
