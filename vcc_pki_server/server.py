@@ -164,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         home.load_ca(password)  # fail early, in the parent, on a wrong password
         home.open_store().close()  # ... and on an unreachable database; migrations run once, here
         renew_server_certificate_if_due(home, password)
+        authority = home.authority(password)
+        try:  # a revocation stored by a crashed older version without its CRL is published now
+            authority.republish_if_behind(actor=Actor.system("crl"))
+        finally:
+            authority.store.close()
         write_file(home.ca_dir / "ca_chain.pem",
                    cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)
     except (CAError, OSError) as exc:

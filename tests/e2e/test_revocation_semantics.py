@@ -24,8 +24,11 @@ def crl_reasons(anon: httpx.Client) -> dict[str, str]:
     crl = x509.load_der_x509_crl(anon.get(f"{API}/crl").content)
     out = {}
     for entry in crl:
-        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-        out[format(entry.serial_number, "x")] = reason.name
+        try:
+            reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.name
+        except x509.ExtensionNotFound:  # RFC 5280 §5.3.1: "unspecified" is written as no reason
+            reason = "unspecified"
+        out[format(entry.serial_number, "x")] = reason
     return out
 
 

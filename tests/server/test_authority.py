@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import attrs
 import pytest
@@ -571,3 +572,29 @@ def test_audit_log_and_logs_never_contain_token_values_or_passwords(
             assert secret not in text, row
     for secret in secrets:
         assert secret not in caplog.text
+
+
+def test_a_crl_missing_a_revocation_is_published_again(tmp_path: Path) -> None:
+    """A revocation stored without its CRL (an older version that crashed between the two) is
+    put on a new CRL at start, and a retried revocation (409) does the same."""
+    from conftest import CA_PASSWORD, build_home
+
+    home = build_home(tmp_path / "h")
+    auth = home.authority(CA_PASSWORD)
+    try:
+        operator = Actor.operator()
+        issued = enrol(auth, "late", operator)
+        auth.store.revoke_certificates(issued.record.serial, reason="keyCompromise", at=now(), actor="old")
+        crl = auth.republish_if_behind(actor=operator)
+        assert crl is not None
+        assert int(issued.record.serial, 16) in {e.serial_number for e in x509.load_der_x509_crl(crl.der)}
+        assert auth.republish_if_behind(actor=operator) is None  # complete now
+        other = enrol(auth, "later", operator)
+        auth.store.revoke_certificates(other.record.serial, reason="superseded", at=now(), actor="old")
+        with pytest.raises(Conflict):
+            auth.revoke("later", serial=other.record.serial, actor=operator)  # the retry
+        latest = auth.store.latest_crl()
+        assert latest is not None
+        assert int(other.record.serial, 16) in {e.serial_number for e in x509.load_der_x509_crl(latest.der)}
+    finally:
+        auth.store.close()

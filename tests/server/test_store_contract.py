@@ -514,3 +514,22 @@ def test_a_crl_lists_a_revoked_certificate_until_its_not_after(store: Store) -> 
     assert seen[at_expiry.number] == {long.serial} == seen[later.number]
     assert later.entries == 1
     assert {serial for serial, _, _ in store.revoked()} == {short.serial, long.serial}  # the record stays
+
+
+def test_a_revocation_and_its_crl_are_stored_together_or_not_at_all(store: Store) -> None:
+    """SPEC §10 / issue 18: no crash between the two can leave a revoked serial off the CRL."""
+    store.add_service(service("atom"), actor="test")
+    record = cert("atom")
+    store.add_certificate(record, actor="test")
+
+    def broken(number: int, revoked: list[tuple[str, datetime, str]]) -> CRLRecord:
+        raise RuntimeError("the signing failed half way")
+
+    with pytest.raises(RuntimeError):
+        store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="t", publish=broken)
+    assert store.revoked() == [] and store.latest_crl() is None  # nothing of it stayed
+    seen: dict[int, set[str]] = {}
+    done = store.revoke_certificates(record.serial, reason="superseded", at=NOW, actor="t",
+                                     publish=crl_builder(seen))
+    assert done.crl is not None and seen[done.crl.number] == {record.serial}
+    assert store.latest_crl_number() == done.crl.number

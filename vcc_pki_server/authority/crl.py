@@ -7,13 +7,14 @@ import time
 from datetime import datetime
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..ca import REASONS
 from ..encoding import pem_text
-from ..errors import InvalidRequest, NotFound, NotPermitted
+from ..errors import CAUnavailable, Conflict, InvalidRequest, NotFound, NotPermitted
 from ..policy import check_service_id
-from ..store import CRLRecord, Revoked, utc_text
+from ..store import BuildCRL, CRLRecord, Revoked, utc_text
 from .base import Actor, log
 from .issuance import Issuance
 
@@ -47,14 +48,21 @@ class Revocation(Issuance):
                 raise NotFound(f"service '{service_id}' has no certificate with serial {serial}",
                                code="unknown_certificate")
             target = record
-        revoked = self.store.revoke_certificates(target.serial, reason=reason, at=self.clock(), actor=actor.label,
-                                                 service_wide=all_certificates,
-                                                 same_key=reason == "keyCompromise")
+        now = self.clock()
+        try:
+            revoked = self.store.revoke_certificates(target.serial, reason=reason, at=now, actor=actor.label,
+                                                     service_wide=all_certificates,
+                                                     same_key=reason == "keyCompromise",
+                                                     publish=self._crl_builder(now))
+        except Conflict as exc:
+            if exc.code == "already_revoked":  # a retry: make sure the CRL says so too
+                self.republish_if_behind(actor=actor)
+            raise
         log.info("certificate revoked service_id=%s serial=%s reason=%s actor=%s%s", service_id,
                  target.serial, reason, actor.label,
                  f" also={','.join(revoked.serials[1:])}" if len(revoked.serials) > 1 else "")
-        if self._ca is not None:
-            self.generate_crl(actor=actor)
+        if revoked.crl is not None:
+            self._published(revoked.crl)
         return revoked
 
     def decommission(self, service_id: str, *, actor: Actor) -> list[str]:
@@ -63,16 +71,44 @@ class Revocation(Issuance):
         Returns the serials revoked. Admins only."""
         if not actor.is_admin:
             raise NotPermitted("only an admin decommissions a service")
-        serials = self.store.decommission_service(check_service_id(service_id), at=self.clock(), actor=actor.label)
+        now = self.clock()
+        serials, crl = self.store.decommission_service(check_service_id(service_id), at=now, actor=actor.label,
+                                                       publish=self._crl_builder(now))
         log.info("service decommissioned service_id=%s revoked=%d actor=%s", service_id, len(serials), actor.label)
-        if self._ca is not None and serials:
-            self.generate_crl(actor=actor)
+        if crl is not None:
+            self._published(crl)
         return serials
 
     def generate_crl(self, *, actor: Actor) -> CRLRecord:
         """Sign and store a new CRL of every revoked certificate."""
-        ca = self.ca
         now = self.clock()
+        build = self._crl_builder(now)
+        if build is None:
+            raise CAUnavailable("the CA key is not loaded")
+        return self._published(self.store.new_crl(build, at=now, actor=actor.label))
+
+    def republish_if_behind(self, *, actor: Actor) -> CRLRecord | None:
+        """A new CRL if the newest one lacks an unexpired revocation the store holds (one
+        recorded by a version that published the CRL in a second step, and crashed between);
+        None when it is complete or the CA key is not loaded."""
+        if self._ca is None:
+            return None
+        stored = self.store.latest_crl()
+        listed: set[int] = set()
+        if stored is not None and stored.der:
+            listed = {entry.serial_number for entry in x509.load_der_x509_crl(stored.der)}
+        now = self.clock()
+        missing = [s for s, _, _ in self.store.revoked(unexpired_at=now) if int(s, 16) not in listed]
+        if stored is not None and not missing:
+            return None
+        log.warning("the CRL lacks %d revoked certificate(s); publishing a new one", len(missing))
+        return self.generate_crl(actor=actor)
+
+    def _crl_builder(self, now: datetime) -> BuildCRL | None:
+        """How to sign the CRL published at ``now`` (None without the CA key)."""
+        if self._ca is None:
+            return None
+        ca = self._ca
         next_update = now + self.settings.crl_validity
 
         def build(number: int, revoked: list[tuple[str, datetime, str]]) -> CRLRecord:
@@ -81,7 +117,9 @@ class Revocation(Issuance):
             return CRLRecord(number=number, this_update=now, next_update=next_update,
                              der=crl.public_bytes(serialization.Encoding.DER), entries=len(revoked))
 
-        crl = self.store.new_crl(build, at=now, actor=actor.label)
+        return build
+
+    def _published(self, crl: CRLRecord) -> CRLRecord:
         with self._crl_lock:
             self._crl_cache = (time.monotonic(), crl)
         log.info("CRL generated number=%d entries=%d next_update=%s", crl.number, crl.entries,

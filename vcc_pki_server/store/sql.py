@@ -10,7 +10,7 @@ are recorded by group commit (:mod:`.group_commit`) in both; migrations stay wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -22,6 +22,7 @@ from ..encoding import public_key_id_of_pem
 from ..errors import Conflict, NotFound
 from . import (
     AuditEntry,
+    BuildCRL,
     CertificateQuery,
     CertificateRecord,
     CRLRecord,
@@ -275,11 +276,14 @@ class SQLStore:
         return [self._cert(r) for r in rows]
 
     def revoke_certificates(self, serial: str, *, reason: str, at: datetime, actor: str,
-                            service_wide: bool = False, same_key: bool = False) -> Revoked:
+                            service_wide: bool = False, same_key: bool = False,
+                            publish: BuildCRL | None = None) -> Revoked:
         """Revoke ``serial`` and, in the same transaction, with ``service_wide`` every other
         unexpired certificate of its service, with ``same_key`` every unexpired certificate
         (of any service) with the public key of one revoked here. Each gets ``reason`` and an
-        audit entry. 404 for an unknown serial, 409 if it is already revoked."""
+        audit entry. With ``publish`` the next CRL is built and stored in that transaction too:
+        a crash leaves both or neither, never a revocation missing from the CRL. 404 for an
+        unknown serial, 409 if it is already revoked."""
         with self._write() as db:
             row = self._exec(db, f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?{self.LOCK_ROW}",
                              (serial,)).fetchone()
@@ -305,13 +309,16 @@ class SQLStore:
                     details["with"] = serial
                 self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
                                            service_id=service_id, serial=target, details=details))
+            crl = self._publish_crl(db, publish, at, actor) if publish is not None else None
         return Revoked(attrs.evolve(record, revoked_at=parse_utc(now), revocation_reason=reason),
-                       tuple(targets))
+                       tuple(targets), crl)
 
-    def decommission_service(self, service_id: str, *, at: datetime, actor: str) -> list[str]:
+    def decommission_service(self, service_id: str, *, at: datetime, actor: str,
+                             publish: BuildCRL | None = None) -> tuple[list[str], CRLRecord | None]:
         """Revoke every unexpired certificate of the service (cessationOfOperation), spend its
-        enrolment tokens, and take it out of the registry; returns the serials revoked. Its
-        certificates and audit history stay. 404 for an unknown (or decommissioned) id."""
+        enrolment tokens, and take it out of the registry; returns the serials revoked and,
+        with ``publish``, the CRL stored in the same transaction (as :meth:`revoke_certificates`).
+        Its certificates and audit history stay. 404 for an unknown (or decommissioned) id."""
         now = utc_text(at)
         with self._write() as db:
             cur = self._exec(db, "UPDATE services SET decommissioned_at=? WHERE service_id=? "
@@ -325,7 +332,8 @@ class SQLStore:
                            "AND used_at IS NULL AND revoked_at IS NULL", (now, service_id))
             self._audit(db, AuditEntry(at=at, actor=actor, action="service.decommission", service_id=service_id,
                                        details={"revoked_serials": serials}))
-        return serials
+            crl = self._publish_crl(db, publish, at, actor) if publish is not None and serials else None
+        return serials, crl
 
     def _live_serials(self, db: Any, where: str, params: tuple[Any, ...], now: str) -> dict[str, str]:
         """Serial → service of the unexpired, unrevoked certificates matching ``where``."""
@@ -347,13 +355,16 @@ class SQLStore:
                               "WHERE r.serial IS NULL AND c.not_after > ? ORDER BY c.id", (now,)).fetchall()
         return {r[0]: r[1] for r in rows if (r[2] or public_key_id_of_pem(r[3])) in keys}
 
-    def revoked(self) -> list[tuple[str, datetime, str]]:
-        rows = self._read("SELECT serial, revoked_at, reason FROM revocations ORDER BY revoked_at, serial")
+    def revoked(self, *, unexpired_at: datetime | None = None) -> list[tuple[str, datetime, str]]:
+        """Every revocation ``(serial, revoked_at, reason)``; with ``unexpired_at``, those a CRL
+        built then lists."""
+        where, params = ("WHERE not_after > ?", (utc_text(unexpired_at),)) if unexpired_at else ("", ())
+        rows = self._read(f"SELECT serial, revoked_at, reason FROM revocations {where} "
+                          "ORDER BY revoked_at, serial", params)
         return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
 
     # -- CRLs -------------------------------------------------------------------------------
-    def new_crl(self, build: Callable[[int, list[tuple[str, datetime, str]]], CRLRecord], *,
-                at: datetime, actor: str) -> CRLRecord:
+    def new_crl(self, build: BuildCRL, *, at: datetime, actor: str) -> CRLRecord:
         """Build and store the next CRL inside one write transaction.
 
         ``build(number, revoked)`` signs it; ``revoked`` holds the revoked certificates still
@@ -368,21 +379,25 @@ class SQLStore:
         several processes or replicas revoking at once.
         """
         with self._write() as db:
-            self._lock_crl_numbers(db)
-            number = int(self._exec(db, "SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
-            rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations WHERE not_after > ?",
-                              (utc_text(at),)).fetchall()
-            crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
-            self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der) "
-                           "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
-                                                  utc_text(crl.next_update), crl.entries, crl.der))
-            # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
-            # bodies; with 100k revocations every body is 5 MB.
-            self._exec(db, "DELETE FROM crls WHERE number < ?", (crl.number - 50,))
-            self._exec(db, f"UPDATE crls SET der = {self.EMPTY_BLOB} WHERE number < ? AND length(der) > 0",
-                       (crl.number - 1,))
-            self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
-                                       details={"number": crl.number, "entries": crl.entries}))
+            return self._publish_crl(db, build, at, actor)
+
+    def _publish_crl(self, db: Any, build: BuildCRL, at: datetime, actor: str) -> CRLRecord:
+        """Build and store the next CRL in the transaction ``db`` (see :meth:`new_crl`)."""
+        self._lock_crl_numbers(db)
+        number = int(self._exec(db, "SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
+        rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations WHERE not_after > ?",
+                          (utc_text(at),)).fetchall()
+        crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
+        self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der) "
+                       "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
+                                              utc_text(crl.next_update), crl.entries, crl.der))
+        # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
+        # bodies; with 100k revocations every body is 5 MB.
+        self._exec(db, "DELETE FROM crls WHERE number < ?", (crl.number - 50,))
+        self._exec(db, f"UPDATE crls SET der = {self.EMPTY_BLOB} WHERE number < ? AND length(der) > 0",
+                   (crl.number - 1,))
+        self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
+                                   details={"number": crl.number, "entries": crl.entries}))
         return crl
 
     def latest_crl_number(self) -> int:
