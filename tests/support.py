@@ -111,12 +111,14 @@ class RunningServer:
     """A real ``vcc-pki-server`` subprocess on a free loopback port, over a given home."""
 
     def __init__(self, home: Any, password: str, *, port: int | None = None,
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 nofile: int | None = None) -> None:
         self.home = home
         self.password = password
         self.port = port or free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
+        self.nofile = nofile  # the server's open-file limit (systemd's default is 1024)
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(home.root).parent / f"server-{self.port}.log"
@@ -131,7 +133,8 @@ class RunningServer:
         try:
             self.proc = subprocess.Popen(
                 [str(BIN / "vcc-pki-server"), "--home", str(self.home.root), "--port", str(self.port),
-                 *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env)
+                 *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=self._limit_files if self.nofile else None)
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -148,6 +151,20 @@ class RunningServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def _limit_files(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def pid_rss_mb(self) -> float:
+        """The server process's resident memory, MB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -35,6 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from vcc_pki_client.asgi import ASGIApp, peer_certificate_der, tls_extension
 from vcc_pki_client.asgi import TLSExtensionMixin as _SDKTLSExtensionMixin
 
+from .limits import EdgeLimitsMixin
 from .transport import CoalescingTransport
 
 __all__ = [
@@ -72,8 +73,8 @@ except ImportError:  # httptools is optional; without it uvicorn's "auto" picks 
     MTLSProtocol = MTLSH11Protocol
 else:  # httptools is a server dependency (pyproject), so this is the one normally used
 
-    class MTLSHttpToolsProtocol(TLSExtensionMixin, HttpToolsProtocol):
-        """uvicorn's httptools protocol with the ASGI TLS extension."""
+    class MTLSHttpToolsProtocol(EdgeLimitsMixin, TLSExtensionMixin, HttpToolsProtocol):
+        """uvicorn's httptools protocol with the ASGI TLS extension and the edge's limits."""
 
     MTLSProtocol = MTLSHttpToolsProtocol
     __all__ += ["MTLSHttpToolsProtocol"]

@@ -23,6 +23,7 @@ from .bootstrap import initialize
 from .encoding import cert_pem
 from .errors import CAError
 from .home import Home, write_file
+from .limits import EdgeLimits, EdgeLimitsMixin
 from .mtls import uvicorn_config
 
 log = logging.getLogger("vcc_pki_server.server")
@@ -55,12 +56,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dev", action="store_true",
                         help="on an empty home, create a dev CA with random passwords kept in <home>/secrets/")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    limits = parser.add_argument_group("limits per worker (see docs/operations.md, Limits and hardening)")
+    limits.add_argument("--max-header-bytes", type=int, default=65536, metavar="N",
+                        help="a request header over N bytes is refused with 431 (default 65536)")
+    limits.add_argument("--max-headers", type=int, default=100, metavar="N",
+                        help="a request with over N header fields is refused with 431 (default 100)")
+    limits.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a connection must send a complete request header within this time, from its "
+                             "start or a request's first byte; else it is closed (default 10)")
+    limits.add_argument("--max-connections-per-client", type=int, default=256, metavar="N",
+                        help="connections one client address may hold open (default 256)")
+    limits.add_argument("--max-connections", type=int, default=0, metavar="N",
+                        help="connections in all (default: the open-file limit less 64)")
     parser.add_argument("--cert-check-interval", type=float, default=60.0, metavar="SECONDS",
                         help="how often each worker looks at the server's own certificate: renews it when a "
                              "third of its lifetime is left, reloads it when another worker did (default 60)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    for name in ("max_header_bytes", "max_headers", "max_connections_per_client"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_connections < 0 or not 0 < args.header_timeout < 3600 or not args.cert_check_interval > 0:
+        parser.error("--max-connections must be >= 0, --header-timeout between 0 and 3600 s, "
+                     "--cert-check-interval positive")
     return args
 
 
@@ -124,6 +143,10 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
     """One server process: its own store connection, app and event loop, on the shared socket."""
     authority = home.authority(password)
     own = server_cert.ServerCertificate(home, authority, interval=args.cert_check_interval)
+    EdgeLimitsMixin.limits = EdgeLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                                        header_timeout=args.header_timeout,
+                                        max_connections_per_client=args.max_connections_per_client,
+                                        max_connections=args.max_connections)
     ctx = own.ssl_context()
     app = create_app(authority, background=[*_background(home, args, authority), (own.start, own.stop)],
                      root_crl=home.root_crl_file)
