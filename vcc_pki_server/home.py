@@ -115,6 +115,8 @@ class Home:
         cert = create_root(key, now=now or utc_now(), days=days)
         write_file(self.root_key, key_pem(key, password), 0o400)
         write_file(self.root_cert, cert_pem(cert), 0o644)
+        if not self.database_url():  # the store is born with the CA (open_store refuses a CA without one)
+            SQLiteStore(self.db).close()
         return cert
 
     def create_intermediate(self, root_password: str, password: str, *, key_type: str = "rsa-2048",
@@ -178,6 +180,11 @@ class Home:
                 raise CAError(f"database_url is set but {exc}") from None
             return PostgresStore(url)
         self.ensure()
+        if self.has_intermediate() and (not self.db.exists() or self.db.stat().st_size == 0):
+            # A store made anew here would start CRL numbers at 1, list no revocation and know
+            # no token: refuse rather than serve that as the truth.
+            raise CAError(f"{self.db} is missing or empty, but {self.root} has a CA: restore it from a "
+                          "backup (docs/operations.md); refusing to start on an empty store")
         return SQLiteStore(self.db)
 
     def authority(self, password: str | None = None) -> Authority:

@@ -297,6 +297,10 @@ async def health(request: Request) -> Response:
     except Exception as exc:  # readiness: a broken store makes the server not ready
         return JSONResponse({"status": "unavailable", "database": "unavailable", "ca": "loaded",
                              "detail": str(exc)}, status_code=503)
+    failing = _authority(request).store.write_failure
+    if failing is not None:  # reads work on a full disk or a read-only file; writes do not
+        return JSONResponse({"status": "unavailable", "database": "failing writes", "ca": "loaded",
+                             "detail": failing}, status_code=503)
     return JSONResponse({"status": "ok", "database": "ok", "ca": "loaded", "crl_number": number})
 
 

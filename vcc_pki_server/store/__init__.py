@@ -211,6 +211,7 @@ class Store(Protocol):
     :class:`.postgres.PostgresStore`."""
 
     def close(self) -> None: ...
+    write_failure: str | None  # why the last write failed, until one succeeds
 
     # services
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None: ...

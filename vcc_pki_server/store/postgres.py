@@ -144,10 +144,16 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _write(self) -> Iterator[psycopg.Connection[Row]]:
         """One transaction on the write connection; rolled back if the block raises."""
-        with self._lock, self._errors():
-            self._db = self._usable(self._db)
-            with self._db.transaction():
-                yield self._db
+        with self._lock:
+            try:
+                with self._errors():
+                    self._db = self._usable(self._db)
+                    with self._db.transaction():
+                        yield self._db
+            except CAUnavailable as exc:
+                self.write_failure = exc.message
+                raise
+            self.write_failure = None
 
     def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[Row]:
         with self._read_lock, self._errors():

@@ -71,6 +71,10 @@ _SET_SERVICE = ", ".join(f"{column}=?" for column in SERVICE_WRITE[:-1])
 class SQLStore:
     """The shared half of :class:`.sqlite.SQLiteStore` and :class:`.postgres.PostgresStore`."""
 
+    # Why the last write failed (the store was unavailable), until a write succeeds: /health
+    # reports it, since a read can succeed on a full disk or a read-only file.
+    write_failure: str | None = None
+
     # Dialect differences, set by each backend.
     EMPTY_BLOB = "x''"  # a zero-length blob literal
     LOCK_ROW = ""  # appended to a SELECT of a row the transaction is about to change

@@ -13,11 +13,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import CAError, Conflict
+from ..errors import CAError, CAUnavailable, Conflict
 
 try:
     import fcntl
@@ -160,19 +160,41 @@ class SQLiteStore(SQLStore):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._faults("written"):
             locked = self._take_writer_lock()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    with suppress(sqlite3.Error):  # a failed COMMIT or BEGIN may have ended it already
+                        self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self.write_failure = None
             finally:
                 if locked and self._writer_lock_fd is not None:
                     fcntl.flock(self._writer_lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _faults(self, what: str) -> Iterator[None]:
+        """A storage fault (disk full, read-only file, I/O error, a lock held past the busy
+        timeout) is the store being unavailable: 503, never a 500. A failed write is
+        remembered until a write succeeds, for ``/health``."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            message = f"the store {self.path} cannot be {what}: {exc}"
+            if what == "written":
+                self.write_failure = message
+            raise CAUnavailable(message) from exc
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                raise
+            message = f"the store {self.path} is damaged: {exc}"
+            if what == "written":
+                self.write_failure = message
+            raise CAUnavailable(message) from exc
 
     def _take_writer_lock(self) -> bool:
         """Queue for writing behind other store objects (other workers) on an ``flock``.
@@ -196,7 +218,7 @@ class SQLiteStore(SQLStore):
                 pause = min(pause * 2, 0.001)
 
     def _read(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._read_lock:
+        with self._read_lock, self._faults("read"):
             cur = self._reader.execute(sql, params)
             return cur.fetchall()  # plain tuples: no row_factory is set
 

@@ -1,0 +1,88 @@
+"""Storage faults answered honestly (issue 18): a home whose store is gone refuses to start, and
+a store that cannot be written gives 503 problem documents and an unhealthy /health."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import CA_PASSWORD, build_home
+from support import BIN, env_without_secrets, free_port, make_csr
+from vcc_pki_server import cli
+from vcc_pki_server.app import create_app
+from vcc_pki_server.authority import Actor
+
+
+class FullDisk:
+    """A connection whose writes fail as SQLite's do on a full disk (reads still work)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE", "COMMIT")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_a_home_with_a_ca_but_no_store_refuses_to_start(tmp_path: Path, damage: str) -> None:
+    home = build_home(tmp_path / "h")
+    home.db.unlink()
+    for extra in ("-wal", "-shm"):
+        Path(f"{home.db}{extra}").unlink(missing_ok=True)
+    if damage == "empty":
+        home.db.write_bytes(b"")
+    proc = subprocess.run([str(BIN / "vcc-pki-server"), "--home", str(home.root), "--port", str(free_port())],
+                          env={**env_without_secrets(), "VCC_PKI_CA_PASSWORD": CA_PASSWORD},
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is missing or empty" in lines[0] and "restore it from a backup" in lines[0]
+    assert cli.main(["--home", str(home.root), "service", "list"]) == 1
+    assert not home.db.exists() or home.db.stat().st_size == 0  # nothing was made in its place
+
+
+def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path: Path) -> None:
+    home = build_home(tmp_path / "h")
+    authority = home.authority(CA_PASSWORD)
+    try:
+        token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
+        authority.register_service("disk", san_dns=["disk"], actor=Actor.operator())
+        app = create_app(authority)
+        store: Any = authority.store
+        healthy = store._db
+
+        async def calls() -> list[httpx.Response]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://pki",
+                                         headers={"Authorization": f"Bearer {token}"}) as client:
+                csr = make_csr("disk")[0].decode()
+                out = [await client.get("/health")]
+                store._db = FullDisk(healthy)
+                out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
+                out.append(await client.post("/api/v1/services/register", json={"service_id": "other"}))
+                out.append(await client.get("/health"))
+                store._db = healthy  # the disk has room again
+                out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
+                out.append(await client.get("/health"))
+                return out
+
+        before, issue, register, sick, again, well = asyncio.run(calls())
+    finally:
+        authority.store.close()
+    assert before.status_code == 200
+    for refused in (issue, register):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["code"] == "unavailable" and "disk is full" in refused.json()["detail"]
+    assert sick.status_code == 503 and sick.json()["database"] == "failing writes"
+    assert again.status_code == 201 and well.status_code == 200
