@@ -24,9 +24,10 @@ from cryptography import x509
 from ._http import Connection
 from .errors import ConfigurationError, InvalidResponseError
 from .files import CertificateFiles
+from .identity import require_pki_server
 from .keys import PrivateKey, key_matches_certificate
 from .retry import RetryPolicy
-from .tls import ReloadingContexts
+from .tls import ReloadingContexts, checking_client_context
 from .trust import Trust, check_ca_chain, resolve_trust, unverified_context, verify_leaf
 from .wire import IssuedCertificate
 
@@ -150,10 +151,14 @@ class Session:
             return self._connection
 
     def _new_http_client(self) -> httpx.Client:
-        verify, self._mtls = self.trust().ssl_context(), False
+        trust = self.trust()
+        # Trusting our CA, the server must also be the CA's own server, not any service of it.
+        check = require_pki_server if trust.source in ("root_fingerprint", "ca_chain") else None
+        verify = trust.ssl_context() if check is None else checking_client_context(trust.anchors, check)
+        self._mtls = False
         if self.enrolled:
             try:
-                verify, self._mtls = self._pki_contexts().client_context(), True
+                verify, self._mtls = self._pki_contexts().client_context(peer_check=check), True
             except ConfigurationError as exc:  # e.g. a pair that does not match: enrol again
                 logger.warning("service %s: not presenting a client certificate: %s", self.service_id, exc)
         return httpx.Client(verify=verify, timeout=self._timeout)

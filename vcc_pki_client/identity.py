@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+import ssl
 
 from cryptography import x509
 
-__all__ = ["peer_service_id"]
+__all__ = ["PKI_SERVER_ID", "peer_service_id", "require_pki_server"]
+
+#: The service id the CA's own API server has (its certificate names it; no other may).
+PKI_SERVER_ID = "pki-server"
 
 _SPIFFE = re.compile(r"spiffe://([a-z0-9.-]+)/svc/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)")
 
@@ -37,3 +41,17 @@ def peer_service_id(cert: x509.Certificate | bytes, *, trust_domain: str | None 
         if match and (trust_domain is None or match.group(1) == trust_domain):
             return match.group(2)
     return None
+
+
+def require_pki_server(der: bytes) -> None:
+    """Refuse a server certificate that is not the PKI server's own (``ssl.SSLCertVerificationError``).
+
+    Chaining to this CA is not enough: every service has such a certificate, and one for the
+    right host name could pose as the CA (serve forged peer certificates, replay old CRLs)."""
+    named = peer_service_id(der)
+    if named != PKI_SERVER_ID:
+        error = ssl.SSLCertVerificationError(
+            f"the server's certificate is not the PKI server's (it names {named or 'no service'}, "
+            f"not {PKI_SERVER_ID}): another service of this CA posing as the CA server")
+        error.verify_message = str(error.args[0])
+        raise error

@@ -60,6 +60,13 @@ class CRLCache:
             raise InvalidResponseError("GET /api/v1/crl: the answer is not a DER CRL") from exc
         check_crl(crl, self._issuer(crl))
         with self._lock:
+            kept = self._kept
+            if kept is not None and (_crl_number(crl) or 0) < (_crl_number(kept[1]) or 0):
+                # An older CRL (a replica behind, or someone replaying one): keep the newer.
+                logger.warning("the PKI server sent CRL number %s, older than number %s already seen; "
+                               "keeping the newer", _crl_number(crl), _crl_number(kept[1]))
+                self._kept = (time.monotonic(), kept[1])
+                return kept[1]
             self._kept = (time.monotonic(), crl)
         return crl
 

@@ -19,7 +19,7 @@ import os
 import ssl
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,27 @@ class _ClientFront(ssl.SSLContext):
     inner: ssl.SSLContext
     check_revocation: bool = False
     alpn: list[str] | None = None
+    # Called with the server certificate's DER after each handshake of wrap_socket; raises
+    # ssl.SSLCertVerificationError to refuse it (the connection is closed before any data).
+    peer_check: Callable[[bytes], None] | None = None
 
     def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        return self.inner.wrap_socket(*args, **kwargs)
+        sock = self.inner.wrap_socket(*args, **kwargs)
+        if self.peer_check is not None:
+            if not kwargs.get("do_handshake_on_connect", True):
+                sock.close()
+                raise ssl.SSLError("this context checks the server after the handshake: "
+                                   "do_handshake_on_connect must stay True")
+            try:
+                self.peer_check(sock.getpeercert(binary_form=True) or b"")
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        if self.peer_check is not None:
+            raise ssl.SSLError("this context checks the server after the handshake; use it with blocking sockets")
         return self.inner.wrap_bio(*args, **kwargs)
 
     def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
@@ -190,12 +206,16 @@ class ReloadingContexts:
         front.sni_callback = side.select  # the front holds the only strong reference to side
         return front
 
-    def client_context(self, *, check_revocation: bool = False) -> ssl.SSLContext:
+    def client_context(self, *, check_revocation: bool = False,
+                       peer_check: Callable[[bytes], None] | None = None) -> ssl.SSLContext:
         """A client context that follows :meth:`reload` (and, with ``check_revocation``,
-        :meth:`set_crl`); settings as :func:`client_ssl_context`."""
+        :meth:`set_crl`); settings as :func:`client_ssl_context`. ``peer_check`` is called with
+        the server certificate (DER) after each handshake and may refuse it by raising
+        ``ssl.SSLCertVerificationError`` (blocking sockets only)."""
         front = _ClientFront(ssl.PROTOCOL_TLS_CLIENT)
         _client_defaults(front)
         front.check_revocation = check_revocation
+        front.peer_check = peer_check
         with self._lock:
             front.inner, self._certificate = self._build([], [front])[0]
             self._clients.add(front)
@@ -322,3 +342,14 @@ def _load_trust(ctx: ssl.SSLContext, ca_file: CAFile | None, ca_certs: Sequence[
             ctx.load_verify_locations(cadata=certificates_pem(ca_certs).decode("ascii"))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigurationError(f"cannot load the CA bundle {ca_file or '(ca_certs)'}: {exc}") from exc
+
+
+def checking_client_context(ca_certs: Sequence[x509.Certificate],
+                            peer_check: Callable[[bytes], None]) -> ssl.SSLContext:
+    """A client context without a certificate of its own, trusting ``ca_certs``, that refuses
+    a server :func:`peer_check` refuses (see :meth:`ReloadingContexts.client_context`)."""
+    front = _ClientFront(ssl.PROTOCOL_TLS_CLIENT)
+    _client_defaults(front)
+    front.inner = _client_settings(None, ca_certs)
+    front.peer_check = peer_check
+    return front

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from vcc_pki_client.files import write_atomically
+from vcc_pki_client.identity import PKI_SERVER_ID
 
 from .authority import Actor, Authority, Issued, utc_now
 from .ca import CAPrivateKey, CertificateAuthority, build_crl, create_intermediate, create_root, generate_key
@@ -25,7 +26,7 @@ from .store.sqlite import SQLiteStore
 
 ROOT_CRL_VALIDITY = timedelta(days=365)  # SPEC §10: the root's CRL, renewed by `pki-admin ca root-crl`
 
-SERVER_SERVICE_ID = "pki-server"
+SERVER_SERVICE_ID = PKI_SERVER_ID  # the SDK requires the CA server's certificate to name it
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import uvicorn
 from cryptography import x509
 
+from vcc_pki_client.identity import PKI_SERVER_ID, peer_service_id
+
 from . import logs, passwords, server_cert
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
@@ -108,8 +110,8 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
     made step by step with `ca init-root` and `ca create-intermediate`), or re-issue it when a
     third of its lifetime is left (as the running workers do); and a first CRL if there is none."""
     current = x509.load_pem_x509_certificate(home.server_cert.read_bytes()) if home.server_cert.exists() else None
-    if current is not None and not server_cert.due(current, utc_now()):
-        return False
+    if current is not None and not server_cert.due(current, utc_now()) and peer_service_id(current) == PKI_SERVER_ID:
+        return False  # (one made before SPEC §10 lacks the identity the SDK requires: made anew)
     authority = home.authority(password)
     try:
         issued = home.issue_server_certificate(authority, home.config())

@@ -10,6 +10,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from vcc_pki_client.identity import PKI_SERVER_ID
+
 from ..ca import REASONS
 from ..encoding import pem_text
 from ..errors import CAUnavailable, Conflict, InvalidRequest, NotFound, NotPermitted
@@ -71,6 +73,8 @@ class Revocation(Issuance):
         Returns the serials revoked. Admins only."""
         if not actor.is_admin:
             raise NotPermitted("only an admin decommissions a service")
+        if service_id == PKI_SERVER_ID:
+            raise NotPermitted("the CA server's own service cannot be decommissioned")
         now = self.clock()
         serials, crl = self.store.decommission_service(check_service_id(service_id), at=now, actor=actor.label,
                                                        publish=self._crl_builder(now))
