@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
@@ -73,11 +74,16 @@ def _allow_list(
     return normalize_sans(dns, ips)
 
 
+_ALLOWED_CSR_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
 def check_public_key(key: object) -> LeafPublicKey:
     """Refuse keys outside the profile: RSA < 2048 bits or e != 65537, curves other than P-256/P-384."""
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
             raise InvalidCSR(f"RSA key of {key.key_size} bits is too weak: at least 2048 bits")
+        if key.key_size > 8192:
+            raise InvalidCSR(f"RSA key of {key.key_size} bits refused: at most 8192 bits")
         if key.public_numbers().e != 65537:
             raise InvalidCSR(f"RSA public exponent {key.public_numbers().e} refused: use 65537")
         return key
@@ -99,18 +105,26 @@ def load_csr_key(data: str | bytes) -> tuple[x509.CertificateSigningRequest, Lea
                else x509.load_der_x509_csr(raw))
     except ValueError as exc:
         raise InvalidCSR(f"CSR cannot be parsed: {exc}") from None
-    try:
-        valid = csr.is_signature_valid
-    except Exception:  # unsupported signature algorithms raise from the binding
-        valid = False
-    if not valid:
-        raise InvalidCSR("CSR signature is invalid (tampered or not self-signed)")
+    # The key policy first: it is cheap, and a refused key (RSA with a huge exponent or
+    # modulus) must not cost a signature check first.
     try:
         key = check_public_key(csr.public_key())
     except InvalidCSR:
         raise
     except Exception as exc:
         raise InvalidCSR(f"CSR public key cannot be read: {exc}") from None
+    try:
+        algorithm = csr.signature_hash_algorithm if not isinstance(key, ed25519.Ed25519PublicKey) else None
+    except Exception:  # an algorithm cryptography does not know: the signature check says so
+        algorithm = None
+    if algorithm is not None and not isinstance(algorithm, _ALLOWED_CSR_HASHES):
+        raise InvalidCSR(f"CSR is signed with {algorithm.name.upper()}: sign it with SHA-256 or stronger")
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # unsupported signature algorithms raise from the binding
+        valid = False
+    if not valid:
+        raise InvalidCSR("CSR signature is invalid (tampered or not self-signed)")
     return csr, key
 
 

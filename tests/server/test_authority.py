@@ -14,7 +14,7 @@ import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from conftest import CA_PASSWORD, ROOT_PASSWORD
@@ -23,6 +23,7 @@ from vcc_pki_server.authority import Actor, Authority, Issued
 from vcc_pki_server.ca import LeafTemplate
 from vcc_pki_server.errors import (
     Conflict,
+    InvalidCSR,
     InvalidRequest,
     NotAuthenticated,
     NotFound,
@@ -598,3 +599,37 @@ def test_a_crl_missing_a_revocation_is_published_again(tmp_path: Path) -> None:
         assert int(other.record.serial, 16) in {e.serial_number for e in x509.load_der_x509_crl(latest.der)}
     finally:
         auth.store.close()
+
+
+def test_an_enrolment_token_is_locked_after_ten_refused_requests(authority: Authority, operator: Actor,
+                                                                  service_id: str) -> None:
+    """Issue 18: a refused CSR costs the CA a check; a token buys at most ten of them."""
+    token = register(authority, service_id, operator)
+    weak = rsa.generate_private_key(3, 2048)  # exponent 3: refused by the key policy
+    bad_csr, _ = make_csr(dns_name(service_id), key=weak)
+    for _ in range(10):
+        with pytest.raises(InvalidCSR, match="exponent 3"):
+            authority.issue(service_id, bad_csr, actor=authority.authenticate_token(token))
+    with pytest.raises(NotAuthenticated):
+        authority.authenticate_token(token)  # locked: a good CSR now gets nowhere either
+    assert any(e.action == "token.lock" for e in authority.store.audit_log(limit=20))
+
+
+def test_key_policy_comes_before_the_signature_and_sha1_is_named(tmp_path: Path) -> None:
+    import subprocess
+
+    from vcc_pki_server.policy import load_csr_key
+
+    csr, _ = make_csr("x.example", key=rsa.generate_private_key(3, 2048))
+    der = bytearray(x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0xFF  # break the signature too: the key is what is named
+    with pytest.raises(InvalidCSR, match="exponent 3"):
+        load_csr_key(bytes(der))
+    # cryptography will not sign with SHA-1; openssl does (a legacy client would).
+    key = tmp_path / "k.pem"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sha1 = subprocess.run(["openssl", "req", "-new", "-sha1", "-key", str(key), "-subj", "/CN=x.example"],
+                          capture_output=True, check=True).stdout
+    with pytest.raises(InvalidCSR, match="SHA1: sign it with SHA-256"):
+        load_csr_key(sha1)

@@ -61,6 +61,9 @@ class Settings:
     crl_validity: timedelta = timedelta(days=7)
     enrolment_token_ttl: timedelta = timedelta(hours=24)
     crl_cache_ttl: float = 2.0  # seconds a server trusts its cached CRL before asking the store
+    # Refused requests an enrolment token may make before it is locked: each costs the CA a
+    # CSR check, and a token holder must not be able to buy unlimited CPU with it.
+    enrolment_refusals: int = 10
 
 
 class AuthorityBase:

@@ -11,7 +11,7 @@ from typing import Any
 from cryptography import x509
 
 from ..ca import LeafTemplate, generate_key, leaf_subject_text
-from ..errors import CAUnavailable, Conflict, InvalidRequest, NotAuthenticated, NotFound
+from ..errors import CAUnavailable, Conflict, InvalidCSR, InvalidRequest, NotAuthenticated, NotFound, PolicyRefused
 from ..policy import MIN_LIFETIME, Lifetimes, check_public_key, check_service_id, is_ip, load_csr_key
 from ..store import CertificateQuery, CertificateRecord, ServiceRecord, current_certificate, utc_text
 from .base import Actor, Issued, log
@@ -65,9 +65,17 @@ class Issuance(Tokens):
         :meth:`record_issued`, and a certificate is handed out only once recorded."""
         self._require(actor, service_id, "request a certificate", enrolment=True)
         service = self.service(service_id)
-        csr, public_key = load_csr_key(csr_pem)
-        template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
-                                        now=self.clock(), validity=validity, lifetimes=lifetimes(service))
+        try:
+            csr, public_key = load_csr_key(csr_pem)
+            template = self.policy.template(service.service_id, service.san_dns, service.san_ip, csr,
+                                            now=self.clock(), validity=validity, lifetimes=lifetimes(service))
+        except (InvalidCSR, InvalidRequest, PolicyRefused) as refused:
+            if actor.kind == "enrolment" and actor.token_id is not None:
+                limit = self.settings.enrolment_refusals
+                if self.store.note_token_refusal(actor.token_id, limit=limit, at=self.clock(), actor=actor.label):
+                    log.warning("enrolment token %s of service %s locked after %d refused requests",
+                                actor.token_id, service_id, limit)
+            raise refused
         cert = self.ca.sign_leaf(public_key, template)
         return self._issued(service_id, cert, template)
 

@@ -35,6 +35,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE services ADD COLUMN IF NOT EXISTS decommissioned_at TEXT COLLATE "C";
     ALTER TABLE services ADD COLUMN IF NOT EXISTS default_validity_seconds INTEGER;
     ALTER TABLE services ADD COLUMN IF NOT EXISTS max_validity_seconds INTEGER;
+    ALTER TABLE tokens ADD COLUMN IF NOT EXISTS refusals INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE revocations ADD COLUMN IF NOT EXISTS not_after TEXT COLLATE "C";
     UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,

@@ -417,6 +417,21 @@ class SQLStore:
                           "ORDER BY number DESC LIMIT ?", (limit,))
         return [self._crl(r) for r in rows]
 
+    def note_token_refusal(self, token_id: str, *, limit: int, at: datetime, actor: str) -> bool:
+        """Count one refused request made with an enrolment token; at ``limit`` refusals the
+        token is locked (revoked). True when this call locked it."""
+        now = utc_text(at)
+        with self._write() as db:
+            locked = bool(self._exec(db, "UPDATE tokens SET refusals = refusals + 1, revoked_at = ? WHERE "
+                                         "token_id = ? AND refusals + 1 >= ? AND used_at IS NULL AND "
+                                         "revoked_at IS NULL", (now, token_id, limit)).rowcount == 1)
+            if not locked:
+                self._exec(db, "UPDATE tokens SET refusals = refusals + 1 WHERE token_id = ?", (token_id,))
+            else:
+                self._audit(db, AuditEntry(at=at, actor=actor, action="token.lock",
+                                           details={"token_id": token_id, "refusals": limit}))
+        return locked
+
     # -- tokens -----------------------------------------------------------------------------
     def _insert_token(self, db: Any, token: TokenRecord, actor: str) -> None:
         with self._duplicate(db, f"token {token.token_id} already exists"):

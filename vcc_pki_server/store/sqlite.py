@@ -70,6 +70,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE services ADD COLUMN decommissioned_at TEXT;
     ALTER TABLE services ADD COLUMN default_validity_seconds INTEGER;
     ALTER TABLE services ADD COLUMN max_validity_seconds INTEGER;
+    ALTER TABLE tokens ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE revocations ADD COLUMN not_after TEXT;
     UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,
