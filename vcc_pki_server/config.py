@@ -5,13 +5,25 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
 from .authority import Settings
 from .errors import CAError
 from .policy import DEFAULT_TRUST_DOMAIN, Policy, check_trust_domain
+
+
+# What each number of config.toml may be (type, lowest, highest); anything else is a one-line error.
+_RANGES: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+    "default_validity_days": (int, 1, 36500),
+    "max_validity_days": (int, 1, 36500),
+    "crl_validity_days": (int, 1, 3650),
+    "enrolment_token_hours": (int, 1, 24 * 365),
+    "health_interval_seconds": ((int, float), 1, 86400),
+    "health_timeout_seconds": ((int, float), 0.1, 3600),
+    "health_concurrency": (int, 1, 1024),
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -44,18 +56,35 @@ class Config:
 
     @classmethod
     def from_toml(cls, text: str) -> Config:
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise CAError(f"config.toml is not valid TOML: {exc}") from None
         flat: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict)}
         for section in ("policy", "health"):
-            for key, value in data.get(section, {}).items():
+            table = data.get(section, {})
+            if not isinstance(table, dict):
+                raise CAError(f"config.toml: [{section}] must be a table of settings, got {table!r}")
+            for key, value in table.items():
                 flat[key if section == "policy" else f"health_{key}"] = value
         known = {f.name for f in attrs.fields(cls)}
         unknown = set(flat) - known
         if unknown:
             raise CAError(f"config.toml: unknown setting(s) {', '.join(sorted(unknown))}")
         for key in ("server_san_dns", "server_san_ip"):
-            if key in flat:
+            if key in flat and isinstance(flat[key], list):
                 flat[key] = tuple(flat[key])
+        for key, (kind, low, high) in _RANGES.items():
+            number: Any = flat.get(key)
+            if key in flat and (isinstance(number, bool) or not isinstance(number, kind)
+                                or not low <= cast(float, number) <= high):
+                raise CAError(f"config.toml: {key} must be a number from {low} to {high}, got {number!r}")
+        for key in ("public_url", "database_url"):
+            if key in flat and not isinstance(flat[key], str):
+                raise CAError(f"config.toml: {key} must be a string, got {flat[key]!r}")
+        for key in ("server_san_dns", "server_san_ip"):
+            if key in flat and not (isinstance(flat[key], tuple) and all(isinstance(v, str) for v in flat[key])):
+                raise CAError(f"config.toml: {key} must be a list of strings")
         if "trust_domain" in flat:
             try:
                 check_trust_domain(flat["trust_domain"])

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from support import env_without_secrets, make_csr, openssl_verify, pkilint_cert, pkilint_crl
+from support import BIN, env_without_secrets, make_csr, openssl_verify, pkilint_cert, pkilint_crl
 from vcc_pki_server import cli, passwords
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.errors import NotAuthenticated
@@ -654,3 +654,23 @@ def test_step_by_step_ca_commands_take_the_prototype_password_flags(tmp_path: Pa
             "--password", CA_PW)
     assert r.code == 0, r.err
     assert Home(tmp_path / "steps").load_ca(CA_PW) is not None
+
+
+@pytest.mark.parametrize(("toml", "said"), [
+    ('[policy]\nmax_validity_days = "x"\n', "max_validity_days must be a number from 1 to 36500, got 'x'"),
+    ("[policy]\nmax_validity_days = -1\n", "max_validity_days must be a number"),
+    ("[policy]\ncrl_validity_days = 0\n", "crl_validity_days must be a number from 1"),
+    ("policy = 3\n", "[policy] must be a table"),
+    ("[health]\ninterval_seconds = -1\n", "health_interval_seconds must be a number"),
+    ("[policy]\nmax_validity_days = 100000000000000000000000\n", "max_validity_days must be a number"),
+    ("public_url = [\n", "not valid TOML"),
+])
+def test_bad_config_values_are_one_line_errors_at_start(home: Path, run: Run, toml: str, said: str) -> None:
+    """Issue 18: config.toml is checked when read, not at the first request that uses it."""
+    (home / "config.toml").write_text(toml)
+    r = run("--home", str(home), "service", "list")
+    assert r.code == 1 and r.err.count("\n") == 1 and said in r.err, r.err
+    proc = subprocess.run([str(BIN / "vcc-pki-server"), "--home", str(home), "--port", "1"],
+                          env={**env_without_secrets(), "VCC_PKI_CA_PASSWORD": CA_PW}, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr
