@@ -13,7 +13,6 @@ from .authority import Settings
 from .errors import CAError
 from .policy import DEFAULT_TRUST_DOMAIN, Policy, check_trust_domain
 
-
 # What each number of config.toml may be (type, lowest, highest); anything else is a one-line error.
 _RANGES: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "default_validity_days": (int, 1, 36500),
