@@ -23,7 +23,7 @@ def build_home(path: Path, *, config: Config | None = None, ca_made: datetime | 
     config.toml and a server certificate."""
     home = Home(path)
     home.ensure()
-    home.save_config(config or Config())
+    home.save_config(config or Config(health_allow_loopback=True))  # test services run on loopback
     home.create_root(ROOT_PASSWORD, key_type="ec-p256", now=ca_made)
     home.create_intermediate(ROOT_PASSWORD, CA_PASSWORD, key_type="ec-p256", now=ca_made)
     authority = home.authority(CA_PASSWORD)

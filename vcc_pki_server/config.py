@@ -41,6 +41,8 @@ class Config:
     health_interval_seconds: float = 30.0
     health_timeout_seconds: float = 5.0
     health_concurrency: int = 16
+    # Probing loopback addresses reaches the CA's own host: only if an admin allows it.
+    health_allow_loopback: bool = False
     # SPEC §9: replicas share one PostgreSQL database; None is SQLite in <home>/pki.db.
     # $VCC_PKI_DATABASE_URL overrides it (so a password need not sit in this file).
     database_url: str | None = attrs.field(default=None, repr=False)
@@ -78,6 +80,9 @@ class Config:
             if key in flat and (isinstance(number, bool) or not isinstance(number, kind)
                                 or not low <= cast(float, number) <= high):
                 raise CAError(f"config.toml: {key} must be a number from {low} to {high}, got {number!r}")
+        if "health_allow_loopback" in flat and not isinstance(flat["health_allow_loopback"], bool):
+            raise CAError(f"config.toml: [health] allow_loopback must be true or false, "
+                          f"got {flat['health_allow_loopback']!r}")
         for key in ("public_url", "database_url"):
             if key in flat and not isinstance(flat[key], str):
                 raise CAError(f"config.toml: {key} must be a string, got {flat[key]!r}")
@@ -116,6 +121,7 @@ class Config:
             f"interval_seconds = {self.health_interval_seconds}\n"
             f"timeout_seconds = {self.health_timeout_seconds}\n"
             f"concurrency = {self.health_concurrency}\n"
+            f"allow_loopback = {'true' if self.health_allow_loopback else 'false'}\n"
         )
 
     def policy(self) -> Policy:

@@ -95,11 +95,20 @@ def allowed_hosts(service: ServiceRecord) -> set[str]:
     return {_host_key(h) for h in (*service.san_dns, *service.san_ip) if h}
 
 
-def probe_refusal(service: ServiceRecord) -> str | None:
+def _loopback(host: str) -> bool:
+    key = _host_key(host)
+    try:
+        return ipaddress.ip_address(key).is_loopback
+    except ValueError:
+        return key == "localhost" or key.endswith(".localhost")
+
+
+def probe_refusal(service: ServiceRecord, *, allow_loopback: bool = False) -> str | None:
     """Why ``service.health_check_url`` must not be probed, or None when it may be.
 
     Checked before any connection: the host must be in the service's SAN allow-list, the
-    scheme https.
+    scheme https, and not a loopback address (the CA's own host: its API and anything else
+    listening there) unless an admin allowed it (``[health] allow_loopback``).
     """
     url = service.health_check_url or ""
     try:
@@ -114,6 +123,9 @@ def probe_refusal(service: ServiceRecord) -> str | None:
         return f"health_check_url host {host} is not in the service's SAN allow-list"
     if parts.scheme.lower() != "https":
         return f"health_check_url must use https, not {parts.scheme or 'no scheme'}"
+    if not allow_loopback and _loopback(host):
+        return (f"health_check_url host {host} is a loopback address of the CA's own host; "
+                "not probed (an admin may allow it: [health] allow_loopback)")
     return None
 
 
@@ -126,11 +138,16 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def describe_failure(exc: BaseException, timeout: float) -> str:
-    """A short, secret-free reason for a probe that got no HTTP answer.
+NO_ANSWER = "no HTTPS answer from the health URL (connection failed, timed out, or TLS failed)"
 
-    httpx wraps the socket and ssl errors (httpx -> httpcore -> OSError/ssl), so the chain
-    of causes is searched for the most telling one.
+
+def describe_failure(exc: BaseException, timeout: float) -> str:
+    """A short, secret-free reason for a probe that got no HTTP answer, for the CA's log only.
+
+    The registry (which services read) stores :data:`NO_ANSWER` for all of these: telling
+    refused, hanging, plain-TCP and foreign-TLS ports apart would make the prober a port
+    scanner. httpx wraps the socket and ssl errors (httpx -> httpcore -> OSError/ssl), so the
+    chain of causes is searched for the most telling one.
     """
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
         return f"timeout after {float(timeout)}s"
@@ -170,7 +187,8 @@ class HealthChecker:
     """
 
     def __init__(self, authority: Authority, *, ssl_context: ssl.SSLContext, interval: float = 30.0,
-                 timeout: float = 5.0, concurrency: int = 16, lock_file: Path | None = None) -> None:
+                 timeout: float = 5.0, concurrency: int = 16, lock_file: Path | None = None,
+                 allow_loopback: bool = False) -> None:
         if interval <= 0 or timeout <= 0 or concurrency < 1:
             raise ValueError("interval and timeout must be positive, concurrency at least 1")
         self.authority = authority
@@ -179,6 +197,7 @@ class HealthChecker:
         self.timeout = timeout
         self.concurrency = concurrency
         self.lock_file = lock_file
+        self.allow_loopback = allow_loopback
         self._client: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -195,7 +214,7 @@ class HealthChecker:
                    interval=interval if interval is not None else config.health_interval_seconds,
                    timeout=timeout if timeout is not None else config.health_timeout_seconds,
                    concurrency=concurrency if concurrency is not None else config.health_concurrency,
-                   lock_file=home.server_dir / "health.lock")
+                   lock_file=home.server_dir / "health.lock", allow_loopback=config.health_allow_loopback)
 
     # -- one round --------------------------------------------------------------------------
     def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
@@ -221,7 +240,7 @@ class HealthChecker:
 
     async def probe(self, service: ServiceRecord) -> tuple[bool, str | None]:
         """Probe one service: (True, None) for a 2xx answer, else (False, reason)."""
-        refusal = probe_refusal(service)
+        refusal = probe_refusal(service, allow_loopback=self.allow_loopback)
         if refusal is not None:
             return False, refusal
         assert service.health_check_url is not None
@@ -232,7 +251,8 @@ class HealthChecker:
                     async with client.stream("GET", service.health_check_url) as response:
                         status = response.status_code  # the body is not read: status is the answer
             except (TimeoutError, OSError, httpx.HTTPError) as exc:  # ssl.SSLError is an OSError
-                return False, describe_failure(exc, self.timeout)
+                log.debug("health probe service_id=%s: %s", service.service_id, describe_failure(exc, self.timeout))
+                return False, NO_ANSWER
             except (httpx.InvalidURL, ValueError) as exc:  # e.g. a host httpx cannot encode
                 return False, f"health_check_url is not a valid URL: {exc}"
         if 200 <= status < 300:

@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+import attrs
 import uvicorn
 from cryptography import x509
 
@@ -90,7 +91,9 @@ def dev_init(home: Home) -> str:
     root_password, ca_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     print(f"vcc-pki-server: creating a dev CA in {home.root} (EC P-384 root, EC P-256 intermediate)",
           file=sys.stderr)
-    initialize(home, home.config(), root_password=root_password, ca_password=ca_password,
+    # A dev CA serves services on this machine: their health URLs are on localhost.
+    initialize(home, attrs.evolve(home.config(), health_allow_loopback=True),
+               root_password=root_password, ca_password=ca_password,
                root_key_type="ec-p384", intermediate_key_type="ec-p256",
                report=lambda message: print(f"vcc-pki-server: {message}", file=sys.stderr))
     write_file(home.secrets_dir / "root_password", root_password.encode(), 0o600)

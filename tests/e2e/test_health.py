@@ -28,7 +28,7 @@ from starlette.routing import Route
 from support import RunningServer, free_port, tls_context
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.encoding import cert_pem
-from vcc_pki_server.health import HealthChecker, probe_refusal
+from vcc_pki_server.health import NO_ANSWER, HealthChecker, describe_failure, probe_refusal
 from vcc_pki_server.home import Home, key_pem
 from vcc_pki_server.mtls import peer_certificate_der, server_ssl_context, uvicorn_config
 from vcc_pki_server.store import ServiceRecord
@@ -257,8 +257,7 @@ def test_hanging_service_does_not_delay_others(local_authority: Authority, ca_ho
     assert took < 2.0
     assert local_authority.service(fast).health.status == "healthy"
     hung = local_authority.service(slow).health
-    assert (hung.status, hung.last_error, hung.consecutive_failures) == (
-        "unhealthy", "timeout after 0.5s", 1)
+    assert (hung.status, hung.last_error, hung.consecutive_failures) == ("unhealthy", NO_ANSWER, 1)
 
 
 def test_foreign_certificate_and_refused_connection_are_unhealthy(local_authority: Authority,
@@ -270,12 +269,29 @@ def test_foreign_certificate_and_refused_connection_are_unhealthy(local_authorit
     with ProbeTarget(*foreign_tls(tmp_path / "foreign"), port=port) as target:
         run_round(HealthChecker.from_home(local_authority, ca_home, timeout=2))
     assert target.peers == []  # the handshake failed: no request reached the service
+    # The registry says the same for both (services read it: no port scanning through it).
     bad = local_authority.service(foreign).health
-    assert bad.status == "unhealthy"
-    assert bad.last_error is not None and bad.last_error.startswith("certificate verify failed: ")
-    assert "(not issued by this CA)" in bad.last_error
     refused = local_authority.service(closed).health
-    assert (refused.status, refused.last_error) == ("unhealthy", "connection refused")
+    assert (bad.status, bad.last_error) == (refused.status, refused.last_error) == ("unhealthy", NO_ANSWER)
+
+
+def test_describe_failure_keeps_the_detail_for_the_ca_log() -> None:
+    import ssl as _ssl
+
+    assert describe_failure(TimeoutError(), 0.5) == "timeout after 0.5s"
+    assert describe_failure(ConnectionRefusedError(111, "refused"), 1) == "connection refused"
+    error = _ssl.SSLCertVerificationError("bad")
+    error.verify_message, error.verify_code = "unable to get local issuer certificate", 20  # type: ignore[attr-defined]
+    assert describe_failure(error, 1).startswith("certificate verify failed: ")
+
+
+def test_loopback_health_urls_are_not_probed_unless_allowed(local_authority: Authority, ca_home: Home) -> None:
+    sid = register(local_authority, "https://127.0.0.1:9/health")
+    checker = HealthChecker.from_home(local_authority, ca_home, timeout=5)
+    checker.allow_loopback = False  # a production config's default
+    took = run_round(checker)
+    assert took < 1.0
+    assert "loopback address of the CA's own host" in (local_authority.service(sid).health.last_error or "")
 
 
 def test_health_url_outside_the_san_allow_list_is_refused_without_connecting(
@@ -316,4 +332,6 @@ def test_probe_refusal_allows_only_hosts_in_the_san_allow_list(url: str, allowed
                                                       "https://endpoint-only.internal"),
                             san_dns=("b.internal", "billing.internal"), san_ip=("::1",),
                             health_check_url=url)
-    assert (probe_refusal(service) is None) is allowed
+    assert (probe_refusal(service, allow_loopback=True) is None) is allowed
+    if "[::1]" in url or "[0:0:0:0" in url:
+        assert "loopback" in (probe_refusal(service) or "")  # unless an admin allowed it
