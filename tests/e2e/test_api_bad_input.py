@@ -356,3 +356,14 @@ def test_server_survives_the_barrage_without_tracebacks(anon: httpx.Client, pki_
     assert admin_token not in log  # the access log names actors, never secrets
     secret = admin_token.rsplit("_", 1)[1]
     assert secret not in log
+
+
+def test_metadata_nested_too_deep_is_422_and_nothing_changes(admin: httpx.Client, problem: Problem) -> None:
+    sid = f"deep-{uuid.uuid4().hex[:8]}"
+    deep = '{"x":' * 950 + "{}" + "}" * 950  # written by hand: json.dumps would recurse too deep here
+    body = f'{{"service_id": "{sid}", "metadata": {deep}}}'
+    problem(admin.post(f"{API}/services/register", content=body, headers={"content-type": "application/json"}),
+            422, "invalid_field")
+    assert admin.get(f"{API}/services/{sid}").status_code == 404
+    ok = admin.post(f"{API}/services/register", json={"service_id": sid, "metadata": {"a": {"b": [1, {"c": 2}]}}})
+    assert ok.status_code == 201, ok.text

@@ -674,3 +674,18 @@ def test_bad_config_values_are_one_line_errors_at_start(home: Path, run: Run, to
                           env={**env_without_secrets(), "VCC_PKI_CA_PASSWORD": CA_PW}, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_crl_generate_to_a_bad_path_publishes_nothing(home: Path, run: Run, tmp_path: Path) -> None:
+    g = ("--home", str(home))
+    before = [c["number"] for c in run(*g, "crl", "list", "--json").json()]
+    r = run(*g, "crl", "generate", "--out", str(tmp_path / "no" / "such" / "crl.pem"))
+    assert r.code == 1 and r.err.count("\n") == 1 and "cannot write the CRL" in r.err
+    assert [c["number"] for c in run(*g, "crl", "list", "--json").json()] == before
+
+
+def test_registry_fields_with_terminal_escapes_are_printed_escaped(home: Path, run: Run) -> None:
+    g = ("--home", str(home))
+    assert run(*g, "service", "register", "--service-id", "esc", "--name", "evil\x1b[2J\x1b]0;pwned\x07").code == 0
+    out = run(*g, "service", "list").out + run(*g, "service", "info", "--service-id", "esc").out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out

@@ -144,6 +144,8 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         elif name == "metadata":
             if not isinstance(value, dict):
                 raise InvalidRequest("metadata must be an object")
+            if _depth(value) > MAX_METADATA_DEPTH:
+                raise InvalidRequest(f"metadata may nest at most {MAX_METADATA_DEPTH} levels deep")
             out[name] = value
         elif name in ("health_check_url", "version", "owner", "service_name"):
             if value is not None and not isinstance(value, str):
@@ -183,3 +185,21 @@ def _only_narrows(current: ServiceRecord, changes: dict[str, Any]) -> None:
     if outside:
         raise PolicyRefused(f"SAN '{outside[0]}' is not in the allow-list of service '{current.service_id}'; "
                             "only an admin widens it")
+
+
+MAX_METADATA_DEPTH = 8
+
+
+def _depth(value: object) -> int:
+    """How deep objects and arrays nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            stack += [(v, level + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, level + 1) for v in item]
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+    return deepest

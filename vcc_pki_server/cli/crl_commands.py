@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..authority import Actor
+from ..errors import InvalidRequest
+from ..home import write_file
 from ..store import utc_text
 from .access import open_authority
 from .output import crl_json, print_json, print_table
 
 
 def cmd_crl_generate(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if (out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK))) or (
+            out is not None and out.is_dir()):
+        # Checked before publishing: a failed command must not have changed the CA's state.
+        raise InvalidRequest(f"cannot write the CRL to {out}: no such writable folder, or it is a folder")
     with open_authority(args, sign=True) as (_, authority):
         crl = authority.generate_crl(actor=Actor.operator())
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         if out.suffix.lower() == ".pem":
             body = x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
         else:
             body = crl.der
-        out.write_bytes(body)
+        write_file(out, body, 0o644)
     if args.json:
         print_json({**crl_json(crl), "file": args.out})
     else:

@@ -46,7 +46,15 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes: registry fields are set by services,
+    and a terminal must not run the escape codes one put there."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     for line in (headers, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
@@ -55,7 +63,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def print_fields(pairs: Sequence[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in pairs)
     for key, value in pairs:
-        print(f"{key.ljust(width)}  {value}")
+        print(f"{key.ljust(width)}  {printable(value)}")
 
 
 def key_label(key: object) -> str:
