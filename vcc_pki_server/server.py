@@ -127,6 +127,18 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
     return True
 
 
+def warn_about_modes(home: Home) -> None:
+    """WARNING lines for a home others may write to, and key files others may read."""
+    mode = home.root.stat().st_mode
+    if mode & 0o002:
+        log.warning("home %s is world-writable (mode %o): anyone on this host can replace the CA's files; "
+                    "chmod 700 it", home.root, mode & 0o777)
+    for key in (home.root_key, home.intermediate_key, home.server_key):
+        if key.exists() and key.stat().st_mode & 0o077:
+            log.warning("key file %s is readable or writable by others (mode %o); chmod 400 it", key,
+                        key.stat().st_mode & 0o777)
+
+
 def resolve_password(args: argparse.Namespace, home: Home) -> str:
     """The intermediate's password as pki-admin finds it, with the --dev secret before the prompt."""
     dev_secret = home.secrets_dir / "ca_password"
@@ -189,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CAError(f"{home.root} has no CA: run `pki-admin init` (or `pki-admin ca init-root` "
                               "and `pki-admin ca create-intermediate`), or start with --dev")
             password = resolve_password(args, home)
+        warn_about_modes(home)
         home.load_ca(password)  # fail early, in the parent, on a wrong password
         home.open_store().close()  # ... and on an unreachable database; migrations run once, here
         renew_server_certificate_if_due(home, password)

@@ -164,3 +164,16 @@ def test_a_home_made_step_by_step_serves(tmp_path: Path) -> None:
             assert crl.issuer == home.intermediate_certificate().subject
         assert "server certificate made" in server.log_once(lambda log: "server certificate made" in log)
     assert home.server_cert.exists()
+
+
+def test_loose_modes_on_the_home_and_key_files_are_warned_about(tmp_path: Path) -> None:
+    home = build_home(tmp_path / "h")
+    home.intermediate_key.chmod(0o644)
+    home.root.chmod(0o777)
+    try:
+        with RunningServer(home, CA_PASSWORD) as server:
+            log = server.log_once(lambda log: "world-writable" in log and "readable or writable by others" in log)
+        assert f"key file {home.intermediate_key} is readable or writable by others (mode 644)" in log
+        assert "world-writable (mode 777)" in log
+    finally:
+        home.root.chmod(0o700)
