@@ -44,6 +44,7 @@ probe is one store write (``last_checked``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -202,6 +203,7 @@ class HealthChecker:
         self._semaphore: asyncio.Semaphore | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._round: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, asyncio.Task[bool]] = {}
         self._lock_fd: int | None = None
 
     @classmethod
@@ -311,17 +313,30 @@ class HealthChecker:
         return True
 
     async def _tick(self) -> None:
+        """One scheduled round: a probe for every service whose previous probe has ended. The
+        round does not wait for them, so a hanging endpoint costs its own probe its timeout
+        and never holds back the next round for the other services."""
         # APScheduler only logs a job's exceptions: catch and report them here.
         self._round = asyncio.current_task()
         try:
             if self._is_prober():
-                await self.run_once()
+                for service in await self._services():
+                    if service.service_id not in self._in_flight:
+                        task = asyncio.create_task(self._check(service))
+                        self._in_flight[service.service_id] = task
+                        task.add_done_callback(functools.partial(self._probe_ended, service.service_id))
         except asyncio.CancelledError:  # stop() during a round: end quietly
             log.debug("health round cancelled")
         except Exception:
             log.exception("health round failed")
         finally:
             self._round = None
+
+    def _probe_ended(self, service_id: str, task: asyncio.Task[bool]) -> None:
+        self._in_flight.pop(service_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("health check failed service_id=%s error=%s: %s", service_id,
+                      type(task.exception()).__name__, task.exception())
 
     async def start(self) -> None:
         """Start the schedule in the running loop; the first round runs at once."""
@@ -346,6 +361,11 @@ class HealthChecker:
         if running is not None and not running.done():
             running.cancel()
             await asyncio.wait({running}, timeout=self.timeout)
+        probes = list(self._in_flight.values())
+        for probe in probes:
+            probe.cancel()
+        if probes:
+            await asyncio.wait(probes, timeout=self.timeout)
         await self.aclose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

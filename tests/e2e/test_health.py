@@ -335,3 +335,33 @@ def test_probe_refusal_allows_only_hosts_in_the_san_allow_list(url: str, allowed
     assert (probe_refusal(service, allow_loopback=True) is None) is allowed
     if "[::1]" in url or "[0:0:0:0" in url:
         assert "loopback" in (probe_refusal(service) or "")  # unless an admin allowed it
+
+
+def test_a_hanging_endpoint_does_not_hold_back_the_next_rounds(local_authority: Authority, ca_home: Home,
+                                                               tmp_path: Path) -> None:
+    """Issue 18: scheduled rounds do not wait for a probe in flight; the hanging service is not
+    probed twice at once, the others are probed every round."""
+    ca_file = chain_file(ca_home, tmp_path)
+    slow_port, fast_port = free_port(), free_port()
+    slow = register(local_authority, f"https://127.0.0.1:{slow_port}/health")
+    fast = register(local_authority, f"https://127.0.0.1:{fast_port}/health")
+    with (ProbeTarget(*issue_tls(local_authority, slow, tmp_path / slow), ca_file, port=slow_port,
+                      hang=30) as hanging,
+          ProbeTarget(*issue_tls(local_authority, fast, tmp_path / fast), ca_file, port=fast_port) as quick):
+        checker = HealthChecker.from_home(local_authority, ca_home, timeout=3, concurrency=4)
+        checker.lock_file = None
+
+        async def three_rounds() -> float:
+            start = time.monotonic()
+            async with checker:
+                for _ in range(3):
+                    await checker._tick()
+                    await asyncio.sleep(0.4)
+                took = time.monotonic() - start
+                await checker.stop()
+            return took
+
+        took = asyncio.run(three_rounds())
+    assert took < 2.5  # three rounds while one probe hangs for its 3 s timeout
+    assert len(quick.peers) == 3  # probed every round
+    assert len(hanging.peers) == 1  # never two probes of it at once
