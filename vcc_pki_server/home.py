@@ -228,3 +228,6 @@ def _load_cert(path: Path, what: str) -> x509.Certificate:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
         raise CAUnavailable(f"{what} certificate {path} is missing; run `pki-admin init`") from None
+    except ValueError:
+        raise CAUnavailable(f"{what} certificate {path} is not a PEM certificate: restore it from a "
+                            "backup") from None

@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             authority.store.close()
         write_file(home.ca_dir / "ca_chain.pem",
                    cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)
-    except (CAError, OSError) as exc:
+    except (CAError, OSError, ValueError) as exc:  # one line, never a traceback
         print(f"vcc-pki-server: error: {exc}", file=sys.stderr)
         return 1
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -86,3 +86,25 @@ def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path:
         assert refused.json()["code"] == "unavailable" and "disk is full" in refused.json()["detail"]
     assert sick.status_code == 503 and sick.json()["database"] == "failing writes"
     assert again.status_code == 201 and well.status_code == 200
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    ("corrupt-db", "is not a usable SQLite database (file is not a database)"),
+    ("bad-intermediate", "intermediate CA certificate"),
+    ("bad-root", "root CA certificate"),
+])
+def test_a_damaged_home_is_one_line_from_the_server_and_pki_admin(tmp_path: Path, damage: str, said: str) -> None:
+    home = build_home(tmp_path / "h")
+    if damage == "corrupt-db":
+        for extra in ("-wal", "-shm"):
+            Path(f"{home.db}{extra}").unlink(missing_ok=True)
+        home.db.write_bytes(b"garbage " * 64)
+    else:
+        (home.intermediate_cert if damage == "bad-intermediate" else home.root_cert).write_text("not a PEM\n")
+    proc = subprocess.run([str(BIN / "vcc-pki-server"), "--home", str(home.root), "--port", str(free_port())],
+                          env={**env_without_secrets(), "VCC_PKI_CA_PASSWORD": CA_PASSWORD},
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and said in proc.stderr, proc.stderr
+    command = ["cert", "list"] if damage == "corrupt-db" else ["ca", "info"]
+    assert cli.main(["--home", str(home.root), *command]) == 1

@@ -126,7 +126,12 @@ class SQLiteStore(SQLStore):
             except OSError:  # e.g. a read-only home: SQLite's own locking still applies
                 self._writer_lock_fd = None
         self._db = self._connect(timeout)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:  # "file is not a database", an unreadable file
+            self._db.close()
+            raise CAError(f"{self.path} is not a usable SQLite database ({exc}): restore it from a "
+                          "backup (docs/operations.md)") from None
         self._db.execute("PRAGMA synchronous=FULL")
         # Statement journals (a multi-row INSERT that may fail halfway) in memory, not temp files.
         self._db.execute("PRAGMA temp_store=MEMORY")
