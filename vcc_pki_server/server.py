@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -236,35 +237,60 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> int:
-    """Fork ``--workers`` processes on one listening socket; forward SIGTERM/SIGINT; wait for all."""
-    children: list[int] = []
-    for _ in range(args.workers):
-        pid = os.fork()
-        if pid == 0:  # child: a fresh store connection and event loop, made after the fork
-            try:
-                run_worker(sock, home, password, args)
-            finally:
-                logging.shutdown()  # os._exit skips it: write out what is buffered
-                os._exit(0)
-        children.append(pid)
-
+    """Fork ``--workers`` processes on one listening socket; forward SIGTERM/SIGINT; replace a
+    worker that dies while the server is not stopping (at most one a second); wait for all."""
+    children: set[int] = set()
     stopping = False
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+
+    def spawn() -> None:
+        # Signals wait while forking: forward() must see every child, and a child must not run
+        # the supervisor's forward() before it has its own handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:  # child: a fresh store connection and event loop, made after the fork
+                for signum in stop_signals:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                try:
+                    run_worker(sock, home, password, args)
+                finally:
+                    logging.shutdown()  # os._exit skips it: write out what is buffered
+                    os._exit(0)
+            children.add(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    for _ in range(args.workers):
+        spawn()
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in children:
+        for child in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
+    last_spawn = 0.0
+    while children:
+        try:
+            child, code = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(child)
         # A worker still starting up when asked to stop dies of the SIGTERM we sent: a clean stop.
         stopped_by_us = stopping and os.WIFSIGNALED(code) and os.WTERMSIG(code) == signal.SIGTERM
-        if code and not stopped_by_us:
+        if not stopping:  # died while serving (killed, crashed): logged and replaced
+            log.error("worker %d ended with status %d while serving; starting a new one", child, code)
+            time.sleep(max(0.0, last_spawn + 1.0 - time.monotonic()))  # no tight loop of crashes
+            last_spawn = time.monotonic()
+            if not stopping:
+                spawn()
+        elif code and not stopped_by_us:
             log.error("worker %d ended with status %d", child, code)
             status = 1
     return status

@@ -177,3 +177,33 @@ def test_loose_modes_on_the_home_and_key_files_are_warned_about(tmp_path: Path) 
         assert "world-writable (mode 777)" in log
     finally:
         home.root.chmod(0o700)
+
+
+def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    """Issue 18: with --workers 2, a worker killed while serving is replaced, and the server
+    still stops cleanly."""
+    import os
+
+    home = build_home(tmp_path / "h")
+    server = RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2"]).start()
+    try:
+        assert server.proc is not None
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+        deadline = time.monotonic() + 10
+        while len(workers := [int(p) for p in children.read_text().split()]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(workers[0], signal.SIGKILL)
+        while True:
+            now = [int(p) for p in children.read_text().split()]
+            if len(now) == 2 and workers[0] not in now:
+                break
+            assert time.monotonic() < deadline, f"workers now {now}"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the new worker takes requests once started
+        for _ in range(6):
+            assert presented_serial(server, home)
+        assert "starting a new one" in server.log_once(lambda log: "starting a new one" in log)
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()[-2000:]
