@@ -104,7 +104,15 @@ def dev_init(home: Home) -> str:
         token = authority.create_admin_token(name="dev", expires_days=None, actor=Actor.operator())
     finally:
         authority.store.close()
-    print(f"vcc-pki-server: admin token (shown once): {token.value}", file=sys.stderr)
+    # The token goes to a 0600 file; on a terminal it is shown once too. When stderr is not a
+    # terminal it is a log (systemd, docker, a file): no secret goes there.
+    token_file = home.secrets_dir / "admin_token"
+    write_file(token_file, f"{token.value}\n".encode(), 0o600)
+    if sys.stderr.isatty():
+        print(f"vcc-pki-server: admin token (shown once, also in {token_file}): {token.value}", file=sys.stderr)
+    else:
+        print(f"vcc-pki-server: admin token written to {token_file} (0600; not printed: stderr is not a "
+              "terminal)", file=sys.stderr)
     print(f"vcc-pki-server: root CA: {home.root_cert}  (curl --cacert it)", file=sys.stderr)
     return ca_password
 
