@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -79,12 +80,24 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
         super().close()
 
 
+# Control characters other than newline and tab (a traceback has those) in a log line: text a
+# client chose (a health URL, a service name) must not move an operator's terminal cursor.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 class Formatter(logging.Formatter):
-    """``FORMAT``, with the date and time text made once per second rather than per record."""
+    """``FORMAT``, with the date and time text made once per second rather than per record, and
+    control characters written as escapes."""
 
     def __init__(self) -> None:
         super().__init__(FORMAT)
         self._second: tuple[int, str] = (-1, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if _CONTROL.search(text) is None:  # the common case costs one scan
+            return text
+        return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         second = int(record.created)

@@ -111,3 +111,14 @@ def test_the_format_is_the_standard_one() -> None:
     assert ours.format(record) == standard.format(record)
     later = logging.makeLogRecord({**record.__dict__, "created": 1_790_000_001.5, "msecs": 500.0})
     assert ours.format(later) == standard.format(later)  # a new second: a new date text
+
+
+def test_control_characters_from_clients_are_escaped_in_log_lines() -> None:
+    """Issue 18: a health URL or service name with terminal escapes is logged escaped."""
+    record = logging.LogRecord("vcc_pki_server.health", logging.WARNING, __file__, 1,
+                               "health service_id=%s error=%s", ("svc", "host \x1b[2J\x1b]0;owned\x07 bad"), None)
+    line = logs.Formatter().format(record)
+    assert "\x1b" not in line and "\x07" not in line
+    assert "host \\x1b[2J\\x1b]0;owned\\x07 bad" in line
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "tab\tstays", (), None)
+    assert logs.Formatter().format(plain).endswith("tab\tstays")
