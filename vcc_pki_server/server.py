@@ -78,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.health_interval is not None and not 0 < args.health_interval <= 86400:
+        parser.error("--health-interval must be between 0 and 86400 seconds")
     for name in ("max_header_bytes", "max_headers", "max_connections_per_client"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -689,3 +689,16 @@ def test_registry_fields_with_terminal_escapes_are_printed_escaped(home: Path, r
     assert run(*g, "service", "register", "--service-id", "esc", "--name", "evil\x1b[2J\x1b]0;pwned\x07").code == 0
     out = run(*g, "service", "list").out + run(*g, "service", "info", "--service-id", "esc").out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ("token", "create", "--expires-days", "99999999999"),
+    ("cert", "list", "--expiring-within-days", "99999999999"),
+    ("crl", "list", "--limit", "99999999999999999999"),
+    ("cert", "issue", "--service-id", "huge", "--cn", "huge", "--validity-days", "99999999999"),
+])
+def test_huge_numbers_are_one_line_errors_and_change_nothing(home: Path, run: Run, argv: tuple[str, ...]) -> None:
+    before = snapshot(home)
+    r = run("--home", str(home), *argv)
+    assert r.code == 1 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert snapshot(home) == before

@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `pki-admin cert list | head`: the reader left, stay quiet
         silence_stdout()
         return 1
+    except OverflowError as exc:  # a number past what dates or the store can hold
+        message = f"a number given is out of range ({exc})"
     except (OSError, ValueError, sqlite3.Error) as exc:
         message = str(exc) or type(exc).__name__
     except KeyboardInterrupt:
