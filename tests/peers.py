@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import uvicorn
 from cryptography.hazmat.primitives import hashes
@@ -29,6 +31,23 @@ def fingerprint(home: Home, *, style: str = "plain") -> str:
     if style == "colons":
         return "sha256:" + ":".join(digest[i:i + 2] for i in range(0, 64, 2)).upper()
     return digest
+
+
+@contextlib.contextmanager
+def serving(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """Run uvicorn with ``config`` in a thread until the block ends."""
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 class PeerServer:

@@ -3,8 +3,6 @@ by the service id in their certificates, as docs/client.md shows."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from peers import serving
 from support import free_port
 from vcc_pki_client import PKIClient, peer_service_id
 from vcc_pki_client.asgi import MTLSH11Protocol, caller_service_id
@@ -38,18 +37,8 @@ def serve(pki: PKIClient, allowed: set[str]) -> Iterator[int]:
     config = uvicorn.Config(Starlette(routes=[Route("/items", items)]), host="127.0.0.1", port=port,
                             http=MTLSH11Protocol, lifespan="off", log_config=None, access_log=False,
                             ssl_context_factory=lambda config, default: pki.server_ssl_context())
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "service did not start"
-        time.sleep(0.02)
-    try:
+    with serving(config):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_service_authorises_its_callers_by_service_id(service: Callable[[], PKIClient]) -> None:

@@ -4,8 +4,6 @@ an older CRL than one already seen is never taken."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from peers import FAST
+from peers import FAST, serving
 from support import free_port
 from vcc_pki_client import PKIClient, TrustError
 
@@ -35,18 +33,8 @@ def fake_api(impostor: PKIClient) -> Iterator[int]:
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", lifespan="off", log_config=None,
                             access_log=False, ssl_context_factory=lambda c, d: impostor.server_ssl_context(
                                 require_client_cert=False, check_revocation=False))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.02)
-    try:
+    with serving(config):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_service_certificate_cannot_pose_as_the_ca_server(sdk_service: Callable[..., PKIClient]) -> None:
