@@ -277,16 +277,33 @@ class HealthChecker:
         return ok
 
     async def run_once(self) -> None:
-        """One round: probe every service with a ``health_check_url`` and record the results."""
+        """One round, waited for: a probe of every service with a ``health_check_url`` whose
+        previous probe has ended, and their results recorded."""
         started = time.monotonic()
-        services = await self._services()
-        results = await asyncio.gather(*(self._check(s) for s in services), return_exceptions=True)
-        for service, result in zip(services, results, strict=False):
-            if isinstance(result, BaseException):
-                log.error("health check failed service_id=%s error=%s: %s", service.service_id,
-                          type(result).__name__, result)
-        log.debug("health round services=%d healthy=%d seconds=%.2f", len(services),
-                  sum(r is True for r in results), time.monotonic() - started)
+        probes = await self._start_round()
+        if probes:
+            await asyncio.wait(probes)
+        log.debug("health round services=%d healthy=%d seconds=%.2f", len(probes),
+                  sum(not p.cancelled() and p.exception() is None and p.result() for p in probes),
+                  time.monotonic() - started)
+
+    async def _start_round(self) -> list[asyncio.Task[bool]]:
+        """Start a probe of every service whose previous probe has ended (a hanging endpoint
+        never has two at once); return them."""
+        started: list[asyncio.Task[bool]] = []
+        for service in await self._services():
+            if service.service_id not in self._in_flight:
+                task = asyncio.create_task(self._check(service))
+                self._in_flight[service.service_id] = task
+                task.add_done_callback(functools.partial(self._probe_ended, service.service_id))
+                started.append(task)
+        return started
+
+    def _probe_ended(self, service_id: str, task: asyncio.Task[bool]) -> None:
+        self._in_flight.pop(service_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("health check failed service_id=%s error=%s: %s", service_id,
+                      type(task.exception()).__name__, task.exception())
 
     # -- scheduling -------------------------------------------------------------------------
     def _is_prober(self) -> bool:
@@ -320,23 +337,13 @@ class HealthChecker:
         self._round = asyncio.current_task()
         try:
             if self._is_prober():
-                for service in await self._services():
-                    if service.service_id not in self._in_flight:
-                        task = asyncio.create_task(self._check(service))
-                        self._in_flight[service.service_id] = task
-                        task.add_done_callback(functools.partial(self._probe_ended, service.service_id))
+                await self._start_round()  # not waited for: see the docstring
         except asyncio.CancelledError:  # stop() during a round: end quietly
             log.debug("health round cancelled")
         except Exception:
             log.exception("health round failed")
         finally:
             self._round = None
-
-    def _probe_ended(self, service_id: str, task: asyncio.Task[bool]) -> None:
-        self._in_flight.pop(service_id, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("health check failed service_id=%s error=%s: %s", service_id,
-                      type(task.exception()).__name__, task.exception())
 
     async def start(self) -> None:
         """Start the schedule in the running loop; the first round runs at once."""

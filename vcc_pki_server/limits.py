@@ -98,7 +98,8 @@ class EdgeLimitsMixin(asyncio.Protocol):
         self._counted: str | None = None
         self._refused = False
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read while a request's head is incomplete
+        self._field_bytes = 0  # bytes of the head the parser has seen (URL and header fields)
         self._headers = 0
         self._timer: asyncio.TimerHandle | None = None
         address = self.client[0] if self.client else "?"
@@ -140,16 +141,22 @@ class EdgeLimitsMixin(asyncio.Protocol):
     # httptools parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
-        self._in_head, self._head_bytes, self._headers = True, 0, 0
+        self._in_head, self._head_bytes, self._headers, self._field_bytes = True, 0, 0, 0
         self._start_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._field_bytes += len(url)
+        super().on_url(url)  # type: ignore[misc]
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
+        self._field_bytes += len(name) + len(value) + 4  # ": " and CRLF
         if self._headers <= self.limits.max_headers:
             super().on_header(name, value)  # type: ignore[misc]
 
     def on_headers_complete(self) -> None:
-        if self._head_bytes > self.limits.max_header_bytes or self._headers > self.limits.max_headers:
+        # What the head really held (the read that ended it may carry the body too).
+        if self._field_bytes > self.limits.max_header_bytes or self._headers > self.limits.max_headers:
             self._refuse_head()
             return
         self._in_head = False
@@ -171,7 +178,8 @@ class EdgeLimitsMixin(asyncio.Protocol):
         self._stop_timer()
         address = self.client[0] if self.client else "?"
         self._trips.trip("header", "request from %s refused (431): %d header bytes, %d header fields; limits "
-                         "%d and %d", address, self._head_bytes, self._headers, self.limits.max_header_bytes,
+                         "%d and %d", address, max(self._head_bytes, self._field_bytes), self._headers,
+                         self.limits.max_header_bytes,
                          self.limits.max_headers)
         body = json.dumps({"type": "https://vcc-pki.invalid/problems/request-header-too-large",
                            "title": "Request header fields too large", "status": 431,

@@ -50,6 +50,8 @@ def test_validity_seconds_from_five_minutes_up_to_the_policy(admin: httpx.Client
     assert near(lifetime(r.json()), timedelta(minutes=5))
     assert near(lifetime(request(admin, sid, validity_seconds=8 * 3600).json()), timedelta(hours=8))
     assert "at least 300 seconds" in problem(request(admin, sid, validity_seconds=299), 422, "invalid_field")["detail"]
+    assert "got -5 seconds" in problem(request(admin, sid, validity_seconds=-5), 422, "invalid_field")["detail"]
+    problem(request(admin, sid, validity_seconds=-10**30), 422, "invalid_field")  # no overflow, no 500
     detail = problem(request(admin, sid, validity_seconds=366 * 86400), 422, "invalid_field")["detail"]
     assert "366 days" in detail and "maximum of 365 days (max_validity_days)" in detail
     problem(request(admin, sid, validity_seconds=600, validity_days=1), 422, "invalid_field")

@@ -99,7 +99,7 @@ def requested_lifetime(body: dict[str, Any]) -> timedelta | None:
             raise InvalidRequest(f"validity_days must be a positive integer, got {days}")
         return timedelta(days=min(days, _LONGEST_DAYS))
     if seconds is not None:
-        return timedelta(seconds=max(min(seconds, _LONGEST_DAYS * 86400), 0))
+        return timedelta(seconds=max(min(seconds, _LONGEST_DAYS * 86400), -_LONGEST_DAYS * 86400))
     return None
 
 

@@ -355,8 +355,13 @@ class SQLStore:
         """Unexpired, unrevoked certificates of any of ``keys`` (a scan of the unexpired: no
         index slows issuance for this rare question; rows from before schema v3 are judged
         by their PEM)."""
-        rows = self._exec(db, f"SELECT c.serial, c.service_id, c.key_id, c.pem FROM {CERT_FROM} "
-                              "WHERE r.serial IS NULL AND c.not_after > ? ORDER BY c.id", (now,)).fetchall()
+        marks = ",".join("?" * len(keys))
+        # Only the matching rows come back, and a PEM only for a row without its key_id.
+        rows = self._exec(db, f"SELECT c.serial, c.service_id, c.key_id, "
+                              f"CASE WHEN c.key_id IS NULL THEN c.pem END FROM {CERT_FROM} "
+                              f"WHERE r.serial IS NULL AND c.not_after > ? "
+                              f"AND (c.key_id IN ({marks}) OR c.key_id IS NULL) ORDER BY c.id",
+                          (now, *sorted(keys))).fetchall()
         return {r[0]: r[1] for r in rows if (r[2] or public_key_id_of_pem(r[3])) in keys}
 
     def revoked(self, *, unexpired_at: datetime | None = None) -> list[tuple[str, datetime, str]]:
