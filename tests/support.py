@@ -112,8 +112,9 @@ class RunningServer:
 
     def __init__(self, home: Any, password: str, *, port: int | None = None,
                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, wrap: Sequence[str] = ()) -> None:
         self.home = home
+        self.wrap = list(wrap)  # a command the server runs under (e.g. ``unshare`` for a small disk)
         self.password = password
         self.port = port or free_port()
         self.url = f"https://127.0.0.1:{self.port}"
@@ -132,7 +133,7 @@ class RunningServer:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [str(BIN / "vcc-pki-server"), "--home", str(self.home.root), "--port", str(self.port),
+                [*self.wrap, str(BIN / "vcc-pki-server"), "--home", str(self.home.root), "--port", str(self.port),
                  *self.extra_args], stdout=log, stderr=subprocess.STDOUT, env=env,
                 preexec_fn=self._limit_files if self.nofile else None)
         finally:

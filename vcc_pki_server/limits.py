@@ -8,25 +8,30 @@ connections are held forever, until the file-descriptor limit locks everyone out
 * ``max_header_bytes`` / ``max_headers``: a request head over either is answered 431 and the
   connection closed (the parser holds at most the limit plus one read);
 * ``header_timeout``: from a connection's start, or a request's first byte, to the end of its
-  headers; an idle or slowloris connection is closed when it runs out;
+  headers; an idle or slowloris connection is closed when it runs out. The TLS handshake before
+  it gets as long again (:class:`EdgeServer`; asyncio's own default is 60 s);
 * ``max_connections_per_client`` and ``max_connections``: connections over either are closed
   as soon as they are made (the total defaults to the file-descriptor limit less a reserve).
 
 Each trip is logged (WARNING, at most once a second per kind, with how many since).
-TLS handshakes that never finish are asyncio's: closed after 60 s.
+Connections still in their TLS handshake are not counted (the protocol sees a connection only
+once its handshake is done): the handshake timeout is what bounds them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import resource
+import socket
 import time
 from collections import Counter
 from typing import Any, ClassVar
 
 import attrs
+import uvicorn
 
 log = logging.getLogger("vcc_pki_server.limits")
 
@@ -208,3 +213,18 @@ class EdgeLimitsMixin(asyncio.Protocol):
         self._trips.trip("slow", "connection from %s closed: no complete request header within %g s "
                          "(header_timeout; %d bytes came)", address, self.limits.header_timeout, self._head_bytes)
         self.transport.close()
+
+
+class EdgeServer(uvicorn.Server):
+    """uvicorn's server, whose listening sockets end TLS handshakes that take longer than
+    ``EdgeLimits.header_timeout`` (uvicorn leaves asyncio's 60 s: a client could hold a file
+    descriptor that long per connection without sending a byte)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.create_server = functools.partial(  # type: ignore[method-assign]
+            loop.create_server, ssl_handshake_timeout=EdgeLimitsMixin.limits.header_timeout)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server  # the loop's own method again

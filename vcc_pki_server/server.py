@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 
 import attrs
-import uvicorn
 from cryptography import x509
 
 from vcc_pki_client.identity import PKI_SERVER_ID, peer_service_id
@@ -27,7 +26,7 @@ from .bootstrap import initialize
 from .encoding import cert_pem
 from .errors import CAError
 from .home import Home, write_file
-from .limits import EdgeLimits, EdgeLimitsMixin
+from .limits import EdgeLimits, EdgeLimitsMixin, EdgeServer
 from .mtls import uvicorn_config
 
 log = logging.getLogger("vcc_pki_server.server")
@@ -195,7 +194,7 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        EdgeServer(config).run(sockets=[sock])
     finally:
         authority.store.close()
 

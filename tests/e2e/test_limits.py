@@ -95,3 +95,21 @@ def test_idle_connections_under_a_1024_file_limit_leave_others_served(ca_home: H
         log = server.log_once(lambda log: "header_timeout" in log and "max_connections_per_client" in log)
         assert "max_connections_per_client" in log and "header_timeout" in log
         assert health_from(server, ctx, "127.0.0.1") == 200
+
+
+def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_after_the_header_timeout(
+        ca_home: Home) -> None:
+    with RunningServer(ca_home, CA_PASSWORD, extra_args=["--header-timeout", "1"]) as server:
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # no ClientHello at all
+        partial = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello cut short
+        try:
+            started = time.monotonic()
+            for conn in (silent, partial):
+                with contextlib.suppress(ConnectionResetError):
+                    assert conn.recv(1024) == b""
+            assert time.monotonic() - started < 5  # asyncio's own default would hold them 60 s
+        finally:
+            silent.close()
+            partial.close()
+        assert health_from(server, tls_context(ca_home.root_cert), "127.0.0.1") == 200

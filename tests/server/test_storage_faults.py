@@ -4,6 +4,8 @@ a store that cannot be written gives 503 problem documents and an unhealthy /hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import CA_PASSWORD, build_home
-from support import BIN, env_without_secrets, free_port, make_csr
+from support import BIN, RunningServer, env_without_secrets, free_port, make_csr, tls_context
 from vcc_pki_server import cli
 from vcc_pki_server.app import create_app
 from vcc_pki_server.authority import Actor
@@ -52,9 +54,14 @@ def test_a_home_with_a_ca_but_no_store_refuses_to_start(tmp_path: Path, damage: 
     assert not home.db.exists() or home.db.stat().st_size == 0  # nothing was made in its place
 
 
-def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fault", "said"), [("full", "disk is full"), ("locked", "database is locked")])
+def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path: Path, fault: str,
+                                                                       said: str) -> None:
+    """A full disk (simulated here; a real one below) and a lock held by another process past the
+    busy timeout (real: another connection's exclusive transaction; the timeout cut to 1 s)."""
     home = build_home(tmp_path / "h")
     authority = home.authority(CA_PASSWORD)
+    holder = sqlite3.connect(home.db, isolation_level=None)
     try:
         token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
         authority.register_service("disk", san_dns=["disk"], actor=Actor.operator())
@@ -62,28 +69,42 @@ def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path:
         store: Any = authority.store
         healthy = store._db
 
+        def break_store() -> None:
+            if fault == "full":
+                store._db = FullDisk(healthy)
+            else:
+                store._timeout = 1.0
+                healthy.execute("PRAGMA busy_timeout=1000")
+                holder.execute("BEGIN EXCLUSIVE")  # as `sqlite3 pki.db` left open in a transaction
+
+        def mend_store() -> None:
+            store._db = healthy
+            if holder.in_transaction:
+                holder.execute("ROLLBACK")
+
         async def calls() -> list[httpx.Response]:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://pki",
                                          headers={"Authorization": f"Bearer {token}"}) as client:
                 csr = make_csr("disk")[0].decode()
                 out = [await client.get("/health")]
-                store._db = FullDisk(healthy)
+                break_store()
                 out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
                 out.append(await client.post("/api/v1/services/register", json={"service_id": "other"}))
                 out.append(await client.get("/health"))
-                store._db = healthy  # the disk has room again
+                mend_store()
                 out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
                 out.append(await client.get("/health"))
                 return out
 
         before, issue, register, sick, again, well = asyncio.run(calls())
     finally:
+        holder.close()
         authority.store.close()
     assert before.status_code == 200
     for refused in (issue, register):
         assert refused.status_code == 503, refused.text
         assert refused.headers["content-type"] == "application/problem+json"
-        assert refused.json()["code"] == "unavailable" and "disk is full" in refused.json()["detail"]
+        assert refused.json()["code"] == "unavailable" and said in refused.json()["detail"]
     assert sick.status_code == 503 and sick.json()["database"] == "failing writes"
     assert again.status_code == 201 and well.status_code == 200
 
@@ -108,3 +129,59 @@ def test_a_damaged_home_is_one_line_from_the_server_and_pki_admin(tmp_path: Path
     assert len(proc.stderr.strip().splitlines()) == 1 and said in proc.stderr, proc.stderr
     command = ["cert", "list"] if damage == "corrupt-db" else ["ca", "info"]
     assert cli.main(["--home", str(home.root), *command]) == 1
+
+
+def _can_mount_a_small_disk() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"],
+                          capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_a_small_disk(), reason="no user and mount namespaces on this machine")
+def test_a_really_full_disk_gives_503_an_unhealthy_health_and_recovers_losing_nothing(tmp_path: Path) -> None:
+    """The server runs with its home on an 8 MiB tmpfs of its own (a mount namespace), and the
+    test fills that disk through /proc/<pid>/root: real ENOSPC, not a simulated one."""
+    home = build_home(tmp_path / "h")
+    authority = home.authority(CA_PASSWORD)
+    token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
+    authority.register_service("disk", san_dns=["disk"], actor=Actor.operator())
+    authority.store.close()
+    seed = tmp_path / "seed"
+    shutil.copytree(home.root, seed, symlinks=True)
+    small_disk = ["unshare", "-rm", "sh", "-c",
+                  f'mount -t tmpfs -o size=8m none "{home.root}" && cp -a "{seed}/." "{home.root}/" && exec "$@"',
+                  "sh"]
+    csr = make_csr("disk")[0].decode()
+    with RunningServer(home, CA_PASSWORD, wrap=small_disk) as server:
+        assert server.proc is not None
+        filler = Path(f"/proc/{server.proc.pid}/root{home.root}/filler")
+        ctx = tls_context(home.root_cert)
+        with httpx.Client(base_url=server.url, verify=ctx, timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            with filler.open("wb") as fill, contextlib.suppress(OSError):  # ENOSPC: the disk is full
+                while True:
+                    fill.write(b"\0" * 65536)
+                    fill.flush()
+            issued, refused = [], None
+            for _ in range(400):  # the WAL may hold room for a few more transactions
+                answer = client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr})
+                if answer.status_code != 201:
+                    refused = answer
+                    break
+                issued.append(answer.json()["serial_number"])
+            assert refused is not None, "the full disk never refused a write"
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["code"] == "unavailable"
+            sick = client.get("/health")
+            assert sick.status_code == 503 and sick.json()["database"] == "failing writes"
+            filler.unlink()  # the operator frees space
+            again = client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr})
+            assert again.status_code == 201, again.text
+            issued.append(again.json()["serial_number"])
+            assert client.get("/health").status_code == 200
+            listed = client.get("/api/v1/certificates/", params={"service_id": "disk", "limit": 1000}).json()
+        assert "Traceback" not in server.log()
+    stored = {c["serial_number"] for c in listed["items"]}
+    assert set(issued) <= stored and len(stored) == len(issued)  # every certificate handed out is kept
