@@ -129,7 +129,9 @@ class RunningServer:
 
         import httpx
 
-        env = {**env_without_secrets(), **(self.env or {}), "VCC_PKI_CA_PASSWORD": self.password}
+        env = {**env_without_secrets(), **(self.env or {})}
+        if self.password:  # none for a --dev home: the server finds its kept password
+            env["VCC_PKI_CA_PASSWORD"] = self.password
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(

@@ -107,6 +107,7 @@ class AsyncPKIClient:
 
     # -- network calls, in a worker thread ------------------------------------------------
     enroll = _in_thread(PKIClient.enroll)
+    ensure_enrolled = _in_thread(PKIClient.ensure_enrolled)
     request_certificate = _in_thread(PKIClient.request_certificate)
     renew = _in_thread(PKIClient.renew)
     revoke = _in_thread(PKIClient.revoke)

@@ -19,8 +19,9 @@ from cryptography import x509
 
 from ._http import Connection, Retry
 from ._session import Session, pem_certificates
-from .errors import ConfigurationError, RenewalError
+from .errors import ConfigurationError, RenewalError, TrustError
 from .files import CertificateFiles
+from .identity import peer_service_id
 from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
 from .renewal import RenewalPolicy, Renewer, next_renewal_at
 from .retry import Backoff, RetryPolicy
@@ -65,7 +66,8 @@ class PKIClient:
     certificate and private key live (``ca_chain.pem`` is kept beside them). Trust, in this
     order: ``ca_bundle`` (a PEM file), ``root_fingerprint`` (the root's SHA-256, pinned: hex
     with or without colons or ``sha256:``), ``ca_chain.pem`` beside ``cert_file``, the
-    system store. ``enrollment_token`` is the default token of :meth:`enroll`; ``key_type``
+    system store. ``enrolment_token`` (or its older spelling ``enrollment_token``) is the
+    default token of :meth:`enroll`; ``key_type``
     the kind of key it makes (later rekeys keep the kind of the current key).
     ``retry_policy`` (a :class:`~vcc_pki_client.retry.RetryPolicy`) sets attempts and
     back-off of retried calls and of each renewal; ``http_client`` lends an
@@ -87,7 +89,7 @@ class PKIClient:
         with PKIClient("https://pki.internal:8443", service_id="billing",
                        cert_file="tls/cert.pem", key_file="tls/key.pem",
                        root_fingerprint="sha256:9f2c...") as pki:
-            pki.enroll(token)
+            pki.ensure_enrolled(token)        # enrols once; a second run uses the files
             pki.enable_auto_renewal(renew_before_days=30)
             peer = pki.get_service_certificate("inventory")
 
@@ -104,7 +106,7 @@ class PKIClient:
         key_file: StrPath | None = None,
         ca_bundle: StrPath | None = None,
         root_fingerprint: str | None = None,
-        enrollment_token: str | None = None,
+        enrolment_token: str | None = None,
         key_type: str = "ec-p256",
         timeout: float = 10.0,
         http_client: httpx.Client | None = None,
@@ -113,7 +115,10 @@ class PKIClient:
         clock: Callable[[], datetime] = _utc_now,
         crl_refresh: float = 60.0,
         crl_soft_fail: bool = False,
+        enrollment_token: str | None = None,
     ) -> None:
+        if enrolment_token is not None and enrollment_token is not None and enrolment_token != enrollment_token:
+            raise ConfigurationError("pass enrolment_token= or its older spelling enrollment_token=, not both")
         if not isinstance(pki_server_url, str) or not pki_server_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"pki_server_url must be an https:// URL, got {pki_server_url!r}")
         if pki_server_url.startswith("http://") and http_client is None:
@@ -138,7 +143,7 @@ class PKIClient:
             pin=normalize_fingerprint(root_fingerprint) if root_fingerprint is not None else None,
             timeout=timeout, retry_policy=RetryPolicy.of(retry_policy), http_client=http_client, clock=clock,
         )
-        self._enrollment_token = enrollment_token
+        self._enrolment_token = enrolment_token or enrollment_token
         self._key_type = key_type
         self._retry = RetryPolicy.of(retry_policy)
         self._clock = clock
@@ -184,11 +189,39 @@ class PKIClient:
         Raises AuthenticationError for a spent, expired or unknown token,
         PolicyRefusedError for SANs outside the allow-list.
         """
-        token = token or self._enrollment_token
+        token = token or self._enrolment_token
         if not token:
-            raise ConfigurationError("enroll() needs an enrolment token (argument or enrollment_token=)")
+            raise ConfigurationError("enroll() needs an enrolment token (argument or enrolment_token=)")
         return self._issue(self._key_type, san_dns, san_ip, _lifetime(validity_days, validity), token=token,
                            retry=Retry.UNSENT)
+
+    def ensure_enrolled(
+        self, token: str | None = None, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (),
+        validity_days: int | None = None, validity: timedelta | None = None,
+    ) -> bool:
+        """Enrol unless the files already hold a usable certificate: True when it enrolled now.
+
+        For a script or service that starts more than once: the one-time token is spent by the
+        first run, and later runs use the certificate on disk. Usable means: the key matches,
+        it names this service, it is valid now, it chains to the trusted CA and the CA's CRL
+        does not list it. Otherwise (no files, expired, revoked, from another CA) it enrols
+        with ``token`` as :meth:`enroll` does, replacing the files.
+        """
+        files = self._session.require_files()
+        if files.exists():
+            try:
+                cert, _ = files.load()
+                if peer_service_id(cert) != self.service_id:
+                    raise ConfigurationError(f"{files.cert_file} is a certificate of another service")
+                verify_leaf(cert, files.load_chain(), self._session.peer_anchors(),
+                            what=str(files.cert_file), now=self._clock())
+                if self._crl.is_revoked(cert):
+                    raise ConfigurationError(f"{files.cert_file} is revoked")
+                return False
+            except (ConfigurationError, TrustError) as exc:
+                logger.info("service %s: %s; enrolling", self.service_id, exc)
+        self.enroll(token, san_dns=san_dns, san_ip=san_ip, validity_days=validity_days, validity=validity)
+        return True
 
     def request_certificate(
         self, *, san_dns: Sequence[str] = (), san_ip: Sequence[str] = (), validity_days: int | None = None,

@@ -2,7 +2,9 @@
 
 SPEC §2. The root key's password comes from ``--root-password-file``, else
 ``$VCC_PKI_ROOT_PASSWORD``, else a prompt; the intermediate's from ``--password-file``, else
-``$VCC_PKI_CA_PASSWORD``, else a prompt. The prototype's ``--password`` / ``--root-password``
+``$VCC_PKI_CA_PASSWORD``, else a prompt. In a dev home (``vcc-pki-server --dev``) the
+passwords are kept in ``<home>/secrets/``: an existing key's is read from there before a
+prompt, and the command says so on stderr. The prototype's ``--password`` / ``--root-password``
 flags still work, with a warning: a password on the command line is visible in ``ps`` output
 and in shell history. Passwords are never echoed, logged or put into error messages.
 
@@ -10,6 +12,7 @@ Usage::
 
     password = resolve(CA, file=args.password_file, value=args.password)
     root = resolve(ROOT, file=None, value=None, confirm=True)   # a new key: asked twice
+    password = resolve(CA, file=None, kept=home.secrets_dir / CA.kept)  # a dev home's secret
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import getpass
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import attrs
 
@@ -38,10 +42,12 @@ class PasswordSource:
     file_option: str
     flag: str
     env: str
+    kept: str  # the file name in a dev home's secrets/
 
 
-ROOT = PasswordSource("root CA", "--root-password-file", "--root-password", "VCC_PKI_ROOT_PASSWORD")
-CA = PasswordSource("intermediate CA", "--password-file", "--password", "VCC_PKI_CA_PASSWORD")
+ROOT = PasswordSource("root CA", "--root-password-file", "--root-password", "VCC_PKI_ROOT_PASSWORD",
+                      "root_password")
+CA = PasswordSource("intermediate CA", "--password-file", "--password", "VCC_PKI_CA_PASSWORD", "ca_password")
 
 Prompt = Callable[[str], str]
 
@@ -92,8 +98,10 @@ def _ask(label: str) -> str:
 
 def resolve(source: PasswordSource, *, file: str | None, value: str | None = None,
             confirm: bool = False, environ: Mapping[str, str] | None = None,
-            ask: Prompt | None = None, is_terminal: Callable[[], bool] | None = None) -> str:
-    """The password for ``source``: file, then the unsafe flag, then the environment, then a prompt.
+            ask: Prompt | None = None, is_terminal: Callable[[], bool] | None = None,
+            kept: Path | None = None, program: str = "pki-admin") -> str:
+    """The password for ``source``: file, then the unsafe flag, then the environment, then the
+    ``kept`` file of a dev home (if it exists; said on stderr), then a prompt.
 
     ``confirm`` (when a new key is created) makes the prompt ask twice. Raises
     :class:`PasswordError` with a one-line message when no password is available, e.g. with
@@ -113,6 +121,9 @@ def resolve(source: PasswordSource, *, file: str | None, value: str | None = Non
         if not from_env:
             raise PasswordError(f"${source.env} is set but empty")
         return from_env
+    if kept is not None and kept.exists():
+        print(f"{program}: using the {source.what} password kept in {kept} (a dev home)", file=sys.stderr)
+        return read_password_file(str(kept), source.what)
     if not (is_terminal or stdin_is_terminal)():
         raise PasswordError(f"no {source.what} password: use {source.file_option} FILE or set "
                             f"${source.env} (no terminal to prompt on)")

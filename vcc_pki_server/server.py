@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import attrs
 from cryptography import x509
 
+from vcc_pki_client import __version__
 from vcc_pki_client.identity import PKI_SERVER_ID, peer_service_id
 
 from . import logs, passwords, server_cert
@@ -49,6 +50,7 @@ examples:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vcc-pki-server", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--home", help="CA home (default: $VCC_PKI_HOME or ./pki-data)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443)")
@@ -98,8 +100,8 @@ def dev_init(home: Home) -> str:
                root_password=root_password, ca_password=ca_password,
                root_key_type="ec-p384", intermediate_key_type="ec-p256",
                report=lambda message: print(f"vcc-pki-server: {message}", file=sys.stderr))
-    write_file(home.secrets_dir / "root_password", root_password.encode(), 0o600)
-    write_file(home.secrets_dir / "ca_password", ca_password.encode(), 0o600)
+    write_file(home.secrets_dir / passwords.ROOT.kept, root_password.encode(), 0o600)
+    write_file(home.secrets_dir / passwords.CA.kept, ca_password.encode(), 0o600)
     authority = home.authority(None)
     try:
         token = authority.create_admin_token(name="dev", expires_days=None, actor=Actor.operator())
@@ -150,11 +152,9 @@ def warn_about_modes(home: Home) -> None:
 
 
 def resolve_password(args: argparse.Namespace, home: Home) -> str:
-    """The intermediate's password as pki-admin finds it, with the --dev secret before the prompt."""
-    dev_secret = home.secrets_dir / "ca_password"
-    if args.password_file is None and not os.environ.get(passwords.CA.env) and dev_secret.exists():
-        return passwords.read_password_file(str(dev_secret), passwords.CA.what)
-    return passwords.resolve(passwords.CA, file=args.password_file)
+    """The intermediate's password as pki-admin finds it (a --dev home's kept secret before a prompt)."""
+    return passwords.resolve(passwords.CA, file=args.password_file, kept=home.secrets_dir / passwords.CA.kept,
+                             program="vcc-pki-server")
 
 
 def _background(home: Home, args: argparse.Namespace, authority: object) -> list[Lifecycle]:

@@ -84,14 +84,14 @@ def test_spec_names_and_constructor_keywords() -> None:
         assert callable(getattr(vcc_pki_client.PKIClient, name)), name
     params = inspect.signature(vcc_pki_client.PKIClient).parameters
     for keyword in ("pki_server_url", "service_id", "cert_file", "key_file", "ca_bundle", "root_fingerprint",
-                    "enrollment_token", "http_client"):
+                    "enrolment_token", "enrollment_token", "http_client"):
         assert keyword in params, keyword
     assert "on_renewed" in inspect.signature(vcc_pki_client.PKIClient.enable_auto_renewal).parameters
 
 
 ASYNC_METHODS = [
-    "enroll", "request_certificate", "renew", "revoke", "register_service", "discover", "list_services",
-    "get_service_certificate", "get_ca_bundle", "get_crl", "is_revoked", "renew_now",
+    "enroll", "ensure_enrolled", "request_certificate", "renew", "revoke", "register_service", "discover",
+    "list_services", "get_service_certificate", "get_ca_bundle", "get_crl", "is_revoked", "renew_now",
 ]
 SYNC_METHODS = ["server_ssl_context", "client_ssl_context", "enable_auto_renewal", "disable_auto_renewal"]
 

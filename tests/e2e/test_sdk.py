@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -370,3 +371,28 @@ def test_server_context_follows_renewal_and_httpx_client_speaks_mtls(enrolled: E
                     tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
                     if not tls.recv(1):
                         raise ConnectionError("closed without an answer")
+
+
+def test_ensure_enrolled_enrols_once_and_reuses_the_files_until_they_are_unusable(
+        pki_server: RunningServer, ca_home: Home, register: Register, tmp_path: Path, admin: Any,
+        sdk_clients: list[PKIClient]) -> None:
+    """Issue 17: a script run twice enrols once; a revoked certificate on disk needs a new token."""
+    sid = new_id()
+    token = register(sid, san_dns=[sid])
+
+    def client() -> PKIClient:
+        pki = PKIClient(pki_server.url, sid, cert_file=tmp_path / "cert.pem", key_file=tmp_path / "key.pem",
+                        root_fingerprint=fingerprint(ca_home), retry_policy=FAST)
+        sdk_clients.append(pki)
+        return pki
+
+    assert client().ensure_enrolled(token) is True
+    first = files_of(client())
+    assert client().ensure_enrolled(token) is False  # the second run: the token is spent, not needed
+    assert files_of(client()) == first
+    revoked = admin.delete(f"/api/v1/certificates/{sid}/revoke", params={"reason": "superseded"})
+    assert revoked.status_code == 200, revoked.text
+    with pytest.raises(AuthenticationError):
+        client().ensure_enrolled(token)  # unusable on disk, and the old token is spent
+    fresh = admin.post(f"/api/v1/services/{sid}/enrolment-token").json()["enrolment_token"]
+    assert client().ensure_enrolled(fresh) is True and files_of(client()) != first

@@ -23,7 +23,7 @@ from vcc_pki_server.home import Home
 
 def test_dev_mode_creates_a_ca_keeps_its_admin_token_out_of_the_log_and_stops_cleanly(tmp_path: Path) -> None:
     home = Home(tmp_path / "pki-data")
-    server = RunningServer(home, password="", extra_args=["--dev"], env={"VCC_PKI_CA_PASSWORD": ""})
+    server = RunningServer(home, password="", extra_args=["--dev"])
     server.start()
     try:
         # stderr is a file here, not a terminal: the token is in secrets/, not in the log.
@@ -44,7 +44,7 @@ def test_dev_mode_creates_a_ca_keeps_its_admin_token_out_of_the_log_and_stops_cl
     assert code == 0
     assert "Traceback" not in server.log()
     # A second start reuses the home: no new CA, no second admin token.
-    again = RunningServer(home, password="", extra_args=["--dev"], env={"VCC_PKI_CA_PASSWORD": ""})
+    again = RunningServer(home, password="", extra_args=["--dev"])
     with again:
         pass
     assert "admin token" not in again.log()

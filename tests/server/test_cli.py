@@ -702,3 +702,22 @@ def test_huge_numbers_are_one_line_errors_and_change_nothing(home: Path, run: Ru
     r = run("--home", str(home), *argv)
     assert r.code == 1 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
     assert snapshot(home) == before
+
+
+def test_a_dev_homes_kept_passwords_are_found_and_named(home: Path, run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: `vcc-pki-server --dev` keeps the passwords in <home>/secrets/; pki-admin finds
+    them there (after a file or the environment) and says so, as the server does."""
+    monkeypatch.delenv("VCC_PKI_ROOT_PASSWORD")
+    monkeypatch.delenv("VCC_PKI_CA_PASSWORD")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no prompt to fall back on
+    assert run("--home", str(home), "service", "register", "--service-id", "billing", "--name", "B").code == 0
+    (home / "secrets").mkdir(mode=0o700)
+    (home / "secrets" / "ca_password").write_text(CA_PW)
+    (home / "secrets" / "root_password").write_text(ROOT_PW)
+    issued = run("--home", str(home), "cert", "issue", "--service-id", "billing", "--cn", "billing")
+    assert issued.code == 0, issued.err
+    assert f"using the intermediate CA password kept in {home / 'secrets' / 'ca_password'}" in issued.err
+    root_crl = run("--home", str(home), "ca", "root-crl")
+    assert root_crl.code == 0 and "using the root CA password kept in" in root_crl.err
+    monkeypatch.setenv("VCC_PKI_CA_PASSWORD", "wrong")  # the environment comes first
+    assert run("--home", str(home), "crl", "generate").code == 1

@@ -19,14 +19,19 @@ def existing_home(args: argparse.Namespace) -> Home:
     return home
 
 
-def ca_password(args: argparse.Namespace, *, confirm: bool = False) -> str:
+def ca_password(args: argparse.Namespace, *, home: Home | None = None, confirm: bool = False) -> str:
+    """The intermediate key's password; for an existing key (``home`` given) a dev home's kept one
+    is found too. ``confirm``: a new key, asked twice."""
     return passwords.resolve(passwords.CA, file=getattr(args, "password_file", None),
-                             value=getattr(args, "password", None), confirm=confirm)
+                             value=getattr(args, "password", None), confirm=confirm,
+                             kept=home.secrets_dir / passwords.CA.kept if home else None)
 
 
-def root_password(args: argparse.Namespace, *, confirm: bool = False) -> str:
+def root_password(args: argparse.Namespace, *, home: Home | None = None, confirm: bool = False) -> str:
+    """The root key's password, as :func:`ca_password`."""
     return passwords.resolve(passwords.ROOT, file=getattr(args, "root_password_file", None),
-                             value=getattr(args, "root_password", None), confirm=confirm)
+                             value=getattr(args, "root_password", None), confirm=confirm,
+                             kept=home.secrets_dir / passwords.ROOT.kept if home else None)
 
 
 @contextmanager
@@ -38,7 +43,7 @@ def open_authority(args: argparse.Namespace, *, sign: bool) -> Iterator[tuple[Ho
         if not home.has_intermediate():
             raise CAError(f"{home.root} has no intermediate CA: run `pki-admin init` "
                           "or `pki-admin ca create-intermediate`")
-        password = ca_password(args)
+        password = ca_password(args, home=home)
     authority = home.authority(password)
     try:
         yield home, authority

@@ -53,7 +53,7 @@ def cmd_ca_create_intermediate(args: argparse.Namespace) -> int:
         raise CAError(f"{home.root} already has an intermediate CA; refusing to overwrite it")
     if not home.has_root():
         raise CAError(f"{home.root} has no root CA: run `pki-admin ca init-root` first")
-    root_pw = root_password(args)
+    root_pw = root_password(args, home=home)
     check_root_password(home, root_pw)  # before the new password is asked for, twice
     ca_pw = ca_password(args, confirm=True)
     progress(f"generating {key_type_label(args.key_type)} intermediate key...")
@@ -72,7 +72,7 @@ def cmd_ca_root_crl(args: argparse.Namespace) -> int:
     home = existing_home(args)
     if not home.has_root():
         raise CAError(f"{home.root} has no root CA: run `pki-admin ca init-root` first")
-    crl = home.write_root_crl(root_password(args))
+    crl = home.write_root_crl(root_password(args, home=home))
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     next_update = crl.next_update_utc
     data: JSON = {"number": number, "entries": len(crl), "path": str(home.root_crl_file),

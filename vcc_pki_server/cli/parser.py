@@ -8,6 +8,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from vcc_pki_client import __version__
+
 from ..ca import KEY_TYPES, REASONS
 from .ca_commands import (
     INTERMEDIATE_KEY_TYPES,
@@ -35,25 +37,30 @@ Command = Callable[[argparse.Namespace], int]
 
 EPILOG = """\
 examples:
-  # a new CA home in one go (asks for the root and the intermediate password)
   pki-admin --home /srv/pki init --public-url https://10.0.0.5:8443 --server-san-dns pki.internal
+  pki-admin service register --service-id billing --name Billing --san-dns billing localhost
+  pki-admin service token --service-id billing       # a new enrolment token for it
+  pki-admin cert revoke --service-id billing --reason keyCompromise
+  pki-admin COMMAND --help                           # each command's options and an example
 
-  # the prototype's step-by-step flow, passwords from files
-  pki-admin ca init-root --root-password-file root.pw
-  pki-admin ca create-intermediate --root-password-file root.pw --password-file ca.pw
-  pki-admin cert issue --service-id veritas-backend --cn veritas-backend \\
-      --san-dns veritas-backend localhost --san-ip 127.0.0.1 --password-file ca.pw
-  pki-admin cert list --json
-  pki-admin cert revoke --service-id veritas-backend --reason keyCompromise --password-file ca.pw
-
-  # a service that enrols itself with the SDK
-  pki-admin service register --service-id billing --name Billing --san-dns billing.internal
-
-passwords: the root key's from --root-password-file, else $VCC_PKI_ROOT_PASSWORD, else a
-prompt; the intermediate key's from --password-file, else $VCC_PKI_CA_PASSWORD, else a
-prompt. --password / --root-password work but are unsafe (visible in process lists).
-The home is --home, else $VCC_PKI_HOME, else ./pki-data.
+passwords: the root key's from --root-password-file, else $VCC_PKI_ROOT_PASSWORD, else (a dev
+home made by `vcc-pki-server --dev`) <home>/secrets/root_password, else a prompt; the
+intermediate key's from --password-file, else $VCC_PKI_CA_PASSWORD, else
+<home>/secrets/ca_password, else a prompt. --password / --root-password work but are unsafe
+(visible in process lists). The home is --home, else $VCC_PKI_HOME, else ./pki-data.
 """
+
+GROUP_EPILOGS = {
+    "ca": "examples:\n  pki-admin ca info\n  pki-admin ca init-root --key-type ec-p384 --root-password-file root.pw\n"
+          "  pki-admin ca create-intermediate --root-password-file root.pw --password-file ca.pw",
+    "cert": "examples:\n  pki-admin cert list --expiring-within-days 30\n"
+            "  pki-admin cert issue --service-id backend --cn backend --san-dns backend --password-file ca.pw\n"
+            "  pki-admin cert revoke --service-id backend --reason keyCompromise",
+    "service": "examples:\n  pki-admin service register --service-id billing --name Billing --san-dns billing\n"
+               "  pki-admin service token --service-id billing\n  pki-admin service list --healthy",
+    "crl": "examples:\n  pki-admin crl generate --out crl.pem\n  pki-admin crl list --limit 5",
+    "token": "examples:\n  pki-admin token create --name ci --expires-days 90\n  pki-admin token list --kind all",
+}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -123,13 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter, epilog=EPILOG, parents=[global_options(suppress=False)],
         description="Administer the VCC private CA: CA keys, certificates, services, CRLs, API tokens.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = global_options(suppress=True)
     ca_pw = password_options(root=False, ca=True)
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
         sub = top.add_parser(name, parents=[common], formatter_class=_Formatter, help=help_text,
-                             description=textwrap.fill(help_text, 88), epilog=EPILOG)
+                             description=textwrap.fill(help_text, 88), epilog=GROUP_EPILOGS[name])
         return sub.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def command(actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Command,
