@@ -9,17 +9,18 @@ and calls ``on_renewed``. The new certificate keeps the lifetime of the old one 
 hours). Finally ``renew_now()`` runs one check in the foreground, at the real time: nothing
 is due any more.
 
-    python examples/auto_renewal.py --url https://127.0.0.1:8443 \\
-        --root-fingerprint sha256:9f2c... --admin-token vcc_adm_...
+After ``make run`` (in the repository root), with nothing else to give::
 
-Settings come from the options or the environment: VCC_PKI_URL, VCC_PKI_ADMIN_TOKEN,
-VCC_PKI_ENROLMENT_TOKEN, VCC_PKI_ROOT_FINGERPRINT or VCC_PKI_CA_BUNDLE, VCC_PKI_WORKDIR.
+    python examples/auto_renewal.py                   # or --port 8443, --url https://pki:8443 ...
+
+Options and environment variables: ``_settings.py`` (``--url``/``--port``, ``--admin-token``,
+``--token``, ``--root-fingerprint`` or ``--ca-bundle``, ``--workdir``); by default from the dev
+home ``./pki-data``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import ssl
 import sys
@@ -30,29 +31,20 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import _settings
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from vcc_pki_client import PKIClient, PKIError, RenewalError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=env("VCC_PKI_URL", "https://127.0.0.1:8443"), help="the PKI server")
-    parser.add_argument("--admin-token", default=env("VCC_PKI_ADMIN_TOKEN"),
-                        help="register the service first, as an admin (else --token is needed)")
-    parser.add_argument("--token", default=env("VCC_PKI_ENROLMENT_TOKEN"), help="a one-time enrolment token")
-    parser.add_argument("--root-fingerprint", default=env("VCC_PKI_ROOT_FINGERPRINT"),
-                        help="the root CA's SHA-256 (from `pki-admin ca info`)")
-    parser.add_argument("--ca-bundle", default=env("VCC_PKI_CA_BUNDLE"), help="or: a PEM file with the root CA")
-    parser.add_argument("--workdir", default=env("VCC_PKI_WORKDIR", "example-data"), help="where keys go")
+    parser = _settings.parser(__doc__)
     parser.add_argument("--service-id", default=f"renewing-{uuid.uuid4().hex[:8]}")
     parser.add_argument("--speed", type=float, default=10000.0, help="how much faster the example's clock runs")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between background checks")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the renewal")
-    return parser.parse_args(argv)
+    return _settings.parse(parser, argv)
 
 
 def fast_clock(speed: float) -> Callable[[], datetime]:
@@ -80,17 +72,6 @@ def presented_serial(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> 
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def register_as_admin(pki: PKIClient, url: str, admin_token: str) -> str:
-    """The operator's step (usually `pki-admin service register`): returns the one-time token."""
-    roots = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in pki.get_ca_bundle())
-    with httpx.Client(verify=ssl.create_default_context(cadata=roots),
-                      headers={"Authorization": f"Bearer {admin_token}"}) as admin:
-        response = admin.post(f"{url}/api/v1/services/register", json={
-            "service_id": pki.service_id, "san_dns": [pki.service_id, "localhost"], "san_ip": ["127.0.0.1"]})
-        response.raise_for_status()
-        return str(response.json()["enrolment_token"])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Enrol for eight hours, watch the background renewal, print each step. Returns the exit status."""
     args = parse_args(argv)
@@ -113,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    key_file=folder / "key.pem", root_fingerprint=args.root_fingerprint,
                    ca_bundle=args.ca_bundle, clock=fast_clock(args.speed)) as pki:
         try:
-            token = args.token or register_as_admin(pki, args.url, args.admin_token)
+            token = args.token or _settings.register_as_admin(pki, args.url, args.admin_token)
             first = pki.enroll(token, validity=timedelta(hours=8))
             print(f"enrolled {args.service_id}: certificate {first.serial_number} "
                   f"valid until {first.not_after:%Y-%m-%d %H:%M} UTC (8 hours)")

@@ -1,59 +1,37 @@
 """Quickstart: enrol a service with a one-time token, register it, fetch a peer's certificate.
 
-Run it against a server (``make run`` prints the admin token; ``pki-admin ca info`` the root's
-fingerprint)::
+After ``make run`` (in the repository root), with nothing else to give::
 
-    python examples/quickstart.py --url https://127.0.0.1:8443 \\
-        --root-fingerprint sha256:9f2c... --admin-token vcc_adm_...      # registers the service first
-    python examples/quickstart.py --service-id billing --token vcc_enr_... # already registered
+    python examples/quickstart.py                       # registers a new service as the admin first
+    python examples/quickstart.py --port 8443 --service-id billing --token vcc_enr_...  # already registered
 
-Settings come from the options or the environment: VCC_PKI_URL, VCC_PKI_ADMIN_TOKEN,
-VCC_PKI_ENROLMENT_TOKEN, VCC_PKI_ROOT_FINGERPRINT or VCC_PKI_CA_BUNDLE, VCC_PKI_WORKDIR.
+A second run with the same ``--service-id`` uses the certificate on disk
+(``ensure_enrolled``): the one-time token is spent only once. Options and environment
+variables: ``_settings.py`` (``--url``/``--port``, ``--admin-token``, ``--root-fingerprint`` or
+``--ca-bundle``, ``--workdir``); by default from the dev home ``./pki-data``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import _settings
 import httpx
-from cryptography.hazmat.primitives import serialization
 
 from vcc_pki_client import PKIClient, PKIError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=env("VCC_PKI_URL", "https://127.0.0.1:8443"), help="the PKI server")
-    parser.add_argument("--admin-token", default=env("VCC_PKI_ADMIN_TOKEN"),
-                        help="register the service first, as an admin (else --token is needed)")
-    parser.add_argument("--token", default=env("VCC_PKI_ENROLMENT_TOKEN"), help="a one-time enrolment token")
-    parser.add_argument("--root-fingerprint", default=env("VCC_PKI_ROOT_FINGERPRINT"),
-                        help="the root CA's SHA-256 (from `pki-admin ca info`)")
-    parser.add_argument("--ca-bundle", default=env("VCC_PKI_CA_BUNDLE"), help="or: a PEM file with the root CA")
-    parser.add_argument("--workdir", default=env("VCC_PKI_WORKDIR", "example-data"), help="where keys go")
+    parser = _settings.parser(__doc__)
     parser.add_argument("--service-id", default=f"quickstart-{uuid.uuid4().hex[:8]}")
     parser.add_argument("--peer", default="pki-server",
                         help="whose certificate to fetch (default: the PKI server's own, always registered)")
-    return parser.parse_args(argv)
-
-
-def register_as_admin(pki: PKIClient, url: str, admin_token: str, service_id: str) -> str:
-    """The operator's step (usually `pki-admin service register`): returns the one-time token."""
-    roots = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in pki.get_ca_bundle())
-    with httpx.Client(verify=ssl.create_default_context(cadata=roots),
-                      headers={"Authorization": f"Bearer {admin_token}"}) as admin:
-        response = admin.post(f"{url}/api/v1/services/register", json={
-            "service_id": service_id, "service_name": "Quickstart",
-            "san_dns": [service_id, "localhost"], "san_ip": ["127.0.0.1"]})
-        response.raise_for_status()
-        return str(response.json()["enrolment_token"])
+    return _settings.parse(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,10 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    cert_file=folder / "cert.pem", key_file=folder / "key.pem",
                    root_fingerprint=args.root_fingerprint, ca_bundle=args.ca_bundle) as pki:
         try:
-            token = args.token or register_as_admin(pki, args.url, args.admin_token, args.service_id)
-            issued = pki.enroll(token)                       # key made here; only a CSR is sent
-            print(f"enrolled {args.service_id}: certificate {issued.serial_number} "
-                  f"valid until {issued.not_after:%Y-%m-%d %H:%M} UTC")
+            token = args.token
+            if not token and not pki.enrolled:
+                token = _settings.register_as_admin(pki, args.url, args.admin_token, "Quickstart")
+            enrolled_now = pki.ensure_enrolled(token)          # key made here; only a CSR is sent
+            cert = pki.certificate
+            print(f"{'enrolled' if enrolled_now else 'already enrolled'} {args.service_id}: certificate "
+                  f"{cert.serial_number:x} valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
             print(f"files: {folder}/cert.pem, key.pem (mode {os.stat(folder / 'key.pem').st_mode & 0o777:o}), "
                   "ca_chain.pem")
 

@@ -4,20 +4,20 @@
 ``pki.server_ssl_context()`` (client certificates required, trusted only if issued by our CA),
 register their endpoint and health URL, find each other through the registry
 (``discover()``), and call each other with ``pki.httpx_client()``. The PKI server probes
-both health URLs; the example waits a little for ``list_services(healthy=True)`` to show
-them. A call without a client certificate is refused at the handshake.
+a health URL as soon as it is registered; the example waits for ``list_services(healthy=True)``
+to show both. A call without a client certificate is refused at the handshake.
 
-    python examples/two_services_mtls.py --url https://127.0.0.1:8443 \\
-        --root-fingerprint sha256:9f2c... --admin-token vcc_adm_...
+After ``make run`` (in the repository root), with nothing else to give::
 
-Settings come from the options or the environment: VCC_PKI_URL, VCC_PKI_ADMIN_TOKEN,
-VCC_PKI_ROOT_FINGERPRINT or VCC_PKI_CA_BUNDLE, VCC_PKI_WORKDIR.
+    python examples/two_services_mtls.py              # or --port 8443, --url https://pki:8443 ...
+
+Options and environment variables: ``_settings.py`` (``--url``/``--port``, ``--admin-token``,
+``--root-fingerprint`` or ``--ca-bundle``, ``--workdir``); by default from the dev home ``./pki-data``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import ssl
 import sys
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import _settings
 import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
@@ -40,17 +41,10 @@ from vcc_pki_client import PKIClient, PKIError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=env("VCC_PKI_URL", "https://127.0.0.1:8443"), help="the PKI server")
-    parser.add_argument("--admin-token", default=env("VCC_PKI_ADMIN_TOKEN"), help="registers both services")
-    parser.add_argument("--root-fingerprint", default=env("VCC_PKI_ROOT_FINGERPRINT"),
-                        help="the root CA's SHA-256 (from `pki-admin ca info`)")
-    parser.add_argument("--ca-bundle", default=env("VCC_PKI_CA_BUNDLE"), help="or: a PEM file with the root CA")
-    parser.add_argument("--workdir", default=env("VCC_PKI_WORKDIR", "example-data"), help="where keys go")
-    parser.add_argument("--health-wait", type=float, default=10.0,
-                        help="seconds to wait for the server's health probes (it probes every 30 s by default)")
-    return parser.parse_args(argv)
+    parser = _settings.parser(__doc__, enrolment_token=False)
+    parser.add_argument("--health-wait", type=float, default=3.0,
+                        help="seconds to wait for the server's first health probes (default 3)")
+    return _settings.parse(parser, argv)
 
 
 def free_port() -> int:
@@ -98,17 +92,6 @@ class Service:
         self.thread.join(5)
 
 
-def register_as_admin(pki: PKIClient, url: str, admin_token: str) -> str:
-    """The operator's step (usually `pki-admin service register`): returns the one-time token."""
-    roots = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in pki.get_ca_bundle())
-    with httpx.Client(verify=ssl.create_default_context(cadata=roots),
-                      headers={"Authorization": f"Bearer {admin_token}"}) as admin:
-        response = admin.post(f"{url}/api/v1/services/register", json={
-            "service_id": pki.service_id, "san_dns": [pki.service_id, "localhost"], "san_ip": ["127.0.0.1"]})
-        response.raise_for_status()
-        return str(response.json()["enrolment_token"])
-
-
 def run(args: argparse.Namespace) -> None:
     suffix = uuid.uuid4().hex[:6]
     pkis = {}
@@ -120,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
                                ca_bundle=args.ca_bundle)
     try:
         for pki in pkis.values():
-            pki.enroll(register_as_admin(pki, args.url, args.admin_token))
+            pki.enroll(_settings.register_as_admin(pki, args.url, args.admin_token))
             print(f"enrolled {pki.service_id}: certificate {pki.certificate.serial_number:x}")
         with Service("orders", pkis["orders"]) as orders, Service("stock", pkis["stock"]) as stock:
             for service in (orders, stock):
@@ -154,8 +137,8 @@ def run(args: argparse.Namespace) -> None:
             if healthy == wanted:
                 print(f"healthy in the registry: {', '.join(sorted(healthy))}")
             else:
-                print(f"health not reported within {args.health_wait:.0f} s (the server probes every 30 s "
-                      "by default); healthy so far: " + (", ".join(sorted(healthy)) or "none"))
+                print(f"health not reported within {args.health_wait:.0f} s; healthy so far: "
+                      + (", ".join(sorted(healthy)) or "none"))
     finally:
         for pki in pkis.values():
             pki.close()

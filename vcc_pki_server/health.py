@@ -20,6 +20,10 @@ A 2xx answer is healthy; anything else is unhealthy with a short reason ("HTTP 5
 this CA)"). Results go to :meth:`Authority.record_health`, which audits each change between
 healthy and unhealthy.
 
+A service whose ``health_check_url`` is set or changed (registered, or updated by itself or an
+admin) is probed at once by the worker that stored it, not only at the next round: a new
+service shows as healthy within its probe time.
+
 Several workers (``--workers N``): each worker runs a checker, but only the one holding an
 advisory ``flock`` on ``<home>/server/health.lock`` probes; the others try to take the lock
 at each round, so probing moves to another worker if the holder dies. Without ``fcntl``
@@ -44,6 +48,7 @@ probe is one store write (``last_checked``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -205,6 +210,8 @@ class HealthChecker:
         self._round: asyncio.Task[None] | None = None
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
         self._lock_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._soon: set[asyncio.Task[None]] = set()  # lookups of services whose health URL was just set
 
     @classmethod
     def from_home(cls, authority: Authority, home: Home, *, interval: float | None = None,
@@ -290,14 +297,37 @@ class HealthChecker:
     async def _start_round(self) -> list[asyncio.Task[bool]]:
         """Start a probe of every service whose previous probe has ended (a hanging endpoint
         never has two at once); return them."""
-        started: list[asyncio.Task[bool]] = []
-        for service in await self._services():
-            if service.service_id not in self._in_flight:
-                task = asyncio.create_task(self._check(service))
-                self._in_flight[service.service_id] = task
-                task.add_done_callback(functools.partial(self._probe_ended, service.service_id))
-                started.append(task)
-        return started
+        started = [self._start_probe(service) for service in await self._services()]
+        return [task for task in started if task is not None]
+
+    def _start_probe(self, service: ServiceRecord) -> asyncio.Task[bool] | None:
+        if service.service_id in self._in_flight:
+            return None
+        task = asyncio.create_task(self._check(service))
+        self._in_flight[service.service_id] = task
+        task.add_done_callback(functools.partial(self._probe_ended, service.service_id))
+        return task
+
+    def _health_url_set(self, service_id: str) -> None:
+        """A service's health URL was just set (a watcher of the authority, called in the
+        thread that stored it): probe it now rather than at the next round."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to probe with
+                loop.call_soon_threadsafe(self._look_up_soon, service_id)
+
+    def _look_up_soon(self, service_id: str) -> None:
+        task = asyncio.create_task(self._probe_new(service_id))
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
+
+    async def _probe_new(self, service_id: str) -> None:
+        try:
+            service = await asyncio.to_thread(self.authority.service, service_id)
+        except Exception as exc:  # deregistered since, or the store unavailable: the round will tell
+            log.debug("health probe of the new URL of service_id=%s skipped: %s", service_id, exc)
+            return
+        self._start_probe(service)
 
     def _probe_ended(self, service_id: str, task: asyncio.Task[bool]) -> None:
         self._in_flight.pop(service_id, None)
@@ -349,6 +379,8 @@ class HealthChecker:
         """Start the schedule in the running loop; the first round runs at once."""
         if self._scheduler is not None:
             return
+        self._loop = asyncio.get_running_loop()
+        self.authority.health_url_watchers.append(self._health_url_set)
         self._scheduler = AsyncIOScheduler(timezone=timezone.utc, event_loop=asyncio.get_running_loop(),
                                            executors={"health": AsyncIOExecutor()})
         self._scheduler.add_job(self._tick, "interval", seconds=self.interval, id="health-checks",
@@ -363,6 +395,11 @@ class HealthChecker:
         """Stop the schedule, cancel a round in flight, close connections. Idempotent."""
         scheduler, self._scheduler = self._scheduler, None
         running = self._round
+        if self._health_url_set in self.authority.health_url_watchers:
+            self.authority.health_url_watchers.remove(self._health_url_set)
+        self._loop = None
+        for lookup in self._soon:
+            lookup.cancel()
         if scheduler is not None:
             scheduler.shutdown(wait=False)  # cancels a running round's task
         if running is not None and not running.done():

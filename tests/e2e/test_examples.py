@@ -52,7 +52,7 @@ EXPECTED: dict[str, list[str]] = {
 
 
 def example_files() -> list[str]:
-    return sorted(p.name for p in EXAMPLES.glob("*.py"))
+    return sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))  # _settings.py: shared
 
 
 def run_example(name: str, env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -95,10 +95,15 @@ def test_quickstart_enrols_with_an_enrolment_token_and_a_ca_bundle(example_env: 
     proc = run_example("quickstart.py", env, tmp_path, "--service-id", service_id)
     assert proc.returncode == 0, proc.stderr
     assert_lines(proc.stdout, [rf"enrolled {service_id}: certificate {HEX} valid until .* UTC", "quickstart: OK"])
-    # The token is spent: a second run fails cleanly, with the server's reason and no traceback.
+    # A second run uses the certificate on disk: the spent token is not needed again.
     again = run_example("quickstart.py", env, tmp_path, "--service-id", service_id)
-    assert again.returncode == 1
-    assert "AuthenticationError" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert_lines(again.stdout, [rf"already enrolled {service_id}: certificate {HEX} valid until .* UTC"])
+    # Elsewhere (no files) the spent token fails cleanly, with the server's reason and no traceback.
+    elsewhere = run_example("quickstart.py", {**env, "VCC_PKI_WORKDIR": str(tmp_path / "other")}, tmp_path,
+                            "--service-id", service_id)
+    assert elsewhere.returncode == 1
+    assert "AuthenticationError" in elsewhere.stderr and "Traceback" not in elsewhere.stderr
 
 
 def test_examples_refuse_to_run_without_credentials(tmp_path: Path) -> None:
@@ -107,3 +112,18 @@ def test_examples_refuse_to_run_without_credentials(tmp_path: Path) -> None:
         proc = run_example(name, env, tmp_path)
         assert proc.returncode == 2, (name, proc.stderr)
         assert "token" in proc.stderr
+
+
+def test_examples_need_only_the_port_next_to_a_dev_home(pki_server: RunningServer, ca_home: Home,
+                                                        admin_token: str, tmp_path: Path) -> None:
+    """Issue 17: in the folder where `make run` made ./pki-data, `--port` is all an example needs
+    (the root CA and the admin token come from the dev home)."""
+    dev_home = tmp_path / "pki-data"
+    (dev_home / "ca").mkdir(parents=True)
+    (dev_home / "secrets").mkdir()
+    (dev_home / "ca" / "root_ca.pem").write_bytes(ca_home.root_cert.read_bytes())
+    (dev_home / "secrets" / "admin_token").write_text(admin_token + "\n")
+    port = pki_server.url.rsplit(":", 1)[1]
+    proc = run_example("two_services_mtls.py", env_without_secrets(), tmp_path, "--port", port)
+    assert proc.returncode == 0, proc.stderr
+    assert_lines(proc.stdout, EXPECTED["two_services_mtls.py"])

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from conftest import CA_PASSWORD, build_home
 from support import RunningServer, free_port, tls_context
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.encoding import cert_pem
@@ -365,3 +366,29 @@ def test_a_hanging_endpoint_does_not_hold_back_the_next_rounds(local_authority: 
     assert took < 2.5  # three rounds while one probe hangs for its 3 s timeout
     assert len(quick.peers) == 3  # probed every round
     assert len(hanging.peers) == 1  # never two probes of it at once
+
+
+def test_a_new_or_changed_health_url_is_probed_at_once_not_at_the_next_round(tmp_path: Path) -> None:
+    """Issue 17: a newly registered service shows as healthy within seconds, whatever the interval."""
+    home = build_home(tmp_path / "h")
+    authority = home.authority(CA_PASSWORD)
+    try:
+        token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
+        sid = new_id()
+        cert, key = issue_tls(authority, sid, tmp_path / sid)
+    finally:
+        authority.store.close()
+    with (RunningServer(home, CA_PASSWORD, extra_args=["--health-interval", "3600"]) as server,
+          ProbeTarget(cert, key, chain_file(home, tmp_path)) as target,
+          httpx.Client(base_url=f"{server.url}/api/v1", verify=tls_context(home.root_cert),
+                       headers={"Authorization": f"Bearer {token}"}) as api):
+        def status() -> str:
+            return str(api.get(f"/services/{sid}").json()["health"]["status"])
+
+        r = api.patch(f"/services/{sid}", json={"health_check_url": target.url})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: status() == "healthy", 5, "the new health URL probed")
+        target.status = 503
+        r = api.patch(f"/services/{sid}", json={"health_check_url": f"{target.url}?changed"})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: status() == "unhealthy", 5, "the changed health URL probed")

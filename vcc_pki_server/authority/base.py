@@ -76,6 +76,9 @@ class AuthorityBase:
         self.policy = policy or Policy()
         self.settings = settings or Settings()
         self.clock = clock
+        #: Called with a service's id, in the calling thread, when its ``health_check_url`` was
+        #: just set or changed (the health checker probes it then, not at its next round).
+        self.health_url_watchers: list[Callable[[str], None]] = []
 
     @property
     def ca(self) -> CertificateAuthority:

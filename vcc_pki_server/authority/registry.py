@@ -69,6 +69,8 @@ class Registry(Identity):
         self.store.add_service(record, actor=actor.label, token=token.record if token else None)
         log.info("service registered service_id=%s san_dns=%s san_ip=%s", service_id,
                  ",".join(dns), ",".join(record.san_ip))
+        if record.health_check_url:
+            self._health_url_set(service_id)
         return record, token
 
     def register(self, service_id: str, fields: dict[str, Any], *,
@@ -106,7 +108,13 @@ class Registry(Identity):
         values.update(_check_lifetimes({k: changes.get(k, getattr(current, k)) for k in _LIFETIME_FIELDS}))
         updated = attrs.evolve(current, updated_at=self.clock(), **values)
         self.store.update_service(updated, actor=actor.label)
+        if updated.health_check_url and updated.health_check_url != current.health_check_url:
+            self._health_url_set(service_id)
         return updated
+
+    def _health_url_set(self, service_id: str) -> None:
+        for watcher in self.health_url_watchers:
+            watcher(service_id)
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
                       after: str | None = None) -> list[ServiceRecord]:
