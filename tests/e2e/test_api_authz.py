@@ -99,6 +99,7 @@ CASES: dict[str, Case] = {
     "crl-of-issuer": Case("GET", "/crl/{root_ski}", PUBLIC),
     "health": Case("GET", "/health", PUBLIC),
     "openapi": Case("GET", "/openapi.json", PUBLIC),
+    "docs": Case("GET", "/docs", PUBLIC),
 }
 CODES = {401: "not_authenticated", 403: "not_permitted", 409: "conflict"}
 
@@ -120,7 +121,7 @@ def world(enrolled: Enrol, clients: Clients, anon: httpx.Client, admin: httpx.Cl
 def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, caller: str, world: World,
                                                             problem: Problem) -> None:
     case = CASES[endpoint]
-    prefix = "" if case.path in ("/health", "/openapi.json") else API
+    prefix = "" if case.path in ("/health", "/openapi.json", "/docs") else API
     url = prefix + case.path.format(sid=world.target.service_id, root_ski=world.root_ski)
     kwargs: dict[str, Any] = {"params": case.params}
     if case.body is not None:
@@ -136,7 +137,7 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
 
 
 def test_every_route_is_in_the_matrix() -> None:
-    covered = {(c.method, (c.path if c.path in ("/health", "/openapi.json") else API + c.path)
+    covered = {(c.method, (c.path if c.path in ("/health", "/openapi.json", "/docs") else API + c.path)
                 .replace("{sid}", "{service_id}").replace("{root_ski}", "{ski}")) for c in CASES.values()}
     routes = {(m, r.path) for r in ROUTES if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
     assert routes == covered
@@ -525,3 +526,15 @@ def test_openapi_document_lists_every_route(anon: httpx.Client) -> None:
             operation = doc["paths"][route.path][method.lower()]
             assert operation["responses"], (method, route.path)
     assert doc["paths"][f"{API}/certificates/request"]["post"]["responses"].keys() >= {"201"}
+
+
+def test_the_api_is_readable_at_docs(anon: httpx.Client) -> None:
+    """Issue 17: the OpenAPI document as a page, every operation and who may call it."""
+    r = anon.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "<script" not in page and 'href=/openapi.json' in page
+    for route in (r for r in ROUTES if isinstance(r, Route)):
+        assert f"<code>{route.path}</code>" in page, route.path
+    assert "<code>POST</code></td><td><code>/api/v1/certificates/request</code></td>" in page
+    assert "enrolment token, own client certificate, admin token" in page

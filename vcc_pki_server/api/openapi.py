@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 from typing import Any
 
 from starlette.routing import BaseRoute, Route
@@ -79,6 +81,7 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
                           _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
     "health": ("Liveness and readiness", [], {}, "200", None),
     "openapi": ("This document", [], {}, "200", None),
+    "api_docs": ("This document as a page to read (HTML)", [], {}, "200", None),
 }
 
 _STR = {"type": "string"}
@@ -161,3 +164,38 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
             },
         },
     }
+
+
+def openapi_html(document: dict[str, Any]) -> str:
+    """``/docs``: the OpenAPI document as one plain HTML page (no scripts, nothing fetched):
+    each operation with who may call it, its parameters and body, and the schemas."""
+    def esc(value: object) -> str:
+        return html.escape(str(value))
+
+    who = {"admin": "admin token", "enrolment": "enrolment token", "mtls": "own client certificate"}
+    rows = []
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            callers = ", ".join(who[next(iter(s))] for s in op.get("security", [])) or "anyone"
+            params = ", ".join(f"{p['name']} ({p['in']})" for p in op.get("parameters", []))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            body_ref = body.get("$ref", "").rsplit("/", 1)[-1]
+            status = next(iter(op["responses"]))
+            rows.append(f"<tr><td><code>{esc(method.upper())}</code></td><td><code>{esc(path)}</code></td>"
+                        f"<td>{esc(op['summary'])}</td><td>{esc(callers)}</td><td>{esc(params)}</td>"
+                        f"<td>{f'<a href=#{esc(body_ref)}>{esc(body_ref)}</a>' if body_ref else ''}</td>"
+                        f"<td>{esc(status)}</td></tr>")
+    schemas = []
+    for name, schema in document["components"]["schemas"].items():
+        fields = "".join(f"<li><code>{esc(field)}</code>{' (required)' if field in schema.get('required', []) else ''}"
+                         f": {esc(json.dumps(spec))}</li>" for field, spec in schema.get("properties", {}).items())
+        schemas.append(f"<h3 id={esc(name)}>{esc(name)}</h3><ul>{fields}</ul>")
+    info = document["info"]
+    return ("<!doctype html><html><head><meta charset=utf-8><title>VCC PKI API</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}</style></head><body>"
+            f"<h1>{esc(info['title'])} API</h1><p>{esc(info['description'])} The machine-readable form: "
+            "<a href=/openapi.json>/openapi.json</a>. Bearer tokens go in <code>Authorization: Bearer ...</code>."
+            "</p><table><tr><th>method</th><th>path</th><th>what it does</th><th>who may call</th>"
+            "<th>parameters</th><th>body</th><th>success</th></tr>" + "".join(rows) + "</table><h2>Schemas</h2>"
+            + "".join(schemas) + "</body></html>")

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .. import render
@@ -22,7 +22,7 @@ from ..errors import InvalidRequest, NotFound
 from ..policy import check_service_id
 from ..store import Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
-from .openapi import openapi_document
+from .openapi import openapi_document, openapi_html
 from .requests import as_actor, field, query_bool, query_int, read_json, requested_lifetime
 
 PEM = "application/x-pem-file"
@@ -330,6 +330,10 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document(ROUTES))
 
 
+async def api_docs(request: Request) -> Response:
+    return HTMLResponse(openapi_html(openapi_document(ROUTES)))
+
+
 API = "/api/v1"
 ROUTES: list[BaseRoute] = [
     Route(ISSUE_PATH, request_certificate, methods=["POST"], name="request_certificate"),
@@ -351,4 +355,5 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/docs", api_docs, methods=["GET"]),
 ]

@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-check-url", metavar="URL")
     p.add_argument("--owner")
     p.add_argument("--version")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the enrolment token (for scripts)")
     p = command(service, "list", cmd_service_list, "list services with health and certificate expiry")
     p.add_argument("--healthy", action="store_true", help="only services whose last probe succeeded")
     p = command(service, "info", cmd_service_info, "show a registry entry and its certificate history")
@@ -226,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(service, "token", cmd_service_token,
                 "print a fresh one-time enrolment token for a registered service (e.g. a second "
                 "instance, or after its certificate expired or was revoked)",
-                epilog="example:\n  pki-admin service token --service-id billing")
+                epilog="example:\n  pki-admin service token --service-id billing\n"
+                       "  export BILLING_TOKEN=$(pki-admin service token --service-id billing --quiet)")
     p.add_argument("--service-id", required=True, metavar="ID")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the token (for scripts)")
     p = command(service, "delete", cmd_service_delete,
                 "decommission a service: revoke its unexpired certificates (cessationOfOperation), spend "
                 "its enrolment tokens, drop it from the registry (history stays; the id may be "

@@ -20,7 +20,9 @@ def cmd_service_register(args: argparse.Namespace) -> int:
             args.service_id, service_name=args.name, san_dns=args.san_dns, san_ip=args.san_ip,
             actor=Actor.operator(), **fields)
     expires = opt_text(token.record.expires_at)
-    if args.json:
+    if args.quiet:
+        print(token.value)
+    elif args.json:
         print_json({**service_json(record, None), "enrolment_token": token.value,
                     "enrolment_token_id": token.record.token_id,
                     "enrolment_token_expires_at": expires})
@@ -36,7 +38,9 @@ def cmd_service_token(args: argparse.Namespace) -> int:
     with open_authority(args, sign=False) as (_, authority):
         token = authority.new_enrolment_token(args.service_id, actor=Actor.operator())
     expires = opt_text(token.record.expires_at)
-    if args.json:
+    if args.quiet:
+        print(token.value)
+    elif args.json:
         print_json({"service_id": args.service_id, "enrolment_token": token.value,
                     "enrolment_token_id": token.record.token_id, "enrolment_token_expires_at": expires})
     else:
