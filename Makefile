@@ -7,7 +7,7 @@ LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 CONSTRAINTS := .ci/lowest-constraints.txt
 
-.PHONY: test lint test-lowest run bench clean
+.PHONY: test lint test-lowest run bench dist clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,14 @@ test-lowest: $(LOWEST_STAMP)
 run: $(STAMP)
 	$(BIN)/vcc-pki-server --dev --home ./pki-data --host 127.0.0.1 --port 8443
 
+# The sdist and the wheel in dist/ (docs/operations.md, Installing): one wheel for the SDK alone
+# (`pip install vcc_pki-*.whl`) and the server (`pip install "vcc_pki-*.whl[server]"`).
+dist: $(STAMP)
+	rm -rf build dist
+	$(BIN)/python -m build --outdir dist .
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache build
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache build dist
