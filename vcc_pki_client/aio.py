@@ -119,6 +119,7 @@ class AsyncPKIClient:
     get_crl = _in_thread(PKIClient.get_crl)
     is_revoked = _in_thread(PKIClient.is_revoked)  # a thread hop even when the CRL is cached
     renew_now = _in_thread(PKIClient.renew_now)
+    refresh_crl = _in_thread(PKIClient.refresh_crl)
 
     # -- local, plain methods ---------------------------------------------------------------
     enable_auto_renewal = _direct(PKIClient.enable_auto_renewal)

@@ -343,6 +343,14 @@ class PKIClient:
         """
         return self._crl.is_revoked(self.certificate if cert is None else cert, refresh=refresh)
 
+    def refresh_crl(self) -> x509.CertificateRevocationList | None:
+        """Fetch the CA's CRL now and make this client's contexts enforce it, as the background
+        refresh does every ``crl_refresh`` seconds (e.g. right after a revocation an operator
+        announced). Returns the CRL in force; when the fetch fails, the one held stays (WARNING)."""
+        watcher = self._crl_watcher()
+        watcher.refresh()
+        return watcher.crl
+
     # -- automatic renewal --------------------------------------------------------------
     def enable_auto_renewal(
         self, renew_before_days: float | None = None, *, check_interval: timedelta | float | None = None,

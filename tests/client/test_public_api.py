@@ -91,7 +91,7 @@ def test_spec_names_and_constructor_keywords() -> None:
 
 ASYNC_METHODS = [
     "enroll", "ensure_enrolled", "request_certificate", "renew", "revoke", "register_service", "discover",
-    "list_services", "get_service_certificate", "get_ca_bundle", "get_crl", "is_revoked", "renew_now",
+    "list_services", "get_service_certificate", "get_ca_bundle", "get_crl", "is_revoked", "renew_now", "refresh_crl",
 ]
 SYNC_METHODS = ["server_ssl_context", "client_ssl_context", "enable_auto_renewal", "disable_auto_renewal"]
 

@@ -40,6 +40,7 @@ EXPECTED: dict[str, list[str]] = {
         rf"healthy in the registry: orders-{HEX}, stock-{HEX}",  # the session server probes every second
         r"two_services_mtls: OK",
     ],
+    "testing_kit.py": [r"2 passed in .*"],  # pytest on the file, with the kit's own server
     "auto_renewal.py": [
         rf"enrolled renewing-{HEX}: certificate {HEX} valid until .* UTC \(8 hours\)",
         rf"renewed in the background: {HEX} -> {HEX}, valid until .* UTC \(the same 8-hour lifetime: True\)",
