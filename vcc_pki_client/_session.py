@@ -55,8 +55,10 @@ class Session:
         retry_policy: RetryPolicy,
         http_client: httpx.Client | None,
         clock: Callable[[], datetime],
+        reload_interval: float | None = 10.0,
     ) -> None:
         self.url = url
+        self.reload_interval = reload_interval
         self.service_id = service_id
         self.files = files
         self.retry_policy = retry_policy
@@ -166,7 +168,8 @@ class Session:
     def _pki_contexts(self) -> ReloadingContexts:
         with self.lock:
             if self._contexts is None:
-                self._contexts = ReloadingContexts(self.require_files(), ca_certs=self.trust().anchors)
+                self._contexts = ReloadingContexts(self.require_files(), ca_certs=self.trust().anchors,
+                                                   reload_interval=self.reload_interval)
             return self._contexts
 
     def peer_contexts(self) -> ReloadingContexts:
@@ -178,7 +181,8 @@ class Session:
             if self._peer_contexts is None:
                 self._peer_contexts = (
                     self._pki_contexts() if self.trust().anchors
-                    else ReloadingContexts(self.require_files(), ca_certs=self.peer_anchors())
+                    else ReloadingContexts(self.require_files(), ca_certs=self.peer_anchors(),
+                                           reload_interval=self.reload_interval)
                 )
             return self._peer_contexts
 

@@ -84,6 +84,11 @@ class PKIClient:
     through unchecked instead, with a WARNING. ``check_revocation=False`` on a method turns
     the check off for that context.
 
+    Files shared between processes: contexts re-read ``cert_file``/``key_file`` when another
+    process replaced them (the ``vcc-pki`` agent, or the worker of a multi-worker server that
+    renewed), looking at most every ``reload_interval`` seconds (10; None: never), so every
+    worker serves the renewed certificate without a restart.
+
     Example::
 
         with PKIClient("https://pki.internal:8443", service_id="billing",
@@ -115,6 +120,7 @@ class PKIClient:
         clock: Callable[[], datetime] = _utc_now,
         crl_refresh: float = 60.0,
         crl_soft_fail: bool = False,
+        reload_interval: float | None = 10.0,
         enrollment_token: str | None = None,
     ) -> None:
         if enrolment_token is not None and enrollment_token is not None and enrolment_token != enrollment_token:
@@ -129,6 +135,9 @@ class PKIClient:
             raise ConfigurationError("pass cert_file and key_file together")
         if key_type not in KEY_KINDS:
             raise ConfigurationError(f"unknown key_type {key_type!r}; expected one of {', '.join(KEY_KINDS)}")
+        if reload_interval is not None and (not isinstance(reload_interval, (int, float)) or reload_interval <= 0):
+            raise ConfigurationError(f"reload_interval must be a positive number of seconds or None, "
+                                     f"got {reload_interval!r}")
         if not isinstance(crl_refresh, (int, float)) or crl_refresh <= 0:
             raise ConfigurationError(f"crl_refresh must be a positive number of seconds, got {crl_refresh!r}")
         self.pki_server_url = pki_server_url.rstrip("/")
@@ -142,6 +151,7 @@ class PKIClient:
             ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
             pin=normalize_fingerprint(root_fingerprint) if root_fingerprint is not None else None,
             timeout=timeout, retry_policy=RetryPolicy.of(retry_policy), http_client=http_client, clock=clock,
+            reload_interval=reload_interval,
         )
         self._enrolment_token = enrolment_token or enrollment_token
         self._key_type = key_type

@@ -107,6 +107,15 @@ class CertificateFiles:
         """True when both the certificate and the key file exist."""
         return self.cert_file.is_file() and self.key_file.is_file()
 
+    def stamp(self) -> tuple[tuple[int, int, int], ...] | None:
+        """What identifies the files' current versions (inode, mtime, size of the certificate
+        and the key; an atomic replacement changes the inode), or None if one is missing."""
+        try:
+            return tuple((st.st_ino, st.st_mtime_ns, st.st_size)
+                         for st in (os.stat(self.cert_file), os.stat(self.key_file)))
+        except OSError:
+            return None
+
     def load(self) -> tuple[x509.Certificate, PrivateKey]:
         """Read the certificate and its private key, checked to belong together.
 

@@ -15,9 +15,11 @@ them), so nothing accumulates: an old CRL or certificate is dropped with its inn
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +32,8 @@ from .files import CertificateFiles
 from .keys import certificates_pem
 
 __all__ = ["ReloadingContexts", "client_ssl_context", "server_ssl_context"]
+
+logger = logging.getLogger("vcc_pki_client")
 
 CAFile = str | os.PathLike[str]
 
@@ -83,14 +87,16 @@ class _ServerSide:
     """
 
     def __init__(self, front: ssl.SSLContext, require_client_cert: bool, alpn: tuple[str, ...],
-                 check_revocation: bool) -> None:
+                 check_revocation: bool, follow: Callable[[], None]) -> None:
         self.front = weakref.ref(front)  # the front holds the only strong reference to its side
+        self.follow = follow
         self.require_client_cert = require_client_cert
         self.alpn = alpn
         self.check_revocation = check_revocation
         self.inner: ssl.SSLContext | None = None
 
     def select(self, conn: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
+        self.follow()
         conn.context = self.inner  # type: ignore[assignment]  # set before the front is handed out
 
 
@@ -109,8 +115,10 @@ class _ClientFront(ssl.SSLContext):
     # Called with the server certificate's DER after each handshake of wrap_socket; raises
     # ssl.SSLCertVerificationError to refuse it (the connection is closed before any data).
     peer_check: Callable[[bytes], None] | None = None
+    follow: Callable[[], None] = staticmethod(lambda: None)
 
     def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self.follow()
         sock = self.inner.wrap_socket(*args, **kwargs)
         if self.peer_check is not None:
             if not kwargs.get("do_handshake_on_connect", True):
@@ -127,6 +135,7 @@ class _ClientFront(ssl.SSLContext):
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
         if self.peer_check is not None:
             raise ssl.SSLError("this context checks the server after the handshake; use it with blocking sockets")
+        self.follow()
         return self.inner.wrap_bio(*args, **kwargs)
 
     def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
@@ -157,6 +166,10 @@ class ReloadingContexts:
     ``set_crl(None)``) it refuses every peer, unless ``soft_fail=True`` was given to
     :meth:`set_crl`, which lets peers through unchecked until a CRL arrives.
 
+    Files replaced by another process (the ``vcc-pki`` agent, another worker of the same
+    server): every handshake calls :meth:`follow_files`, which looks at the files at most every
+    ``reload_interval`` seconds (None: never) and reloads when they changed.
+
     Known limits: trust (the CA bundle) is fixed at creation. Set ALPN protocols on a
     server context through ``alpn_protocols=``, not on the context (the connection is
     moved to an inner context, whose ALPN setting is the one OpenSSL uses); do not set
@@ -170,8 +183,12 @@ class ReloadingContexts:
         ca_file: CAFile | None = None,
         *,
         ca_certs: Sequence[x509.Certificate] = (),
+        reload_interval: float | None = 10.0,
     ) -> None:
         self.files = files
+        self._reload_interval = reload_interval
+        self._stamp: tuple[tuple[int, int, int], ...] | None = None  # the files' versions last loaded
+        self._next_look = 0.0
         self._ca_file = ca_file
         self._ca_certs = tuple(ca_certs)
         self._lock = threading.Lock()
@@ -197,7 +214,7 @@ class ReloadingContexts:
         :meth:`set_crl`); settings as :func:`server_ssl_context`."""
         alpn = tuple(alpn_protocols)
         front = _server_settings(self._ca_file, self._ca_certs, require_client_cert, alpn)
-        side = _ServerSide(front, require_client_cert, alpn, check_revocation)
+        side = _ServerSide(front, require_client_cert, alpn, check_revocation, self.follow_files)
         with self._lock:
             inner, self._certificate = self._build([side], [])[0]
             side.inner = inner
@@ -216,6 +233,7 @@ class ReloadingContexts:
         _client_defaults(front)
         front.check_revocation = check_revocation
         front.peer_check = peer_check
+        front.follow = self.follow_files
         with self._lock:
             front.inner, self._certificate = self._build([], [front])[0]
             self._clients.add(front)
@@ -229,6 +247,28 @@ class ReloadingContexts:
         """
         with self._lock:
             return self._rebuild()
+
+    def follow_files(self) -> None:
+        """Reload when another process (the ``vcc-pki`` agent, another worker) replaced the
+        files: called at each handshake, it looks at them at most every ``reload_interval``
+        seconds (one ``stat`` each). A pair caught mid-replacement or unusable is logged and
+        the one in force stays, to be tried again at the next look."""
+        interval = self._reload_interval
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        self._next_look = now + interval
+        stamp = self.files.stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            cert = self.reload()
+        except ConfigurationError as exc:
+            logger.warning("the certificate files changed but cannot be loaded (%s); the pair in force stays", exc)
+            return
+        logger.info("certificate files replaced by another process: now presenting serial %x", cert.serial_number)
 
     def set_crl(self, crl_file: Path | None, *, soft_fail: bool = False) -> None:
         """Check peers of revocation-checking contexts against ``crl_file`` (PEM or DER) from
@@ -287,7 +327,9 @@ class ReloadingContexts:
             inners.append(inner)
         if not inners:
             return []
+        stamp = self.files.stamp()  # before the read: a replacement in between is seen at the next look
         cert = self.files.ssl_load(*inners)
+        self._stamp = stamp
         return [(inner, cert) for inner in inners]
 
 
