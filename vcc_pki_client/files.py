@@ -1,7 +1,8 @@
 """The on-disk key/certificate pair: atomic replacement, 0600 keys, reads that never mix pairs.
 
 A service keeps its certificate and key in two files (``cert.pem``, ``key.pem``, as written
-by ``pki-admin cert issue``), optionally with the CA chain beside them (``ca_chain.pem``).
+by ``pki-admin cert issue``), optionally with the CA chain beside them (``ca_chain.pem``) and
+then also ``fullchain.pem`` (the certificate and the intermediate, for nginx, Go, Java).
 Two files cannot be replaced by one ``rename``, so :class:`CertificateFiles` uses a small
 journal: the new certificate waits beside its target as ``cert.pem.next`` while the key is
 swapped, and anything reading through this class checks that the key it read belongs to
@@ -53,6 +54,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["CertificateFiles"]
 
 STAGED_SUFFIX = ".next"
+FULLCHAIN_FILE_NAME = "fullchain.pem"
 _READ_ATTEMPTS = 12  # about 0.75 s of back-off in all: a swap takes a few milliseconds
 _KEY_MODE = 0o600
 _PUBLIC_MODE = 0o644
@@ -102,6 +104,12 @@ class CertificateFiles:
             raise ConfigurationError(f"cert_file and key_file must be two files, both are {self.cert_file}")
 
     # -- reading ---------------------------------------------------------------------
+
+    @property
+    def fullchain_file(self) -> Path | None:
+        """``fullchain.pem`` beside the certificate (leaf, then intermediate: what nginx,
+        Go and Java servers present), written with a ``chain_file``; None without one."""
+        return self.cert_file.with_name(FULLCHAIN_FILE_NAME) if self.chain_file is not None else None
 
     def exists(self) -> bool:
         """True when both the certificate and the key file exist."""
@@ -234,6 +242,9 @@ class CertificateFiles:
         # so a reader (or recover()) can complete the pair without touching key material.
         plan.append((self.key_file, private_key_pem(key), _KEY_MODE))
         plan.append((self.cert_file, cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE))
+        full = self._fullchain_pem(cert, chain)
+        if full is not None and self.fullchain_file is not None:
+            plan.append((self.fullchain_file, full, _PUBLIC_MODE))
         try:
             for target, _, _ in plan:
                 _make_private_dirs(target.parent)
@@ -263,12 +274,35 @@ class CertificateFiles:
                             os.replace(_staged(self.cert_file), self.cert_file)
                             _fsync_dir(self.cert_file.parent)
                             completed = True
-                for target in (self.key_file, self.cert_file, self.chain_file):
+                for target in (self.key_file, self.cert_file, self.chain_file, self.fullchain_file):
                     if target is not None:
                         _staged(target).unlink(missing_ok=True)
+                self._repair_fullchain()
                 return completed
         except OSError as exc:
             raise ConfigurationError(f"cannot recover {self.cert_file}: {exc.strerror or exc}") from exc
+
+    def _fullchain_pem(self, cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> bytes | None:
+        """The leaf and the intermediates of ``chain`` (roots are the peers' to have), or None
+        without a ``chain_file`` or a chain."""
+        if self.chain_file is None or not chain:
+            return None
+        return certificates_pem([cert, *(c for c in chain if c.issuer != c.subject)])
+
+    def _repair_fullchain(self) -> None:
+        """After a crash between the renames of ``cert.pem`` and ``fullchain.pem``: make the
+        latter lead with the certificate in place again (under the writer lock)."""
+        full = self.fullchain_file
+        if full is None or not full.is_file() or not self.cert_file.is_file():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+            leads = x509.load_pem_x509_certificates(full.read_bytes())
+            if leads and leads[0] == cert:
+                return
+            data = self._fullchain_pem(cert, self._chain_file_certs())
+            if data is not None:
+                _commit([(full, data, _PUBLIC_MODE)])
 
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:

@@ -108,6 +108,18 @@ class CRLCache:
                 raise ConfigurationError(f"not a certificate serial number: {cert!r}") from exc
         return crl.get_revoked_certificate_by_serial_number(serial) is not None
 
+    def fetch_root(self) -> x509.CertificateRevocationList:
+        """The root CA's CRL (revoked intermediates), its signature checked against the root.
+        What verifiers that check the whole chain need besides :meth:`fetch`'s (nginx does)."""
+        root = self._session.ca_chain()[-1]
+        ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+        response = self._session.connection().request("GET", f"/crl/{ski}")
+        try:
+            crl = x509.load_der_x509_crl(response.content)
+        except ValueError as exc:
+            raise InvalidResponseError(f"GET /api/v1/crl/{ski}: the answer is not a DER CRL") from exc
+        return check_crl(crl, root)
+
     def _issuer(self, crl: x509.CertificateRevocationList) -> x509.Certificate:
         for cert in self._session.ca_chain():
             if cert.subject == crl.issuer:
@@ -142,6 +154,7 @@ class CRLWatcher:
         self._lock = threading.Lock()
         self._contexts: list[ReloadingContexts] = []
         self._held: x509.CertificateRevocationList | None = None  # the CRL in force
+        self._root_crl: x509.CertificateRevocationList | None = None  # written after it, for whole-chain verifiers
         self._installed: Path | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -184,7 +197,16 @@ class CRLWatcher:
         except PKIError as exc:
             self._expired_warning(f"fetching the CRL failed ({exc}); the CRL in force stays")
             return False
-        self._offer(crl)
+        try:
+            root_crl = self._cache.fetch_root()
+            if self._root_crl is None or (_crl_number(root_crl) or 0) > (_crl_number(self._root_crl) or 0):
+                changed_root, self._root_crl = True, root_crl
+            else:
+                changed_root = False
+        except PKIError as exc:  # kept out of crl.pem until it can be fetched: only whole-chain verifiers need it
+            logger.warning("service %s: fetching the root's CRL failed (%s)", self._service_id, exc)
+            changed_root = False
+        self._offer(crl, rewrite=changed_root)
         return True
 
     def close(self) -> None:
@@ -214,14 +236,17 @@ class CRLWatcher:
             wait = min(wait, max(left, 1.0))
         return wait
 
-    def _offer(self, crl: x509.CertificateRevocationList) -> None:
+    def _offer(self, crl: x509.CertificateRevocationList, *, rewrite: bool = False) -> None:
         """Install a checked CRL unless it is the one in force or older (a CRL number never
-        goes back, whichever replica behind a load balancer answered)."""
+        goes back, whichever replica behind a load balancer answered). ``crl.pem`` holds it
+        and then the root's CRL; ``rewrite``: the root's changed, write the file anew."""
         held = self._held
         number = _crl_number(crl) or 0
         held_number = -1 if held is None else _crl_number(held) or 0
         if held is not None and (number < held_number or (
                 number == held_number and crl.last_update_utc <= held.last_update_utc)):
+            if rewrite:
+                self._write(held)
             with self._lock:
                 self._apply(self._contexts, changed=False)  # the same CRL: re-judge its expiry only
             return
@@ -233,17 +258,25 @@ class CRLWatcher:
                         self._service_id, number, ahead)
             if self._stop.wait(ahead + 0.5):
                 return
-        try:
-            write_atomically(self._path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
-        except OSError as exc:
-            logger.warning("service %s: cannot write %s: %s; the CRL in force stays", self._service_id,
-                           self._path, exc.strerror or exc)
+        if not self._write(crl):
             return
         with self._lock:
             self._held = crl
             self._apply(self._contexts, changed=True)
         logger.info("service %s: CRL number %d in force (%d revoked, next update %s)", self._service_id,
                     number, len(crl), crl.next_update_utc.isoformat() if crl.next_update_utc else "-")
+
+    def _write(self, crl: x509.CertificateRevocationList) -> bool:
+        pem = crl.public_bytes(serialization.Encoding.PEM)
+        if self._root_crl is not None:
+            pem += self._root_crl.public_bytes(serialization.Encoding.PEM)
+        try:
+            write_atomically(self._path, pem, 0o644)
+        except OSError as exc:
+            logger.warning("service %s: cannot write %s: %s; the CRL in force stays", self._service_id,
+                           self._path, exc.strerror or exc)
+            return False
+        return True
 
     def _apply(self, contexts: list[ReloadingContexts], *, changed: bool) -> None:
         """Give ``contexts`` the CRL in force, or none (with soft fail, an expired one is none).

@@ -382,3 +382,20 @@ def test_a_client_recovers_a_cut_swap_on_first_use_not_in_its_constructor(
     assert pki.certificate == pair_a[0]  # first use: the swap is completed on disk
     assert staged_files(folder) == [] and files.cert_file.exists()
     pki.close()
+
+
+def test_fullchain_is_the_leaf_then_the_intermediate_and_recover_mends_a_stale_one(
+        files: CertificateFiles, pair_a: Pair, pair_b: Pair, mini_ca: MiniCA) -> None:
+    """Issue 11: fullchain.pem for servers in other languages (nginx, Go): leaf, intermediate."""
+    files.write(pair_a[0], pair_a[1], mini_ca.chain)
+    assert files.fullchain_file == files.cert_file.with_name("fullchain.pem")
+    intermediates = [c for c in mini_ca.chain if c.issuer != c.subject]
+    assert intermediates and x509.load_pem_x509_certificates(files.fullchain_file.read_bytes()) == [
+        pair_a[0], *intermediates]
+    assert mode(files.fullchain_file) == 0o644
+    stale = files.fullchain_file.read_bytes()
+    files.write(pair_b[0], pair_b[1], mini_ca.chain)
+    files.fullchain_file.write_bytes(stale)  # as if killed between the renames of cert.pem and fullchain.pem
+    files.recover()
+    assert x509.load_pem_x509_certificates(files.fullchain_file.read_bytes())[0] == pair_b[0]
+    assert CertificateFiles(files.cert_file, files.key_file).fullchain_file is None  # no chain file: none

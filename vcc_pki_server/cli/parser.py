@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from vcc_pki_client import __version__
+from vcc_pki_client.durations import duration
 
 from ..ca import KEY_TYPES, REASONS
 from .ca_commands import (
@@ -107,15 +107,6 @@ def san_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
                         help="DNS names (one or more; the option may repeat)")
     parser.add_argument(f"--{prefix}san-ip", nargs="+", action="extend", default=[], metavar="IP",
                         help="IPv4/IPv6 addresses (one or more; the option may repeat)")
-
-
-def duration(text: str) -> timedelta:
-    """``--validity``'s value: a number and a unit, ``s``, ``m``, ``h`` or ``d`` (``15m``, ``8h``, ``30d``)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not number.isdigit() or int(number) == 0:
-        raise argparse.ArgumentTypeError(f"expected a duration like 15m, 8h or 30d, got {text!r}")
-    return timedelta(seconds=int(number) * units[unit])
 
 
 def validity_options(p: argparse.ArgumentParser, default: str) -> None:
