@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from collections.abc import Iterator
@@ -80,3 +81,47 @@ def test_replicas_share_services_tokens_revocations_and_crls(
 
         r = on_a.get(f"{API}/services/shared", headers=bearer)
         assert r.status_code == 200, r.text
+
+
+def test_crl_numbers_never_go_down_through_round_robin_while_revocations_land(
+        replicas: tuple[RunningServer, RunningServer, str]) -> None:
+    """Issue 15: a balancer alternating between replicas never hands a client a CRL older than
+    one it already got, while both replicas publish new ones."""
+    import threading
+
+    a, b, admin_token = replicas
+    ctx = tls_context(a.home.root_cert)
+    bearer = {"Authorization": f"Bearer {admin_token}"}
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def revoke_in_turns() -> None:
+        with httpx.Client(verify=ctx, timeout=30, headers=bearer) as admin:
+            for i in range(30):
+                replica = (a, b)[i % 2]
+                sid = f"rr-{i}"
+                token = admin.post(f"{replica.url}{API}/services/register",
+                                   json={"service_id": sid}).json()["enrolment_token"]
+                csr, _ = make_csr(sid)
+                admin.post(f"{replica.url}{API}/certificates/request", json={"service_id": sid, "csr": csr.decode()},
+                           headers={"Authorization": f"Bearer {token}"})
+                r = admin.delete(f"{(b, a)[i % 2].url}{API}/certificates/{sid}/revoke",
+                                 params={"reason": "superseded"})
+                if r.status_code != 200:
+                    failures.append(r.text)
+        stop.set()
+
+    revoker = threading.Thread(target=revoke_in_turns)
+    revoker.start()
+    numbers: list[int] = []
+    with httpx.Client(verify=ctx, timeout=30) as client:
+        turn = 0
+        while not stop.is_set():  # one fetch after the other, alternating like a round-robin balancer
+            crl = x509.load_der_x509_crl(client.get(f"{(a, b)[turn % 2].url}{API}/crl").content)
+            numbers.append(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+            turn += 1
+    revoker.join()
+    assert not failures, failures[:3]
+    assert len(set(numbers)) >= 10, numbers  # the revocations did land while the fetches went on
+    went_down = [(x, y) for x, y in itertools.pairwise(numbers) if y < x]
+    assert not went_down, f"{len(went_down)} of {len(numbers)} fetches went back, e.g. {went_down[:3]}"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,15 +21,16 @@ from starlette.routing import BaseRoute, Route
 from .. import render
 from ..authority import Actor, Authority
 from ..encoding import cert_pem
-from ..errors import InvalidRequest, NotFound
+from ..errors import CAUnavailable, InvalidRequest, NotFound
 from ..policy import check_service_id
-from ..store import Store, opt_text
+from ..store import CRLRecord, Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document, openapi_html
 from .requests import as_actor, field, query_bool, query_int, read_json, requested_lifetime
 
 PEM = "application/x-pem-file"
 T = TypeVar("T")
+log = logging.getLogger("vcc_pki_server.api")
 
 
 def _authority(request: Request) -> Authority:
@@ -227,10 +231,7 @@ async def crl(request: Request) -> Response:
     if fmt not in ("der", "pem"):
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
     authority = _authority(request)
-    # Served from memory: the store is asked at most every crl_cache_ttl seconds (in a thread).
-    record = authority.cached_crl()
-    if record is None:
-        record = await run_in_threadpool(authority.crl)
+    record = await _newest_crl(request, authority)
     headers = {"Cache-Control": "no-cache"}
     if fmt == "pem":
         pem = authority.cached_crl_pem(record) or await run_in_threadpool(authority.crl_pem, record)
@@ -285,6 +286,27 @@ async def crl_of_issuer(request: Request) -> Response:
                     headers={"Cache-Control": "no-cache"})
 
 
+async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
+    """The newest CRL in the store, asked after this request arrived: behind a load balancer
+    (or with several workers) no replica then serves a CRL older than one another already
+    served. The one held is served when its number is the newest (the usual case: one small
+    query, no CRL read). A store that does not answer within the probe's timeout: the CRL
+    held, if any (the newest this replica knows), else 503."""
+    probe: StoreProbe = request.app.state.probe
+    held = authority.held_crl()
+    try:
+        newest = await probe.crl_number()
+    except Exception as exc:
+        if held is None:
+            raise CAUnavailable("the CRL cannot be read: the database does not answer") from exc
+        log.warning("serving CRL number %d: the database did not say whether a newer one exists (%s)",
+                    held.number, type(exc).__name__)
+        return held
+    if held is not None and held.number >= newest:
+        return held
+    return await run_in_threadpool(functools.partial(authority.crl, at_least=newest))
+
+
 async def health(request: Request) -> Response:
     """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503."""
     probe: StoreProbe = request.app.state.probe
@@ -315,12 +337,25 @@ class StoreProbe:
         self.timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
         self._asking: Future[int] | None = None
+        self._started = 0.0  # when the question in ``_asking`` was asked (monotonic)
 
     async def crl_number(self) -> int:
-        asking = self._asking
-        if asking is None or asking.done():  # a fresh answer for every check that finds none pending
-            asking = self._asking = self._executor.submit(self.store.latest_crl_number)
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking)), self.timeout)
+        """The newest CRL number in the store, from a question asked after this call began
+        (an answer to an older question could predate a CRL another replica served since).
+        TimeoutError after ``timeout`` seconds; the store's own errors as raised."""
+        arrived = time.monotonic()
+        deadline = arrived + self.timeout
+        while True:
+            asking, started = self._asking, self._started
+            if asking is None or (asking.done() and started < arrived):
+                started = self._started = time.monotonic()
+                asking = self._asking = self._executor.submit(self.store.latest_crl_number)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            number = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking)), remaining)
+            if started >= arrived:
+                return number
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -130,13 +130,11 @@ class Revocation(Issuance):
                  utc_text(crl.next_update))
         return crl
 
-    def cached_crl(self) -> CRLRecord | None:
-        """The cached CRL while it is younger than ``crl_cache_ttl`` (no store access, so an
-        event loop may call it), else None: then call :meth:`crl`."""
+    def held_crl(self) -> CRLRecord | None:
+        """The CRL this process holds (the newest it published or read), without asking the
+        store (an event loop may call it); None before any."""
         cached = self._crl_cache
-        if cached is not None and time.monotonic() - cached[0] < self.settings.crl_cache_ttl:
-            return cached[1]
-        return None
+        return cached[1] if cached is not None else None
 
     def cached_crl_pem(self, crl: CRLRecord) -> bytes | None:
         """:meth:`crl_pem` if it is already made, else None."""
@@ -152,11 +150,14 @@ class Revocation(Issuance):
         self._crl_pem = (crl.number, pem)
         return pem
 
-    def crl(self) -> CRLRecord:
-        """The newest stored CRL, cached for ``crl_cache_ttl`` seconds; one is made if none exists."""
+    def crl(self, *, at_least: int | None = None) -> CRLRecord:
+        """The newest stored CRL; one is made if none exists. The one held is trusted for
+        ``crl_cache_ttl`` seconds, or, with ``at_least`` (a number the store was just seen
+        to hold), while its number is that high."""
         with self._crl_lock:
             cached = self._crl_cache
-        if cached is not None and time.monotonic() - cached[0] < self.settings.crl_cache_ttl:
+        if cached is not None and (cached[1].number >= at_least if at_least is not None else
+                                   time.monotonic() - cached[0] < self.settings.crl_cache_ttl):
             return cached[1]
         if cached is not None and self.store.latest_crl_number() == cached[1].number:
             with self._crl_lock:
