@@ -22,7 +22,8 @@ from vcc_pki_server.authority import Actor
 
 
 class FullDisk:
-    """A connection whose writes fail as SQLite's do on a full disk (reads still work)."""
+    """A connection whose writes fail as SQLite's do on a full disk (reads still work); a failed
+    COMMIT leaves the transaction open (SQLite "may or may not" roll it back: the harder case)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -64,7 +65,7 @@ def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path:
     holder = sqlite3.connect(home.db, isolation_level=None)
     try:
         token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
-        authority.register_service("disk", san_dns=["disk"], actor=Actor.operator())
+        enrolment = authority.register_service("disk", san_dns=["disk"], actor=Actor.operator())[1].value
         app = create_app(authority)
         store: Any = authority.store
         healthy = store._db
@@ -91,12 +92,14 @@ def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path:
                 out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
                 out.append(await client.post("/api/v1/services/register", json={"service_id": "other"}))
                 out.append(await client.get("/health"))
+                out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr},
+                                             headers={"Authorization": f"Bearer {enrolment}"}))
                 mend_store()
                 out.append(await client.post("/api/v1/certificates/request", json={"service_id": "disk", "csr": csr}))
                 out.append(await client.get("/health"))
                 return out
 
-        before, issue, register, sick, again, well = asyncio.run(calls())
+        before, issue, register, sick, not_admin, again, well = asyncio.run(calls())
     finally:
         holder.close()
         authority.store.close()
@@ -106,6 +109,10 @@ def test_a_store_that_cannot_be_written_answers_503_and_health_says_so(tmp_path:
         assert refused.headers["content-type"] == "application/problem+json"
         assert refused.json()["code"] == "unavailable" and said in refused.json()["detail"]
     assert sick.status_code == 503 and sick.json()["database"] == "failing writes"
+    # Anyone may ask /health, and a service is not an admin: neither learns which file or host failed.
+    assert str(home.root) not in sick.text and said not in sick.text
+    assert not_admin.status_code == 503 and not_admin.json()["code"] == "unavailable"
+    assert str(home.root) not in not_admin.text and said not in not_admin.text
     assert again.status_code == 201 and well.status_code == 200
 
 

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import CAError
-from .problems import STATUS_BY_CODE, from_error, problem_response
+from .problems import STATUS_BY_CODE, UNAVAILABLE_DETAIL, from_error, problem_response
 
 log = logging.getLogger("vcc_pki_server.api")
 access_log = logging.getLogger("vcc_pki_server.access")
@@ -84,6 +84,10 @@ class Edge:
         if isinstance(exc, CAError):
             if STATUS_BY_CODE.get(exc.code, 500) >= 500:
                 log.error("request failed path=%s code=%s detail=%s", loggable(path), exc.code, exc.message)
+                if not scope.get("state", {}).get("admin"):
+                    # Which database, host or file failed is for admins and the log, not for
+                    # anyone who can reach the port.
+                    return problem_response(exc.code, UNAVAILABLE_DETAIL)
             return from_error(exc)
         if isinstance(exc, HTTPException):
             code = _HTTP_CODES.get(exc.status_code, "malformed_request")

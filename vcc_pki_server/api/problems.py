@@ -43,6 +43,9 @@ class Problem(CAError):
         super().__init__(message, code=code)
 
 
+UNAVAILABLE_DETAIL = "the CA cannot answer this now (its store is unavailable); the server log has the details"
+
+
 def problem_response(code: str, detail: str, *, status: int | None = None,
                      headers: dict[str, str] | None = None) -> Response:
     status = status or STATUS_BY_CODE.get(code, 500)

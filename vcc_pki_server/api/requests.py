@@ -156,7 +156,9 @@ def authenticate_scope(authority: Authority, header: str | None, scope: MutableM
         if der is None:
             raise NotAuthenticated("no credentials: present a client certificate or a bearer token")
         actor = authority.authenticate_certificate(der)
-    scope.setdefault("state", {})["actor"] = actor.label
+    state = scope.setdefault("state", {})
+    state["actor"] = actor.label  # for the access log
+    state["admin"] = actor.is_admin  # a failure's full detail is for admins (the edge)
     return actor
 
 

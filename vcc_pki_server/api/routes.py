@@ -308,7 +308,8 @@ async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
 
 
 async def health(request: Request) -> Response:
-    """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503."""
+    """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503. Anyone
+    may ask: the answer says what is wrong, not where (the log has the database and the cause)."""
     probe: StoreProbe = request.app.state.probe
     try:
         number = await probe.crl_number()
@@ -317,12 +318,14 @@ async def health(request: Request) -> Response:
                              "detail": f"the database did not answer within {probe.timeout:g} s"},
                             status_code=503)
     except Exception as exc:  # readiness: a broken store makes the server not ready
+        log.warning("health: the store failed: %s", exc)
         return JSONResponse({"status": "unavailable", "database": "unavailable", "ca": "loaded",
-                             "detail": str(exc)}, status_code=503)
-    failing = _authority(request).store.write_failure
-    if failing is not None:  # reads work on a full disk or a read-only file; writes do not
+                             "detail": "the database refused the question; the server log has the cause"},
+                            status_code=503)
+    if _authority(request).store.write_failure is not None:  # reads work on a full disk; writes do not
         return JSONResponse({"status": "unavailable", "database": "failing writes", "ca": "loaded",
-                             "detail": failing}, status_code=503)
+                             "detail": "writes to the database fail; the server log has the cause"},
+                            status_code=503)
     return JSONResponse({"status": "ok", "database": "ok", "ca": "loaded", "crl_number": number})
 
 

@@ -176,7 +176,13 @@ class SQLiteStore(SQLStore):
                     with suppress(sqlite3.Error):  # a failed COMMIT or BEGIN may have ended it already
                         self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:  # e.g. a full disk: SQLite may or may not have rolled back
+                    if self._db.in_transaction:
+                        with suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
                 self.write_failure = None
             finally:
                 if locked and self._writer_lock_fd is not None:
