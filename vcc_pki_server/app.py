@@ -34,10 +34,14 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
     issuer = Issuer(authority)
     probe = StoreProbe(authority.store)
 
+    def refresh_if_leading() -> None:  # one refresher for the cluster: the store's "crl" lead
+        if authority.store.lead("crl"):
+            authority.refresh_crl_if_due()
+
     async def refresh_crl() -> None:
         while True:
             try:
-                await run_in_threadpool(authority.refresh_crl_if_due)
+                await run_in_threadpool(refresh_if_leading)
             except Exception:
                 log.exception("CRL refresh failed")
             await asyncio.sleep(crl_refresh_seconds)

@@ -24,10 +24,12 @@ A service whose ``health_check_url`` is set or changed (registered, or updated b
 admin) is probed at once by the worker that stored it, not only at the next round: a new
 service shows as healthy within its probe time.
 
-Several workers (``--workers N``): each worker runs a checker, but only the one holding an
-advisory ``flock`` on ``<home>/server/health.lock`` probes; the others try to take the lock
-at each round, so probing moves to another worker if the holder dies. Without ``fcntl``
-(non-POSIX) every worker probes, which only duplicates probes.
+Several workers (``--workers N``) or replicas (on PostgreSQL): each runs a checker, but only
+the one holding the store's ``health`` lead (:meth:`Store.lead`: a PostgreSQL advisory lock,
+or an ``flock`` beside the SQLite file) probes: one probe per service and round for the
+cluster. The others ask for the lead at each round, so probing moves elsewhere within a round
+or two when the leader dies. A store that does not answer the question within ``timeout``:
+no probes this round.
 
 Usage (what ``vcc-pki-server`` does through :func:`lifecycle`)::
 
@@ -57,8 +59,8 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -188,12 +190,12 @@ class HealthChecker:
 
     Takes the authority (registry and results), an ``ssl_context`` for the probes, the
     ``interval`` between rounds, the per-probe ``timeout`` and the ``concurrency`` limit, all
-    in seconds / probes; ``lock_file`` elects one prober among several worker processes
-    (None: always probe). :meth:`from_home` builds one from a CA home and its config.
+    in seconds / probes; with ``elect`` only the holder of the store's ``health`` lead probes
+    (False: always). :meth:`from_home` builds one from a CA home and its config.
     """
 
     def __init__(self, authority: Authority, *, ssl_context: ssl.SSLContext, interval: float = 30.0,
-                 timeout: float = 5.0, concurrency: int = 16, lock_file: Path | None = None,
+                 timeout: float = 5.0, concurrency: int = 16, elect: bool = True,
                  allow_loopback: bool = False) -> None:
         if interval <= 0 or timeout <= 0 or concurrency < 1:
             raise ValueError("interval and timeout must be positive, concurrency at least 1")
@@ -202,14 +204,16 @@ class HealthChecker:
         self.interval = interval
         self.timeout = timeout
         self.concurrency = concurrency
-        self.lock_file = lock_file
+        self.elect = elect
         self.allow_loopback = allow_loopback
         self._client: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._round: asyncio.Task[None] | None = None
         self._in_flight: dict[str, asyncio.Task[bool]] = {}
-        self._lock_fd: int | None = None
+        self._leading = False
+        self._asking_lead: Future[bool] | None = None  # one question at a time, in a thread of its own
+        self._lead_thread: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._soon: set[asyncio.Task[None]] = set()  # lookups of services whose health URL was just set
 
@@ -223,7 +227,7 @@ class HealthChecker:
                    interval=interval if interval is not None else config.health_interval_seconds,
                    timeout=timeout if timeout is not None else config.health_timeout_seconds,
                    concurrency=concurrency if concurrency is not None else config.health_concurrency,
-                   lock_file=home.server_dir / "health.lock", allow_loopback=config.health_allow_loopback)
+                   allow_loopback=config.health_allow_loopback)
 
     # -- one round --------------------------------------------------------------------------
     def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
@@ -336,28 +340,25 @@ class HealthChecker:
                       type(task.exception()).__name__, task.exception())
 
     # -- scheduling -------------------------------------------------------------------------
-    def _is_prober(self) -> bool:
-        """Hold (or take) the advisory lock that makes this process the one that probes."""
-        if self.lock_file is None or self._lock_fd is not None:
+    async def _is_prober(self) -> bool:
+        """Whether this process leads the probing (asked of the store, off the event loop)."""
+        if not self.elect:
             return True
+        asking = self._asking_lead
+        if asking is None or asking.done():
+            if self._lead_thread is None:
+                self._lead_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-lead")
+            asking = self._asking_lead = self._lead_thread.submit(self.authority.store.lead, "health")
         try:
-            import fcntl
-        except ImportError:  # non-POSIX: every worker probes
-            return True
-        try:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:  # no lock, no election: probe (at worst twice)
-            log.warning("health lock %s unusable (%s); this worker probes", self.lock_file, exc.strerror)
-            self.lock_file = None
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            leading = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking)), self.timeout)
+        except Exception as exc:  # the store does not answer: nobody should probe on a guess
+            log.warning("health: cannot tell whether this process leads the probes (%s); skipping a round",
+                        type(exc).__name__)
             return False
-        self._lock_fd = fd
-        log.info("health checks run in this worker pid=%d interval=%ss", os.getpid(), self.interval)
-        return True
+        if leading and not self._leading:
+            log.info("health checks run in this process pid=%d interval=%ss", os.getpid(), self.interval)
+        self._leading = leading
+        return leading
 
     async def _tick(self) -> None:
         """One scheduled round: a probe for every service whose previous probe has ended. The
@@ -366,7 +367,7 @@ class HealthChecker:
         # APScheduler only logs a job's exceptions: catch and report them here.
         self._round = asyncio.current_task()
         try:
-            if self._is_prober():
+            if await self._is_prober():
                 await self._start_round()  # not waited for: see the docstring
         except asyncio.CancelledError:  # stop() during a round: end quietly
             log.debug("health round cancelled")
@@ -411,9 +412,9 @@ class HealthChecker:
         if probes:
             await asyncio.wait(probes, timeout=self.timeout)
         await self.aclose()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lead_thread is not None:
+            self._lead_thread.shutdown(wait=False, cancel_futures=True)
+            self._lead_thread, self._asking_lead = None, None
 
     async def aclose(self) -> None:
         """Close the HTTP client (the checker makes a new one if used again)."""

@@ -125,3 +125,79 @@ def test_crl_numbers_never_go_down_through_round_robin_while_revocations_land(
     assert len(set(numbers)) >= 10, numbers  # the revocations did land while the fetches went on
     went_down = [(x, y) for x, y in itertools.pairwise(numbers) if y < x]
     assert not went_down, f"{len(went_down)} of {len(numbers)} fetches went back, e.g. {went_down[:3]}"
+
+
+def test_three_replicas_probe_once_per_round_and_a_new_leader_takes_over(
+        pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the prober is elected in the database (not per home): one probe per service and
+    round for the cluster, and another replica probes within two intervals of the leader's death."""
+    import signal
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from peers import serving
+    from support import free_port
+    from vcc_pki_server.encoding import cert_pem
+    from vcc_pki_server.home import key_pem
+    from vcc_pki_server.mtls import server_ssl_context, uvicorn_config
+
+    monkeypatch.setenv("VCC_PKI_DATABASE_URL", pg_database)
+    first = build_home(tmp_path / "r0" / "home")
+    homes = [first] + [Home(shutil.copytree(first.root, tmp_path / f"r{i}" / "home")) for i in (1, 2)]
+    authority = first.authority(CA_PASSWORD)
+    try:
+        issued, key = authority.issue_with_key("failing", common_name="localhost", san_dns=["localhost"],
+                                               san_ip=["127.0.0.1"], key_type="ec-p256", actor=Actor.operator())
+    finally:
+        authority.store.close()
+    (tmp_path / "cert.pem").write_bytes(cert_pem(issued.certificate, issued.chain[0]))
+    (tmp_path / "key.pem").write_bytes(key_pem(key, None))
+    (tmp_path / "ca.pem").write_bytes(cert_pem(first.root_certificate(), first.intermediate_certificate()))
+    probes: list[float] = []
+    lock = threading.Lock()
+
+    async def health(request: Request) -> PlainTextResponse:
+        with lock:
+            probes.append(time.monotonic())
+        return PlainTextResponse("down", status_code=503)
+
+    port = free_port()
+    config = uvicorn_config(Starlette(routes=[Route("/health", health)]), host="127.0.0.1", port=port,
+                            ssl_context=server_ssl_context(tmp_path / "cert.pem", tmp_path / "key.pem",
+                                                           tmp_path / "ca.pem"),
+                            log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=1)
+    env = {"VCC_PKI_DATABASE_URL": pg_database}
+    servers = [RunningServer(home, CA_PASSWORD, env=env, extra_args=["--health-interval", "1"]) for home in homes]
+    with serving(config):
+        for server in servers:
+            server.start()
+        try:
+            authority = first.authority()
+            try:
+                authority.update_service("failing", {"health_check_url": f"https://127.0.0.1:{port}/health"},
+                                         actor=Actor.operator())
+            finally:
+                authority.store.close()
+            time.sleep(1.5)  # the rounds settle
+            with lock:
+                probes.clear()
+            time.sleep(6)
+            with lock:
+                window = list(probes)
+            assert 4 <= len(window) <= 8, f"{len(window)} probes in 6 s of 1 s rounds (three probers: ~18)"
+            leaders = [s for s in servers if "leads health" in s.log()]
+            assert len(leaders) == 1, [s.log()[-500:] for s in servers]
+            leaders[0].stop(signal.SIGKILL)
+            killed = time.monotonic()
+            time.sleep(4)
+            with lock:
+                after = [t for t in probes if t > killed]
+            assert after and after[0] - killed <= 2 * 1.0 + 1.0, f"first probe {after[:1]} after the kill at {killed}"
+            assert sum(1 for s in servers if s is not leaders[0] and "leads health" in s.log()) == 1
+        finally:
+            for server in servers:
+                server.stop()

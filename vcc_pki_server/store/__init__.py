@@ -213,6 +213,13 @@ class Store(Protocol):
     def close(self) -> None: ...
     write_failure: str | None  # why the last write failed, until one succeeds
 
+    def lead(self, role: str) -> bool:
+        """Whether this store object holds the lead for ``role`` (``"health"``, ``"crl"``) among
+        every server process on this store — all replicas on PostgreSQL, all workers on SQLite —
+        taking it if it is free. Held until the process (or its connection) ends, so the lead
+        fails over when its holder dies. Blocking: call it off the event loop."""
+        ...
+
     # services
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None: ...
     def update_service(self, service: ServiceRecord, *, actor: str, action: str = "service.update") -> None: ...

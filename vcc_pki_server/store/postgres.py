@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,8 +47,11 @@ MIGRATIONS: tuple[str, ...] = (
 # Transaction-level advisory lock keys (bigint; ASCII "vccpki" and a number).
 MIGRATION_LOCK = 0x7663_6370_6B69_0001
 CRL_LOCK = 0x7663_6370_6B69_0002
+# Session-level advisory locks of the cluster's leads (Store.lead), one per role.
+LEAD_LOCKS = {"health": 0x7663_6370_6B69_0101, "crl": 0x7663_6370_6B69_0102}
 
 Row = tuple[Any, ...]
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,6 +97,8 @@ class PostgresStore(SQLStore):
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
+        self._lead_lock = threading.Lock()
+        self._leads: dict[str, psycopg.Connection[Row]] = {}  # role -> the connection holding its lock
         self._db = self._connect()
         try:
             self._migrate()
@@ -102,6 +110,34 @@ class PostgresStore(SQLStore):
 
     def __repr__(self) -> str:
         return f"PostgresStore({describe(self.dsn)!r})"
+
+    def lead(self, role: str) -> bool:
+        """:meth:`Store.lead`: a session-level advisory lock on a connection of its own, kept
+        while this process lives. PostgreSQL drops it with the connection: when the leader dies
+        (or its connection is cut) another replica takes the lead at its next try."""
+        with self._lead_lock:
+            held = self._leads.get(role)
+            if held is not None:
+                try:
+                    held.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    log.warning("lost the %s lead: its database connection broke", role)
+                    with contextlib.suppress(psycopg.Error):
+                        held.close()
+                    del self._leads[role]
+            conn = self._connect()
+            try:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEAD_LOCKS[role],)).fetchone()
+            except psycopg.Error as exc:
+                conn.close()
+                raise CAUnavailable(f"cannot ask for the {role} lead: {_first_line(exc)}") from None
+            if not (row and row[0]):
+                conn.close()
+                return False
+            self._leads[role] = conn
+            log.info("this replica leads %s (pid %d)", role, os.getpid())
+            return True
 
     def _connect(self) -> psycopg.Connection[Row]:
         try:
@@ -122,6 +158,10 @@ class PostgresStore(SQLStore):
         if hasattr(self, "_reader"):
             with self._read_lock:
                 self._reader.close()
+        with self._lead_lock:
+            for conn in self._leads.values():
+                conn.close()
+            self._leads.clear()
 
     def _usable(self, conn: psycopg.Connection[Row]) -> psycopg.Connection[Row]:
         if self._closed:

@@ -120,6 +120,7 @@ class SQLiteStore(SQLStore):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._timeout = timeout
         self._writer_lock_fd: int | None = None
+        self._leads: dict[str, int] = {}  # role -> the fd holding its flock
         if fcntl is not None:
             try:
                 self._writer_lock_fd = os.open(f"{self.path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -163,6 +164,30 @@ class SQLiteStore(SQLStore):
         if self._writer_lock_fd is not None:
             os.close(self._writer_lock_fd)
             self._writer_lock_fd = None
+        for fd in self._leads.values():
+            os.close(fd)
+        self._leads.clear()
+
+    def lead(self, role: str) -> bool:
+        """:meth:`Store.lead`: an ``flock`` on ``<db>.<role>.lock`` (the workers of one host
+        share the file; the kernel drops the lock with the process)."""
+        if role in self._leads:
+            return True
+        if fcntl is None:  # pragma: no cover - non-POSIX: every process leads (work done twice at worst)
+            return True
+        try:
+            fd = os.open(f"{self.path}.{role}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            log.warning("lead %s: lock file unusable (%s): this process takes it", role, exc.strerror)
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._leads[role] = fd
+        log.info("this process leads %s (pid %d)", role, os.getpid())
+        return True
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
