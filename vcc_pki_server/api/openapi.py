@@ -79,8 +79,9 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
                       "root's (revoked intermediates)", [], {"parameters": [
                           {"name": "ski", "in": "path", "required": True, "schema": {"type": "string"}},
                           _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
-    "health": ("Liveness and readiness", [], {}, "200", None),
+    "health": ("Readiness: 503 while the database does not answer or writes fail", [], {}, "200", None),
     "openapi": ("This document", [], {}, "200", None),
+    "liveness": ("Liveness: the process answers (no database question)", [], {}, "200", None),
     "api_docs": ("This document as a page to read (HTML)", [], {}, "200", None),
 }
 

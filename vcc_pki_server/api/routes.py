@@ -307,6 +307,12 @@ async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
     return await run_in_threadpool(functools.partial(authority.crl, at_least=newest))
 
 
+async def liveness(request: Request) -> Response:
+    """Liveness: this process answers HTTP (nothing else is asked, the database least of all):
+    restart it when this fails, take it out of a load balancer when ``/health`` does."""
+    return JSONResponse({"status": "alive"})
+
+
 async def health(request: Request) -> Response:
     """Readiness: 200 when the store answers within :attr:`StoreProbe.timeout`, else 503. Anyone
     may ask: the answer says what is wrong, not where (the log has the database and the cause)."""
@@ -392,6 +398,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/crl", crl, methods=["GET"]),
     Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/health/live", liveness, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/docs", api_docs, methods=["GET"]),
 ]

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,31 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+def _connection_settings(dsn: str, connect_timeout: float, statement_timeout: float) -> dict[str, Any]:
+    """libpq settings for every connection; those given in the URL win (``connect_timeout``,
+    ``options=-c statement_timeout=...``, ``keepalives_idle``...). Defaults: 5 s to connect, 10 s
+    per statement (enforced by the server: a query stuck behind a lock gives up, and the
+    request gets a 503 instead of holding its thread), TCP keepalives after 10 s idle."""
+    try:
+        given = _conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        given = {}
+    settings: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout)), "keepalives": 1,
+                                "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+    settings = {key: value for key, value in settings.items() if key not in given}
+    if "statement_timeout" not in str(given.get("options", "")):
+        settings["options"] = f"{given.get('options', '')} -c statement_timeout={int(statement_timeout * 1000)}".strip()
+    return settings
+
+
+def _dropped(conn: psycopg.Connection[Any]) -> bool:
+    """An idle connection whose socket is readable: the server closed it (or sent an error)."""
+    try:
+        return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
 def describe(dsn: str) -> str:
     """``host:port/dbname`` of a DSN, for messages: never its password."""
     try:
@@ -91,9 +117,9 @@ class PostgresStore(SQLStore):
     >>> store = PostgresStore("postgresql://vcc@db.internal/vcc_pki")   # doctest: +SKIP
     """
 
-    def __init__(self, dsn: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, dsn: str, *, connect_timeout: float = 5.0, statement_timeout: float = 10.0) -> None:
         self.dsn = dsn
-        self._connect_timeout = connect_timeout
+        self._settings = _connection_settings(dsn, connect_timeout, statement_timeout)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
@@ -141,8 +167,7 @@ class PostgresStore(SQLStore):
 
     def _connect(self) -> psycopg.Connection[Row]:
         try:
-            return psycopg.connect(self.dsn, autocommit=True,
-                                   connect_timeout=max(1, int(self._connect_timeout)))
+            return psycopg.connect(self.dsn, autocommit=True, **self._settings)
         except psycopg.Error as exc:
             raise CAUnavailable(f"cannot connect to PostgreSQL at {describe(self.dsn)}: "
                                 f"{_first_line(exc)}") from None
@@ -164,9 +189,16 @@ class PostgresStore(SQLStore):
             self._leads.clear()
 
     def _usable(self, conn: psycopg.Connection[Row]) -> psycopg.Connection[Row]:
+        """``conn``, or a new connection when it was lost: closed, or dropped by the server
+        while idle (a restart or failover: its socket is readable with nothing asked), so that
+        the first request after the database comes back does not fail on a dead connection."""
         if self._closed:
             raise RuntimeError("the store is closed")
-        return conn if not conn.closed else self._connect()
+        if not conn.closed and not _dropped(conn):
+            return conn
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
+        return self._connect()
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
