@@ -70,7 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", type=Path, default=Path("tls"), help="where the files are (default ./tls)")
     common.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info for --daemon; error otherwise (one line per run, for cron)")
     hooks = argparse.ArgumentParser(add_help=False)
     group = hooks.add_argument_group("after each change")
     group.add_argument("--exec", dest="exec_cmd", metavar="CMD", help="run this shell command")
@@ -320,6 +321,7 @@ COMMANDS = {"enroll": cmd_enroll, "renew": cmd_renew, "status": cmd_status, "rev
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.log_level = args.log_level or ("info" if getattr(args, "daemon", False) else "error")
     logging.basicConfig(level=args.log_level.upper(), format=f"{PROG}: %(levelname)s %(message)s", stream=sys.stderr)
     if args.log_level != "debug":  # one line per request is httpx's INFO: noise for an agent's log
         logging.getLogger("httpx").setLevel(logging.WARNING)
