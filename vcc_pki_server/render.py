@@ -11,7 +11,7 @@ from cryptography import x509
 
 from .authority import Issued
 from .encoding import cert_pem
-from .store import CertificateRecord, Revoked, ServiceRecord, current_certificate, opt_text
+from .store import AuditEntry, CertificateRecord, Revoked, ServiceRecord, current_certificate, opt_text
 
 
 def issued(result: Issued) -> dict[str, Any]:
@@ -87,3 +87,9 @@ def service(record: ServiceRecord, *, certificates: list[CertificateRecord] | No
         first = [] if current is None else [current]
         body["certificates"] = [certificate(c, now) for c in first + [c for c in certificates if c is not current]]
     return body
+
+
+def audit(entry_id: int, entry: AuditEntry) -> dict[str, Any]:
+    """An audit log entry (``id`` orders them; the cursor of ``GET /api/v1/audit``)."""
+    return {"id": entry_id, "at": opt_text(entry.at), "actor": entry.actor, "action": entry.action,
+            "service_id": entry.service_id, "serial": entry.serial, "details": entry.details}

@@ -96,6 +96,7 @@ CASES: dict[str, Case] = {
     "ca-intermediate": Case("GET", "/ca/intermediate", PUBLIC),
     "ca-chain": Case("GET", "/ca/chain", PUBLIC),
     "crl": Case("GET", "/crl", PUBLIC),
+    "audit": Case("GET", "/audit", {"anonymous": 401, "admin": 200, "enrolment": 403, "own": 403, "other": 403}),
     "crl-of-issuer": Case("GET", "/crl/{root_ski}", PUBLIC),
     "health": Case("GET", "/health", PUBLIC),
     "openapi": Case("GET", "/openapi.json", PUBLIC),
@@ -539,3 +540,21 @@ def test_the_api_is_readable_at_docs(anon: httpx.Client) -> None:
         assert f"<code>{route.path}</code>" in page, route.path
     assert "<code>POST</code></td><td><code>/api/v1/certificates/request</code></td>" in page
     assert "enrolment token, own client certificate, admin token" in page
+
+
+def test_the_audit_log_pages_newest_first_and_filters(admin: httpx.Client, enrolled: Enrol,
+                                                      problem: Problem) -> None:
+    """Issue 12: GET /api/v1/audit (admin), the same filters as `pki-admin audit`."""
+    target = enrolled()
+    r = admin.get(f"{API}/audit", params={"service_id": target.service_id, "limit": 1})
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert [e["action"] for e in first["items"]] == ["certificate.issue"]
+    assert first["items"][0]["serial"] == target.issued["serial_number"] and first["next_cursor"]
+    rest = admin.get(f"{API}/audit", params={"service_id": target.service_id, "cursor": first["next_cursor"]}).json()
+    actions = [e["action"] for e in rest["items"]]
+    assert "service.register" in actions and rest["next_cursor"] is None
+    assert all(e["id"] < first["items"][0]["id"] for e in rest["items"])  # older, on the next page
+    later = admin.get(f"{API}/audit", params={"since": "2999-01-01T00:00:00Z"}).json()
+    assert later == {"items": [], "next_cursor": None}
+    problem(admin.get(f"{API}/audit", params={"since": "yesterday"}), 422, "invalid_field")

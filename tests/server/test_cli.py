@@ -721,3 +721,22 @@ def test_a_dev_homes_kept_passwords_are_found_and_named(home: Path, run: Run, mo
     assert root_crl.code == 0 and "using the root CA password kept in" in root_crl.err
     monkeypatch.setenv("VCC_PKI_CA_PASSWORD", "wrong")  # the environment comes first
     assert run("--home", str(home), "crl", "generate").code == 1
+
+
+def test_audit_reads_the_log_newest_first_with_filters(home: Path, run: Run) -> None:
+    """Issue 12: `pki-admin audit [--since] [--service-id] [--limit] [--json]`."""
+    assert run("--home", str(home), "service", "register", "--service-id", "billing", "--name", "B").code == 0
+    assert run("--home", str(home), "service", "token", "--service-id", "billing").code == 0
+    listed = run("--home", str(home), "audit", "--service-id", "billing", "--json")
+    assert listed.code == 0, listed.err
+    entries = json.loads(listed.out)
+    actions = [e["action"] for e in entries]
+    assert actions[0] == "token.create.enrolment" and actions[-1] == "service.register"  # newest first
+    assert all(e["actor"] == "cli" and e["service_id"] == "billing" for e in entries)
+    table = run("--home", str(home), "audit", "--limit", "1")
+    assert table.code == 0 and table.out.splitlines()[0].split()[:3] == ["AT", "ACTOR", "ACTION"]
+    assert len(table.out.splitlines()) == 2
+    assert json.loads(run("--home", str(home), "audit", "--since", "2999-01-01T00:00:00Z", "--json").out) == []
+    assert len(json.loads(run("--home", str(home), "audit", "--since", "1h", "--json").out)) >= 2
+    bad = run("--home", str(home), "audit", "--since", "yesterday")
+    assert bad.code == 2 and "expected a time" in bad.err

@@ -81,6 +81,9 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
                           _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
     "health": ("Readiness: 503 while the database does not answer or writes fail", [], {}, "200", None),
     "openapi": ("This document", [], {}, "200", None),
+    "audit_log": ("The audit log, newest first (admin)", ["admin"], {"parameters": [
+        _q("since", {"type": "string", "format": "date-time"}, "entries at or after this time"),
+        _q("service_id", {"type": "string"}, "only this service"), *_PAGE]}, "200", None),
     "liveness": ("Liveness: the process answers (no database question)", [], {}, "200", None),
     "api_docs": ("This document as a page to read (HTML)", [], {}, "200", None),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, MutableMapping
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -172,3 +172,15 @@ async def as_actor(request: Request, work: Callable[[Actor], T]) -> T:
         return work(actor)
 
     return await run_in_threadpool(run)
+
+
+def query_time(request: Request, name: str) -> datetime | None:
+    """An RFC 3339 time in the query (``2026-12-01T00:00:00Z``), or None; 400 if malformed."""
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an RFC 3339 time such as 2026-12-01T00:00:00Z, got {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

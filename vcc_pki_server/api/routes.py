@@ -26,7 +26,7 @@ from ..policy import check_service_id
 from ..store import CRLRecord, Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document, openapi_html
-from .requests import as_actor, field, query_bool, query_int, read_json, requested_lifetime
+from .requests import as_actor, field, query_bool, query_int, query_time, read_json, requested_lifetime
 
 PEM = "application/x-pem-file"
 T = TypeVar("T")
@@ -49,6 +49,20 @@ def _page(records: list[T], limit: int, render_one: Callable[[T], dict[str, Any]
     more = len(records) > limit and bool(page)
     return JSONResponse({"items": [render_one(r) for r in page],
                          "next_cursor": str(cursor_of(page[-1])) if more else None})
+
+
+async def audit_log(request: Request) -> Response:
+    """``GET /api/v1/audit`` (admin): newest first, ``since``, ``service_id``, ``limit``, ``cursor``."""
+    authority = _authority(request)
+    limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
+    before = query_int(request, "cursor", low=1, high=2**63 - 1)
+    service_id = request.query_params.get("service_id")
+    if service_id is not None:
+        check_service_id(service_id)
+    since = query_time(request, "since")
+    entries = await as_actor(request, lambda actor: authority.audit_entries(
+        actor=actor, limit=limit + 1, service_id=service_id, since=since, before=before))
+    return _page(entries, limit, lambda e: render.audit(*e), lambda e: e[0])
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -396,6 +410,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/ca/intermediate", ca_intermediate, methods=["GET"]),
     Route(f"{API}/ca/chain", ca_chain, methods=["GET"]),
     Route(f"{API}/crl", crl, methods=["GET"]),
+    Route(f"{API}/audit", audit_log, methods=["GET"]),
     Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/health/live", liveness, methods=["GET"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -10,7 +11,7 @@ import attrs
 from .. import tokens
 from ..errors import InvalidRequest, NotPermitted, PolicyRefused, UnknownService
 from ..policy import MIN_LIFETIME, check_service_id, normalize_sans
-from ..store import Health, ServiceRecord
+from ..store import AuditEntry, Health, ServiceRecord
 from .base import Actor, log
 from .identity import Identity
 
@@ -115,6 +116,14 @@ class Registry(Identity):
     def _health_url_set(self, service_id: str) -> None:
         for watcher in self.health_url_watchers:
             watcher(service_id)
+
+    def audit_entries(self, *, actor: Actor, limit: int = 100, service_id: str | None = None,
+                      since: datetime | None = None, before: int | None = None) -> list[tuple[int, AuditEntry]]:
+        """The audit log, newest first, with each entry's id (``before``: the previous page's
+        last id). Admins only: it names every service, token and operator."""
+        if not actor.is_admin:
+            raise NotPermitted("only an admin reads the audit log")
+        return self.store.audit_page(limit=limit, service_id=service_id, since=since, before=before)
 
     def list_services(self, *, healthy: bool | None = None, limit: int = 100,
                       after: str | None = None) -> list[ServiceRecord]:

@@ -11,6 +11,7 @@ from vcc_pki_client import __version__
 from vcc_pki_client.durations import duration
 
 from ..ca import KEY_TYPES, REASONS
+from .audit_commands import cmd_audit, since
 from .ca_commands import (
     INTERMEDIATE_KEY_TYPES,
     ROOT_KEY_TYPES,
@@ -245,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s")
     p = command(token, "revoke", cmd_token_revoke, "revoke a token")
     p.add_argument("token_id", metavar="TOKEN_ID")
+
+    # audit
+    p = top.add_parser("audit", parents=[common], formatter_class=_Formatter,
+                       help="read the audit log (who did what, when), newest first",
+                       description=textwrap.fill(
+                           "Read the audit log, newest first: every issuance, renewal, revocation, "
+                           "registration, token and CA change, with who did it (cli, admin:<token "
+                           "id>, service:<id>, enrolment:<token id>, health-checker).", 88),
+                       epilog="examples:\n  pki-admin audit --since 24h\n"
+                              "  pki-admin audit --service-id billing --limit 20 --json")
+    p.set_defaults(func=cmd_audit)
+    p.add_argument("--since", type=since, metavar="TIME",
+                   help="entries at or after TIME: 2026-12-01T00:00:00Z, or a duration back from now (24h, 7d)")
+    p.add_argument("--service-id", metavar="ID", help="only this service's entries")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N entries (default %(default)s)")
 
     # init
     p = top.add_parser("init", parents=[common, password_options(root=True, ca=True)],

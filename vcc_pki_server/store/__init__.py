@@ -256,6 +256,8 @@ class Store(Protocol):
 
     # audit
     def audit(self, entry: AuditEntry) -> None: ...
+    def audit_page(self, *, limit: int = 100, service_id: str | None = None, since: datetime | None = None,
+                   before: int | None = None) -> list[tuple[int, AuditEntry]]: ...
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)

@@ -130,10 +130,27 @@ class SQLStore:
             self._audit(db, entry)
 
     def audit_log(self, *, limit: int = 100, service_id: str | None = None) -> list[AuditEntry]:
-        where, params = ("WHERE service_id = ?", [service_id]) if service_id else ("", [])
-        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
+        return [entry for _, entry in self.audit_page(limit=limit, service_id=service_id)]
+
+    def audit_page(self, *, limit: int = 100, service_id: str | None = None, since: datetime | None = None,
+                   before: int | None = None) -> list[tuple[int, AuditEntry]]:
+        """Audit entries, newest first, with their ids: of ``service_id`` only, at or after
+        ``since``, with an id below ``before`` (the cursor of the previous page)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if service_id:
+            clauses.append("service_id = ?")
+            params.append(service_id)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(utc_text(since))
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(f"SELECT id, {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
                           [*params, limit])
-        return [audit_entry(r) for r in rows]
+        return [(int(r[0]), audit_entry(r[1:])) for r in rows]
 
     # -- services ---------------------------------------------------------------------------
     def add_service(self, service: ServiceRecord, *, actor: str, token: TokenRecord | None = None) -> None:
