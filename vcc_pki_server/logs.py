@@ -15,6 +15,7 @@ log, which is committed with the change.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -108,14 +109,29 @@ class Formatter(logging.Formatter):
         return "%s,%03d" % (text, record.msecs)  # as default_msec_format
 
 
-def configure(level: str, stream: TextIO | None = None) -> BatchedStreamHandler:
-    """Log ``level`` and above to ``stream`` (a buffered copy of stderr by default) in batches."""
+class JSONFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per line with the text form's fields — ``time``
+    (UTC, RFC 3339 with milliseconds), ``level``, ``logger``, ``message`` — and ``exception``
+    (the traceback text) when there is one. JSON escapes every control character."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        body = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % record.msecs,
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+def configure(level: str, stream: TextIO | None = None, *, fmt: str = "text") -> BatchedStreamHandler:
+    """Log ``level`` and above to ``stream`` (a buffered copy of stderr by default) in batches,
+    as text lines (``fmt="text"``) or JSON objects (``"json"``)."""
     if stream is None:
         # stderr itself is line-buffered (each line one write); this one buffers 64 KiB.
         stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",  # noqa: SIM115
                       errors="backslashreplace", closefd=False)
     handler = BatchedStreamHandler(stream)
-    handler.setFormatter(Formatter())
+    handler.setFormatter(JSONFormatter() if fmt == "json" else Formatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # The format uses none of these: skip collecting them for every record. See
     # "Optimization" in the logging HOWTO.

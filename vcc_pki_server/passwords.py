@@ -99,7 +99,8 @@ def _ask(label: str) -> str:
 def resolve(source: PasswordSource, *, file: str | None, value: str | None = None,
             confirm: bool = False, environ: Mapping[str, str] | None = None,
             ask: Prompt | None = None, is_terminal: Callable[[], bool] | None = None,
-            kept: Path | None = None, program: str = "pki-admin") -> str:
+            kept: Path | None = None, program: str = "pki-admin",
+            notify: Callable[[str], None] | None = None) -> str:
     """The password for ``source``: file, then the unsafe flag, then the environment, then the
     ``kept`` file of a dev home (if it exists; said on stderr), then a prompt.
 
@@ -122,7 +123,11 @@ def resolve(source: PasswordSource, *, file: str | None, value: str | None = Non
             raise PasswordError(f"${source.env} is set but empty")
         return from_env
     if kept is not None and kept.exists():
-        print(f"{program}: using the {source.what} password kept in {kept} (a dev home)", file=sys.stderr)
+        message = f"using the {source.what} password kept in {kept} (a dev home)"
+        if notify is not None:
+            notify(message)
+        else:
+            print(f"{program}: {message}", file=sys.stderr)
         return read_password_file(str(kept), source.what)
     if not (is_terminal or stdin_is_terminal)():
         raise PasswordError(f"no {source.what} password: use {source.file_option} FILE or set "

@@ -61,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dev", action="store_true",
                         help="on an empty home, create a dev CA with random passwords kept in <home>/secrets/")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text lines, or one JSON object per line (time, level, logger, message)")
     limits = parser.add_argument_group("limits per worker (see docs/operations.md, Limits and hardening)")
     limits.add_argument("--max-header-bytes", type=int, default=65536, metavar="N",
                         help="a request header over N bytes is refused with 431 (default 65536)")
@@ -90,16 +92,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+_JSON_LOGS = False  # --log-format json: what the server says on stderr goes through the log too
+
+
+def say(message: str, *, error: bool = False) -> None:
+    """A line for the operator on stderr: ``vcc-pki-server: ...``, or a JSON log record."""
+    if _JSON_LOGS:
+        log.log(logging.ERROR if error else logging.INFO, message)
+        logging.getLogger().handlers[0].flush()
+    else:
+        print(f"vcc-pki-server: {'error: ' if error else ''}{message}", file=sys.stderr)
+
+
 def dev_init(home: Home) -> str:
     """Create a dev CA in an empty home; return the intermediate password. Prints an admin token once."""
     root_password, ca_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    print(f"vcc-pki-server: creating a dev CA in {home.root} (EC P-384 root, EC P-256 intermediate)",
-          file=sys.stderr)
+    say(f"creating a dev CA in {home.root} (EC P-384 root, EC P-256 intermediate)")
     # A dev CA serves services on this machine: their health URLs are on localhost.
     initialize(home, attrs.evolve(home.config(), health_allow_loopback=True),
                root_password=root_password, ca_password=ca_password,
                root_key_type="ec-p384", intermediate_key_type="ec-p256",
-               report=lambda message: print(f"vcc-pki-server: {message}", file=sys.stderr))
+               report=say)
     write_file(home.secrets_dir / passwords.ROOT.kept, root_password.encode(), 0o600)
     write_file(home.secrets_dir / passwords.CA.kept, ca_password.encode(), 0o600)
     authority = home.authority(None)
@@ -113,10 +126,10 @@ def dev_init(home: Home) -> str:
     write_file(token_file, f"{token.value}\n".encode(), 0o600)
     if sys.stderr.isatty():
         print(f"vcc-pki-server: admin token (shown once, also in {token_file}): {token.value}", file=sys.stderr)
+        # (a terminal only: never through the log, in either format)
     else:
-        print(f"vcc-pki-server: admin token written to {token_file} (0600; not printed: stderr is not a "
-              "terminal)", file=sys.stderr)
-    print(f"vcc-pki-server: root CA: {home.root_cert}  (curl --cacert it)", file=sys.stderr)
+        say(f"admin token written to {token_file} (0600; not printed: stderr is not a terminal)")
+    say(f"root CA: {home.root_cert}  (curl --cacert it)")
     return ca_password
 
 
@@ -154,7 +167,7 @@ def warn_about_modes(home: Home) -> None:
 def resolve_password(args: argparse.Namespace, home: Home) -> str:
     """The intermediate's password as pki-admin finds it (a --dev home's kept secret before a prompt)."""
     return passwords.resolve(passwords.CA, file=args.password_file, kept=home.secrets_dir / passwords.CA.kept,
-                             program="vcc-pki-server")
+                             program="vcc-pki-server", notify=say)
 
 
 def _background(home: Home, args: argparse.Namespace, authority: object) -> list[Lifecycle]:
@@ -201,7 +214,9 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level)
+    global _JSON_LOGS
+    logs.configure(args.log_level, fmt=args.log_format)
+    _JSON_LOGS = args.log_format == "json"
     home = Home.resolve(args.home)
     try:
         if args.dev and not home.has_root():
@@ -223,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_file(home.ca_dir / "ca_chain.pem",
                    cert_pem(home.root_certificate(), home.intermediate_certificate()), 0o644)
     except (CAError, OSError, ValueError) as exc:  # one line, never a traceback
-        print(f"vcc-pki-server: error: {exc}", file=sys.stderr)
+        say(str(exc), error=True)
         return 1
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only
@@ -234,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sock.bind((args.host, args.port))
     except OSError as exc:
-        print(f"vcc-pki-server: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        say(f"cannot listen on {args.host}:{args.port}: {exc}", error=True)
         return 1
     sock.listen(2048)
     sock.set_inheritable(True)

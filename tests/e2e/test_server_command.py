@@ -210,3 +210,26 @@ def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
     finally:
         code = server.stop()
     assert code == 0, server.log()[-2000:]
+
+
+def test_log_format_json_writes_one_object_per_line_with_the_text_forms_fields(tmp_path: Path) -> None:
+    """Issue 12: `--log-format json`: every line an object (time, level, logger, message), the
+    access lines and the dev admin token's announcement among them, and no secret."""
+    import json
+
+    home = Home(tmp_path / "pki-data")
+    server = RunningServer(home, password="", extra_args=["--dev", "--log-format", "json"])
+    server.start()
+    try:
+        token = (home.secrets_dir / "admin_token").read_text().strip()
+        httpx.get(f"{server.url}/api/v1/services/", verify=tls_context(home.root_cert),
+                  headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+        log = server.log_once(lambda text: "/api/v1/services/" in text)
+    finally:
+        assert server.stop() == 0
+    lines = [line for line in log.splitlines() if line.strip()]
+    objects = [json.loads(line) for line in lines]  # every line parses
+    assert all(set(o) >= {"time", "level", "logger", "message"} for o in objects)
+    assert all(o["time"].endswith("Z") and o["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") for o in objects)
+    assert any("/api/v1/services/" in o["message"] and o["logger"] == "vcc_pki_server.access" for o in objects)
+    assert token not in log and (home.secrets_dir / "ca_password").read_text() not in log
