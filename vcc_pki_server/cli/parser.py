@@ -12,6 +12,7 @@ from vcc_pki_client.durations import duration
 
 from ..ca import KEY_TYPES, REASONS
 from .audit_commands import cmd_audit, since
+from .backup_commands import cmd_backup, cmd_restore
 from .ca_commands import (
     INTERMEDIATE_KEY_TYPES,
     ROOT_KEY_TYPES,
@@ -246,6 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s")
     p = command(token, "revoke", cmd_token_revoke, "revoke a token")
     p.add_argument("token_id", metavar="TOKEN_ID")
+
+    # backup and restore
+    p = top.add_parser("backup", parents=[common], formatter_class=_Formatter,
+                       help="archive the home and a consistent copy of the store (while the server runs)",
+                       description=textwrap.fill(
+                           "Write one .tar.gz (0600): the home's files (keys stay encrypted) and a copy of "
+                           "the SQLite store made with SQLite's online backup API, consistent while the "
+                           "server writes. secrets/ (a dev home's kept passwords) is left out. With "
+                           "PostgreSQL: the home, and pg_dump's output when pg_dump is on PATH.", 88),
+                       epilog="examples:\n  pki-admin --home /srv/pki backup --out /backups/pki-$(date +%F).tar.gz")
+    p.set_defaults(func=cmd_backup)
+    p.add_argument("--out", required=True, metavar="FILE", help="the archive to write (must not exist)")
+    p = top.add_parser("restore", parents=[common, ca_pw], formatter_class=_Formatter,
+                       help="restore a backup into a new or empty home, and check it",
+                       description=textwrap.fill(
+                           "Unpack a backup made by `pki-admin backup` into --home (new or empty), after "
+                           "checking it in a staging folder: the store's integrity and that the "
+                           "intermediate key opens with its password. A failed check restores nothing.", 88),
+                       epilog="examples:\n  pki-admin restore /backups/pki-2026-12-04.tar.gz --home /srv/pki "
+                              "--password-file ca.pw")
+    p.set_defaults(func=cmd_restore)
+    p.add_argument("file", metavar="FILE", help="the archive")
 
     # audit
     p = top.add_parser("audit", parents=[common], formatter_class=_Formatter,
