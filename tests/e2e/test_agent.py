@@ -333,10 +333,10 @@ http {{
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze on this machine")
 def test_the_systemd_units_verify(tmp_path: Path) -> None:
-    units = sorted((Path(__file__).resolve().parents[2] / "deploy" / "systemd").glob("vcc-pki-*@.service"))
-    assert len(units) == 2
-    for unit in units:  # an instance of each template, with this venv's vcc-pki in place of /usr/local/bin's
-        text = unit.read_text().replace("/usr/local/bin/vcc-pki", str(BIN / "vcc-pki"))
+    units = sorted((Path(__file__).resolve().parents[2] / "deploy" / "systemd").glob("vcc-pki-*.service"))
+    assert len(units) == 3
+    for unit in units:  # an instance of each template, with this venv's commands in place of /usr/local/bin's
+        text = unit.read_text().replace("/usr/local/bin/", f"{BIN}/")
         (tmp_path / unit.name.replace("@.", "@web.")).write_text(text)
     checked = subprocess.run(["systemd-analyze", "verify", *map(str, sorted(tmp_path.glob("*.service")))],
                              capture_output=True, text=True, check=False, timeout=60)
