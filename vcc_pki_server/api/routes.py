@@ -51,14 +51,22 @@ def _page(records: list[T], limit: int, render_one: Callable[[T], dict[str, Any]
                          "next_cursor": str(cursor_of(page[-1])) if more else None})
 
 
-async def audit_log(request: Request) -> Response:
-    """``GET /api/v1/audit`` (admin): newest first, ``since``, ``service_id``, ``limit``, ``cursor``."""
-    authority = _authority(request)
+def _listing(request: Request) -> tuple[int, int | None, str | None]:
+    """A listing's ``limit`` (1–1000, default 100), integer ``cursor`` (a row id) and checked
+    ``service_id`` filter."""
     limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
-    before = query_int(request, "cursor", low=1, high=2**63 - 1)
+    # Bounded: an SQLite INTEGER is 64-bit, and now + 10**7 days is past datetime's year 9999.
+    cursor = query_int(request, "cursor", low=0, high=2**63 - 1)
     service_id = request.query_params.get("service_id")
     if service_id is not None:
         check_service_id(service_id)
+    return limit, cursor, service_id
+
+
+async def audit_log(request: Request) -> Response:
+    """``GET /api/v1/audit`` (admin): newest first, ``since``, ``service_id``, ``limit``, ``cursor``."""
+    authority = _authority(request)
+    limit, before, service_id = _listing(request)
     since = query_time(request, "since")
     entries = await as_actor(request, lambda actor: authority.audit_entries(
         actor=actor, limit=limit + 1, service_id=service_id, since=since, before=before))
@@ -68,12 +76,7 @@ async def audit_log(request: Request) -> Response:
 # -- certificates ---------------------------------------------------------------------------
 async def list_certificates(request: Request) -> Response:
     authority = _authority(request)
-    limit = query_int(request, "limit", default=100, low=1, high=1000) or 100
-    # Bounded: an SQLite INTEGER is 64-bit, and now + 10**7 days is past datetime's year 9999.
-    cursor = query_int(request, "cursor", low=0, high=2**63 - 1)
-    service_id = request.query_params.get("service_id")
-    if service_id is not None:
-        check_service_id(service_id)
+    limit, cursor, service_id = _listing(request)
     status = request.query_params.get("status")
     expiring = query_int(request, "expiring_within_days", low=0, high=36500)
 
