@@ -19,7 +19,7 @@ from cryptography import x509
 
 from ._http import Connection, Retry
 from ._session import Session, pem_certificates
-from .errors import ConfigurationError, RenewalError, TrustError
+from .errors import ConfigurationError, PKIError, RenewalError, TrustError
 from .files import CertificateFiles
 from .identity import peer_service_id
 from .keys import KEY_KINDS, build_csr, generate_private_key, key_kind
@@ -214,18 +214,30 @@ class PKIClient:
         For a script or service that starts more than once: the one-time token is spent by the
         first run, and later runs use the certificate on disk. Usable means: the key matches,
         it names this service, it is valid now, it chains to the trusted CA and the CA's CRL
-        does not list it. Otherwise (no files, expired, revoked, from another CA) it enrols
-        with ``token`` as :meth:`enroll` does, replacing the files.
+        does not list it — the last two asked of the CA; when it cannot be reached, a certificate
+        that passes the local checks is used (WARNING). Otherwise (no files, expired, revoked,
+        from another CA) it enrols with ``token`` as :meth:`enroll` does, replacing the files.
         """
         files = self._session.require_files()
         if files.exists():
             try:
                 cert, _ = files.load()
+                now = self._clock()
                 if peer_service_id(cert) != self.service_id:
                     raise ConfigurationError(f"{files.cert_file} is a certificate of another service")
-                verify_leaf(cert, files.load_chain(), self._session.peer_anchors(),
-                            what=str(files.cert_file), now=self._clock())
-                if self._crl.is_revoked(cert):
+                if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+                    raise ConfigurationError(f"{files.cert_file} is not valid now")
+                try:
+                    verify_leaf(cert, files.load_chain(), self._session.peer_anchors(),
+                                what=str(files.cert_file), now=now)
+                    revoked = self._crl.is_revoked(cert)
+                except (ConfigurationError, TrustError):
+                    raise
+                except PKIError as exc:  # the CA unreachable: a restart must not wait for it
+                    logger.warning("service %s: cannot reach the CA to check %s (%s); using it as it is",
+                                   self.service_id, files.cert_file, exc)
+                    return False
+                if revoked:
                     raise ConfigurationError(f"{files.cert_file} is revoked")
                 return False
             except (ConfigurationError, TrustError) as exc:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import CA_PASSWORD, build_home
 from peers import FAST, PeerServer, fingerprint, new_id
-from support import RunningServer, openssl_verify
+from support import RunningServer, free_port, openssl_verify
 from vcc_pki_client import (
     AuthenticationError,
     NotFoundError,
@@ -396,3 +396,8 @@ def test_ensure_enrolled_enrols_once_and_reuses_the_files_until_they_are_unusabl
         client().ensure_enrolled(token)  # unusable on disk, and the old token is spent
     fresh = admin.post(f"/api/v1/services/{sid}/enrolment-token").json()["enrolment_token"]
     assert client().ensure_enrolled(fresh) is True and files_of(client()) != first
+    # A restart while the CA is down: the files on disk are used as they are (no token needed).
+    offline = PKIClient(f"https://127.0.0.1:{free_port()}", sid, cert_file=tmp_path / "cert.pem",
+                        key_file=tmp_path / "key.pem", root_fingerprint=fingerprint(ca_home), retry_policy=FAST)
+    sdk_clients.append(offline)
+    assert offline.ensure_enrolled(None) is False
