@@ -29,10 +29,12 @@ def test_the_built_wheel_installs_and_runs_from_a_fresh_venv(tmp_path: Path) -> 
     python = fresh / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    (site / "lent-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                                 "-q", str(wheel)], capture_output=True, text=True, check=False, timeout=300)
     assert installed.returncode == 0, installed.stderr
+    # Lent after the install (pip would otherwise find this suite's own vcc-pki there and skip it);
+    # a .pth path comes after the venv's site-packages, so the wheel's modules are the ones imported.
+    (site / "lent-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     def run(*argv: str) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=60)

@@ -14,7 +14,8 @@ from vcc_pki_server.store.postgres import PostgresStore, _connection_settings
 def drop_connections(dsn: str) -> int:
     """What a database restart does to clients: every other backend of the database ends."""
     with psycopg.connect(dsn, autocommit=True) as admin:
-        row = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        # The timeout (PostgreSQL 14+) waits until each backend has really gone, as after a restart.
+        row = admin.execute("SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
                             "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
     return int(row[0]) if row else 0
 
