@@ -291,15 +291,17 @@ http {{
         failures: list[str] = []
         stop = threading.Event()
 
-        def keep_calling() -> None:  # requests all through the reload
-            with httpx.Client(verify=ctx, timeout=5) as client:
-                while not stop.is_set():
-                    try:
+        def keep_calling() -> None:  # requests all through the reload, each on a new connection
+            # (a reload closes idle keep-alive connections; a request sent on one at that instant
+            # meets a closed connection, which clients retry: that is not nginx refusing it)
+            while not stop.is_set():
+                try:
+                    with httpx.Client(verify=ctx, timeout=5) as client:
                         r = client.get(f"https://localhost:{port}/")
-                        if r.status_code != 200:
-                            failures.append(str(r.status_code))
-                    except httpx.HTTPError as exc:
-                        failures.append(repr(exc))
+                    if r.status_code != 200:
+                        failures.append(str(r.status_code))
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
 
         caller_thread = threading.Thread(target=keep_calling)
         caller_thread.start()
