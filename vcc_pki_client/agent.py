@@ -38,6 +38,7 @@ from . import __version__
 from .client import PKIClient
 from .durations import duration
 from .errors import ConfigurationError, PKIError
+from .files import write_atomically
 from .keys import KEY_KINDS
 from .renewal import RenewalPolicy, next_renewal_at
 from .revocation import CRL_FILE_NAME
@@ -133,8 +134,6 @@ def load_settings(folder: Path) -> dict[str, Any]:
 
 
 def save_settings(folder: Path, settings: dict[str, str]) -> None:
-    from .files import write_atomically
-
     lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]  # TOML basic strings
     write_atomically(folder / SETTINGS, ("# written by vcc-pki enroll\n" + "\n".join(lines) + "\n").encode(), 0o644)
 

@@ -99,7 +99,8 @@ def say(message: str, *, error: bool = False) -> None:
     """A line for the operator on stderr: ``vcc-pki-server: ...``, or a JSON log record."""
     if _JSON_LOGS:
         log.log(logging.ERROR if error else logging.INFO, message)
-        logging.getLogger().handlers[0].flush()
+        for handler in logging.getLogger().handlers:  # said now, not with the next batch
+            handler.flush()
     else:
         print(f"vcc-pki-server: {'error: ' if error else ''}{message}", file=sys.stderr)
 

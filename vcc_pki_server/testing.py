@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from vcc_pki_client import PKIClient
+from vcc_pki_client.errors import PKIError
 
 if TYPE_CHECKING:
     import uvicorn
@@ -131,7 +132,7 @@ class LocalPKI:
 
         revoked = self._authority.revoke(service_id, reason=reason, actor=Actor.system("vcc_pki fixture"))
         for client in list(self._clients):
-            with contextlib.suppress(Exception):  # a closed client has nothing to refresh
+            with contextlib.suppress(PKIError):  # a closed client has nothing to refresh
                 client.refresh_crl()
         return list(revoked.serials)
 

@@ -43,10 +43,15 @@ def _skipped(relative: Path) -> bool:
 
 def _sqlite_copy(source: Path, target: Path) -> dict[str, int]:
     """A consistent copy of the store (SQLite's backup API) and what it holds."""
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    if not source.is_file() or source.stat().st_size == 0:
+        raise CAError(f"{source} is missing or empty: there is no store to back up")
+    src = sqlite3.connect(f"{source.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
     dst = sqlite3.connect(target)
     try:
-        src.backup(dst, pages=1024)
+        try:
+            src.backup(dst, pages=1024)
+        except sqlite3.Error as exc:
+            raise CAError(f"cannot copy the store {source}: {exc}") from None
         check = dst.execute("PRAGMA integrity_check").fetchone()[0]
         if check != "ok":
             raise CAError(f"the copy of {source} fails SQLite's integrity check: {check}")
