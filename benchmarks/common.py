@@ -341,11 +341,12 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def populate(home: Home, count: int, *, validity_spread: bool = True,
+def populate(home: Home, count: int, *, validity_spread: bool = True, services: Sequence[str] = SERVICES,
              report: Any = None) -> list[tuple[str, str]]:
     """Sign ``count`` real leaf certificates with the home's CA (in-process, P-256 keys made
-    here) and record them in chunks of 1,000 per transaction. Lifetimes are spread over
-    1..365 days so that expiry filters select a share. Returns ``(service_id, serial)``."""
+    here) for ``services`` (registered) in turn, and record them in chunks of 1,000 per
+    transaction. Lifetimes are spread over 1..365 days so that expiry filters select a share.
+    Returns ``(service_id, serial)``."""
     from datetime import timedelta
 
     from vcc_pki_server.ca import LeafTemplate
@@ -362,7 +363,7 @@ def populate(home: Home, count: int, *, validity_spread: bool = True,
     chunk: list[tuple[CertificateRecord, str]] = []
     try:
         for i in range(count):
-            service_id = SERVICES[i % len(SERVICES)]
+            service_id = services[i % len(services)]
             names = san_names(service_id)
             days = (i % 365) + 1 if validity_spread else 365
             template = LeafTemplate(common_name=names[0], san_dns=tuple(names[:2]), san_ip=(),

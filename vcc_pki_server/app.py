@@ -18,6 +18,7 @@ from .api.edge import Edge
 from .api.issuance import ISSUE_PATH, Issuer
 from .api.routes import ROUTES, RootCRL, StoreProbe
 from .authority import Authority
+from .metrics import Metrics
 
 log = logging.getLogger("vcc_pki_server.api")
 
@@ -64,4 +65,4 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
 
     direct = [r for r in ROUTES if isinstance(r, Route) and r.path == ISSUE_PATH]
     state = State({"authority": authority, "issuer": issuer, "probe": probe, "root_crl": RootCRL(root_crl)})
-    return Edge(Router(ROUTES, lifespan=lifespan), state=state, direct=direct)
+    return Edge(Router(ROUTES, lifespan=lifespan), state=state, direct=direct, metrics=Metrics(authority))

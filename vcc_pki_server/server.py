@@ -8,11 +8,14 @@ import gc
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 from cryptography import x509
@@ -20,7 +23,7 @@ from cryptography import x509
 from vcc_pki_client import __version__
 from vcc_pki_client.identity import PKI_SERVER_ID, peer_service_id
 
-from . import logs, passwords, server_cert
+from . import logs, metrics, passwords, server_cert
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
 from .bootstrap import initialize
@@ -255,10 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock.listen(2048)
     sock.set_inheritable(True)
     log.info("serving https://%s:%d home=%s workers=%d", args.host, args.port, home.root, args.workers)
-    if args.workers == 1:
-        run_worker(sock, home, password, args)
-        return 0
-    return supervise(sock, home, password, args)
+    # /metrics counts for the whole server, whichever worker answers (vcc_pki_server.metrics).
+    counts = Path(tempfile.mkdtemp(prefix="vcc-pki-metrics-"))
+    try:
+        metrics.share_between_processes(counts)
+        if args.workers == 1:
+            run_worker(sock, home, password, args)
+            return 0
+        return supervise(sock, home, password, args)
+    finally:
+        shutil.rmtree(counts, ignore_errors=True)
 
 
 def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Admin and enrolment tokens: generate, hash, parse and verify in constant time.
+"""Admin, metrics and enrolment tokens: generate, hash, parse and verify in constant time.
 
 A token reads ``vcc_<kind>_<id>_<secret>``: the id finds the record, the secret (32 random
 bytes) is compared by SHA-256 hash. A salted slow hash buys nothing for 256-bit random secrets.
@@ -15,7 +15,7 @@ import attrs
 
 from .store import TokenRecord
 
-PREFIXES = {"admin": "vcc_adm_", "enrolment": "vcc_enr_"}
+PREFIXES = {"admin": "vcc_adm_", "enrolment": "vcc_enr_", "metrics": "vcc_met_"}
 
 
 def hash_secret(secret: str) -> str:

@@ -102,8 +102,12 @@ CASES: dict[str, Case] = {
     "openapi": Case("GET", "/openapi.json", PUBLIC),
     "docs": Case("GET", "/docs", PUBLIC),
     "liveness": Case("GET", "/health/live", PUBLIC),
+    # An admin token or a metrics token (tests/e2e/test_metrics.py); no service certificate.
+    "metrics": Case("GET", "/metrics", {"anonymous": 401, "admin": 200, "enrolment": 403, "own": 403,
+                                        "other": 403}),
 }
 CODES = {401: "not_authenticated", 403: "not_permitted", 409: "conflict"}
+UNVERSIONED = ("/health", "/openapi.json", "/docs", "/health/live", "/metrics")  # not under /api/v1
 
 
 @pytest.fixture
@@ -123,7 +127,7 @@ def world(enrolled: Enrol, clients: Clients, anon: httpx.Client, admin: httpx.Cl
 def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, caller: str, world: World,
                                                             problem: Problem) -> None:
     case = CASES[endpoint]
-    prefix = "" if case.path in ("/health", "/openapi.json", "/docs", "/health/live") else API
+    prefix = "" if case.path in UNVERSIONED else API
     url = prefix + case.path.format(sid=world.target.service_id, root_ski=world.root_ski)
     kwargs: dict[str, Any] = {"params": case.params}
     if case.body is not None:
@@ -139,7 +143,7 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
 
 
 def test_every_route_is_in_the_matrix() -> None:
-    covered = {(c.method, (c.path if c.path in ("/health", "/openapi.json", "/docs", "/health/live") else API + c.path)
+    covered = {(c.method, (c.path if c.path in UNVERSIONED else API + c.path)
                 .replace("{sid}", "{service_id}").replace("{root_ski}", "{ski}")) for c in CASES.values()}
     routes = {(m, r.path) for r in ROUTES if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
     assert routes == covered

@@ -46,7 +46,7 @@ def _cases(service_id: str, admin: str) -> dict[str, dict[str, Any]]:
 async def _answer(authority: Authority, fast: bool, request: dict[str, Any]) -> httpx.Response:
     app = create_app(authority)
     if not fast:
-        app = Edge(app.app, state=app.state)  # no direct dispatch: the router finds the route
+        app = Edge(app.app, state=app.state, metrics=app.metrics)  # no direct dispatch: the router finds the route
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         return await client.post(URL, **request)
 

@@ -1,10 +1,11 @@
 """The edge: what every HTTP request goes through, whichever handler answers it.
 
-One access-log line per request, and one error mapping: a :class:`~vcc_pki_server.errors.CAError`
-becomes its RFC 9457 problem document, Starlette's 404/405/413 theirs, anything else a logged
-500 (re-raised for the server, as Starlette's ``ServerErrorMiddleware`` does). In front of the
-router sits a short dispatch for the few routes whose path has no parameters and that carry
-most of the traffic (certificate requests): the router's path matching costs more than they do.
+One access-log line and one count in the metrics per request, and one error mapping: a
+:class:`~vcc_pki_server.errors.CAError` becomes its RFC 9457 problem document, Starlette's
+404/405/413 theirs, anything else a logged 500 (re-raised for the server, as Starlette's
+``ServerErrorMiddleware`` does). In front of the router sits a short dispatch for the few
+routes whose path has no parameters and that carry most of the traffic (certificate
+requests): the router's path matching costs more than they do.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import CAError
+from ..metrics import Metrics
 from .problems import STATUS_BY_CODE, UNAVAILABLE_DETAIL, from_error, problem_response
 
 log = logging.getLogger("vcc_pki_server.api")
@@ -36,17 +38,22 @@ def loggable(path: str) -> str:
 
 
 class Edge:
-    """The ASGI application the server runs: ``Edge(Router(ROUTES), state=..., direct=[...])``.
+    """The ASGI application the server runs: ``Edge(Router(ROUTES), state=..., metrics=..., direct=[...])``.
 
     ``state`` is what handlers find as ``request.app.state`` (the authority, the issuer);
     ``direct`` are routes answered without the router when path and method match exactly.
     """
 
-    def __init__(self, app: ASGIApp, *, state: State, direct: Iterable[Route] = ()) -> None:
+    def __init__(self, app: ASGIApp, *, state: State, metrics: Metrics, direct: Iterable[Route] = ()) -> None:
         self.app = app
         self.state = state
-        self._direct: dict[tuple[str, str], ASGIApp] = {
-            (route.path, method): route.app for route in direct for method in route.methods or ()}
+        self.metrics = metrics
+        self._direct: dict[tuple[str, str], tuple[ASGIApp, str]] = {
+            (route.path, method): (route.app, route.path) for route in direct for method in route.methods or ()}
+        # The ``route`` label of a request the router answered: its route's path (bounded, unlike
+        # the request's own path), found from the endpoint the router puts in the scope.
+        self._route_names: dict[object, str] = {
+            route.endpoint: route.path for route in getattr(app, "routes", ()) if isinstance(route, Route)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self  # handlers' request.app; the router raises HTTPException under it
@@ -62,9 +69,9 @@ class Edge:
                 status = message["status"]
             await send(message)
 
-        handler = None if scope.get("root_path") else self._direct.get((scope["path"], scope["method"]))
+        direct = None if scope.get("root_path") else self._direct.get((scope["path"], scope["method"]))
         try:
-            await (handler or self.app)(scope, receive, send_status)
+            await (direct[0] if direct else self.app)(scope, receive, send_status)
         except ClientDisconnect:
             status = status or 499  # nobody to answer (nginx's code for it, in the log only)
         except Exception as exc:
@@ -77,6 +84,8 @@ class Edge:
                 raise
         finally:
             self._log_access(scope, status or 500, start)
+            route = direct[1] if direct else self._route_names.get(scope.get("endpoint"), "unmatched")
+            self.metrics.request(route, status or 500, time.perf_counter() - start)
 
     @staticmethod
     def _problem(scope: Scope, exc: Exception) -> Any:

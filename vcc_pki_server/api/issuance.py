@@ -67,6 +67,8 @@ class RequestCertificate:
         service_id, csr, validity = issue_arguments(parse_json_body(raw, content_type))
         issuer: Issuer = scope["app"].state.issuer
         issued = await issuer.issue(authorization, scope, service_id, csr, validity)
+        operation = "enroll" if scope["state"].get("enrolment") else "issue"
+        scope["app"].metrics.certificate_issued(operation)
         body = _JSON.encode(render.issued(issued)).encode("utf-8")
         await send({"type": "http.response.start", "status": 201,
                     "headers": [(b"content-length", str(len(body)).encode("latin-1")), _JSON_TYPE]})

@@ -86,6 +86,7 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
         _q("service_id", {"type": "string"}, "only this service"), *_PAGE]}, "200", None),
     "liveness": ("Liveness: the process answers (no database question)", [], {}, "200", None),
     "api_docs": ("This document as a page to read (HTML)", [], {}, "200", None),
+    "metrics": ("Prometheus metrics, text format (admin or metrics token)", ["admin", "metrics"], {}, "200", None),
 }
 
 _STR = {"type": "string"}
@@ -164,6 +165,8 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
             "securitySchemes": {
                 "admin": {"type": "http", "scheme": "bearer", "description": "admin token (pki-admin token create)"},
                 "enrolment": {"type": "http", "scheme": "bearer", "description": "one-time enrolment token"},
+                "metrics": {"type": "http", "scheme": "bearer",
+                            "description": "metrics token (pki-admin token create --scope metrics): /metrics only"},
                 "mtls": {"type": "mutualTLS", "description": "client certificate issued by this CA"},
             },
         },
@@ -176,7 +179,8 @@ def openapi_html(document: dict[str, Any]) -> str:
     def esc(value: object) -> str:
         return html.escape(str(value))
 
-    who = {"admin": "admin token", "enrolment": "enrolment token", "mtls": "own client certificate"}
+    who = {"admin": "admin token", "enrolment": "enrolment token", "mtls": "own client certificate",
+           "metrics": "metrics token"}
     rows = []
     for path, methods in document["paths"].items():
         for method, op in methods.items():

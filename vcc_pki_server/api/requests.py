@@ -143,9 +143,11 @@ def authenticate(request: Request) -> Actor:
                               request.scope)
 
 
-def authenticate_scope(authority: Authority, header: str | None, scope: MutableMapping[str, Any]) -> Actor:
+def authenticate_scope(authority: Authority, header: str | None, scope: MutableMapping[str, Any], *,
+                       metrics: bool = False) -> Actor:
     """:func:`authenticate` over an ASGI scope and its ``Authorization`` header (or None);
-    the actor's label goes to ``scope["state"]["actor"]`` for the access log."""
+    the actor's label goes to ``scope["state"]["actor"]`` for the access log. A metrics
+    token is refused unless ``metrics`` (the ``/metrics`` route)."""
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
@@ -156,9 +158,12 @@ def authenticate_scope(authority: Authority, header: str | None, scope: MutableM
         if der is None:
             raise NotAuthenticated("no credentials: present a client certificate or a bearer token")
         actor = authority.authenticate_certificate(der)
+    if actor.kind == "metrics" and not metrics:
+        raise NotPermitted("a metrics token opens GET /metrics and nothing else")
     state = scope.setdefault("state", {})
     state["actor"] = actor.label  # for the access log
     state["admin"] = actor.is_admin  # a failure's full detail is for admins (the edge)
+    state["enrolment"] = actor.kind == "enrolment"  # a first certificate (the issued metric)
     return actor
 
 

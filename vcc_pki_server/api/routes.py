@@ -21,12 +21,22 @@ from starlette.routing import BaseRoute, Route
 from .. import render
 from ..authority import Actor, Authority
 from ..encoding import cert_pem
-from ..errors import CAUnavailable, InvalidRequest, NotFound
+from ..errors import CAUnavailable, InvalidRequest, NotFound, NotPermitted
+from ..metrics import CONTENT_TYPE
 from ..policy import check_service_id
 from ..store import CRLRecord, Store, opt_text
 from .issuance import ISSUE_PATH, request_certificate
 from .openapi import openapi_document, openapi_html
-from .requests import as_actor, field, query_bool, query_int, query_time, read_json, requested_lifetime
+from .requests import (
+    as_actor,
+    authenticate_scope,
+    field,
+    query_bool,
+    query_int,
+    query_time,
+    read_json,
+    requested_lifetime,
+)
 
 PEM = "application/x-pem-file"
 T = TypeVar("T")
@@ -116,6 +126,7 @@ async def renew_certificate(request: Request) -> Response:
     authority = _authority(request)
     issued = await as_actor(request, lambda actor: authority.renew(
         service_id, actor=actor, csr_pem=csr, validity=validity))
+    request.app.metrics.certificate_issued("renew" if csr is None else "rekey")
     return JSONResponse(render.issued(issued), status_code=201)
 
 
@@ -387,6 +398,20 @@ class StoreProbe:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus's text format, for an admin token or a metrics token
+    (``pki-admin token create --scope metrics``); without credentials 401."""
+    authority = _authority(request)
+
+    def work() -> bytes:
+        actor = authenticate_scope(authority, request.headers.get("authorization"), request.scope, metrics=True)
+        if not (actor.is_admin or actor.kind == "metrics"):
+            raise NotPermitted(f"{actor.label} may not read /metrics: use an admin or a metrics token")
+        return request.app.metrics.exposition()  # type: ignore[no-any-return]
+
+    return Response(await run_in_threadpool(work), media_type=CONTENT_TYPE)
+
+
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document(ROUTES))
 
@@ -417,6 +442,7 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/health/live", liveness, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/docs", api_docs, methods=["GET"]),
 ]

@@ -25,7 +25,8 @@ def utc_now() -> datetime:
 
 @attrs.frozen(kw_only=True)
 class Actor:
-    """Who asks. ``kind``: operator (local CLI), admin (API token), service (mTLS), enrolment."""
+    """Who asks. ``kind``: operator (local CLI), admin (API token), service (mTLS), enrolment,
+    metrics (a token that opens ``/metrics`` only)."""
 
     kind: str
     label: str

@@ -31,7 +31,7 @@ class Identity(AuthorityBase):
         return Actor(kind="service", label=f"service:{record.service_id}", service_id=record.service_id)
 
     def authenticate_token(self, value: str) -> Actor:
-        """The admin or enrolment actor of a bearer token; expired, revoked, spent or unknown
+        """The admin, metrics or enrolment actor of a bearer token; expired, revoked, spent or unknown
         tokens authenticate nobody."""
         parsed = tokens.parse_token(value)
         if parsed is None:
@@ -47,7 +47,7 @@ class Identity(AuthorityBase):
             raise NotAuthenticated(f"token {token_id} has expired", code="invalid_token")
         if record.used_at is not None:
             raise NotAuthenticated(f"enrolment token {token_id} was already used", code="invalid_token")
-        if kind == "admin":
-            return Actor(kind="admin", label=f"admin:{token_id}", token_id=token_id)
+        if kind in ("admin", "metrics"):
+            return Actor(kind=kind, label=f"{kind}:{token_id}", token_id=token_id)
         return Actor(kind="enrolment", label=f"enrolment:{token_id}", service_id=record.service_id,
                      token_id=token_id)

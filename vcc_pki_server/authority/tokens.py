@@ -14,14 +14,18 @@ from .registry import Registry
 class Tokens(Registry):
     """Creating, listing and revoking tokens."""
 
-    def create_admin_token(self, *, name: str | None, expires_days: int | None, actor: Actor) -> tokens.NewToken:
+    def create_admin_token(self, *, name: str | None, expires_days: int | None, actor: Actor,
+                           scope: str = "admin") -> tokens.NewToken:
+        """An API token: ``scope`` ``admin`` (the whole API) or ``metrics`` (``/metrics`` only)."""
+        if scope not in ("admin", "metrics"):
+            raise InvalidRequest(f"scope must be admin or metrics, got {scope!r}")
         if expires_days is not None and expires_days < 1:
             raise InvalidRequest(f"--expires-days must be at least 1, got {expires_days}")
         now = self.clock()
         expires = now + timedelta(days=expires_days) if expires_days else None
-        token = tokens.new_token("admin", now=now, name=name, expires_at=expires)
+        token = tokens.new_token(scope, now=now, name=name, expires_at=expires)
         self.store.add_token(token.record, actor=actor.label)
-        log.info("admin token created token_id=%s name=%s", token.record.token_id, name)
+        log.info("%s token created token_id=%s name=%s", scope, token.record.token_id, name)
         return token
 
     def new_enrolment_token(self, service_id: str, *, actor: Actor) -> tokens.NewToken:

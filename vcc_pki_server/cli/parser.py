@@ -61,7 +61,8 @@ GROUP_EPILOGS = {
     "service": "examples:\n  pki-admin service register --service-id billing --name Billing --san-dns billing\n"
                "  pki-admin service token --service-id billing\n  pki-admin service list --healthy",
     "crl": "examples:\n  pki-admin crl generate --out crl.pem\n  pki-admin crl list --limit 5",
-    "token": "examples:\n  pki-admin token create --name ci --expires-days 90\n  pki-admin token list --kind all",
+    "token": "examples:\n  pki-admin token create --name ci --expires-days 90\n"
+             "  pki-admin token create --name prometheus --scope metrics\n  pki-admin token list --kind all",
 }
 
 
@@ -238,12 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="default: %(default)s")
 
     # token
-    token = group("token", "admin API tokens")
-    p = command(token, "create", cmd_token_create, "create an admin token; it is printed only once")
+    token = group("token", "API tokens (admin, or metrics: /metrics only)")
+    p = command(token, "create", cmd_token_create, "create an API token; it is printed only once")
     p.add_argument("--name", help="what the token is for")
     p.add_argument("--expires-days", type=int, metavar="DAYS", help="default: until revoked")
+    p.add_argument("--scope", choices=("admin", "metrics"), default="admin",
+                   help="admin: the whole API; metrics: GET /metrics and nothing else, for a "
+                        "Prometheus scraper (default: %(default)s)")
     p = command(token, "list", cmd_token_list, "list tokens (never their values)")
-    p.add_argument("--kind", choices=("admin", "enrolment", "all"), default="admin",
+    p.add_argument("--kind", choices=("admin", "metrics", "enrolment", "all"), default="admin",
                    help="default: %(default)s")
     p = command(token, "revoke", cmd_token_revoke, "revoke a token")
     p.add_argument("token_id", metavar="TOKEN_ID")

@@ -14,13 +14,13 @@ from .output import print_json, print_table, progress, token_json, token_status
 def cmd_token_create(args: argparse.Namespace) -> int:
     with open_authority(args, sign=False) as (_, authority):
         token = authority.create_admin_token(name=args.name, expires_days=args.expires_days,
-                                             actor=Actor.operator())
+                                             actor=Actor.operator(), scope=args.scope)
         data = token_json(token.record, authority.clock())
     if args.json:
         print_json({**data, "token": token.value})
     else:
         # The token alone on stdout, so `TOKEN=$(pki-admin token create)` works.
-        progress(f"admin token {data['token_id']} created (expires {data['expires_at'] or 'never'}); "
+        progress(f"{args.scope} token {data['token_id']} created (expires {data['expires_at'] or 'never'}); "
                  "it is shown only this once:")
         print(token.value)
     return 0

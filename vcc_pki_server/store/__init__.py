@@ -139,10 +139,10 @@ def current_certificate(records: Iterable[CertificateRecord], now: datetime) -> 
 
 @attrs.frozen(kw_only=True)
 class TokenRecord:
-    """An admin or enrolment token; only the SHA-256 of its secret is kept."""
+    """An admin, metrics or enrolment token; only the SHA-256 of its secret is kept."""
 
     token_id: str
-    kind: str  # admin | enrolment
+    kind: str  # admin | metrics | enrolment
     secret_hash: str = attrs.field(repr=False)
     created_at: datetime
     name: str | None = None
@@ -169,6 +169,17 @@ class AuditEntry:
     service_id: str | None = None
     serial: str | None = None
     details: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ServiceState:
+    """A registered service as ``/metrics`` shows it: its health and its current certificate's
+    validity (``None`` without a current certificate)."""
+
+    service_id: str
+    health_status: str  # healthy | unhealthy | unknown
+    not_before: datetime | None
+    not_after: datetime | None
 
 
 @attrs.frozen(kw_only=True)
@@ -253,6 +264,15 @@ class Store(Protocol):
     def get_token(self, token_id: str) -> TokenRecord | None: ...
     def list_tokens(self, kind: str | None = None) -> list[TokenRecord]: ...
     def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord: ...
+
+    # figures (/metrics)
+    def fleet(self, now: datetime) -> list[ServiceState]:
+        """Every registered (not decommissioned) service, by id."""
+        ...
+
+    def revocation_counts(self) -> dict[str, int]:
+        """How many certificates were revoked, by reason."""
+        ...
 
     # audit
     def audit(self, entry: AuditEntry) -> None: ...

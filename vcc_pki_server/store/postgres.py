@@ -43,6 +43,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE revocations ADD COLUMN IF NOT EXISTS not_after TEXT COLLATE "C";
     UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,
+    # 4: metrics tokens (see the SQLite store).
+    """
+    ALTER TABLE tokens DROP CONSTRAINT IF EXISTS tokens_kind_check;
+    ALTER TABLE tokens ADD CONSTRAINT tokens_kind_check CHECK (kind IN ('admin', 'enrolment', 'metrics'))
+    """,
 )
 
 # Transaction-level advisory lock keys (bigint; ASCII "vccpki" and a number).

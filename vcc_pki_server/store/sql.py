@@ -31,6 +31,7 @@ from . import (
     Outcomes,
     Revoked,
     ServiceRecord,
+    ServiceState,
     TokenRecord,
     dumps,
     opt_text,
@@ -438,6 +439,26 @@ class SQLStore:
         rows = self._read(f"SELECT number, this_update, next_update, {self.EMPTY_BLOB}, entries FROM crls "
                           "ORDER BY number DESC LIMIT ?", (limit,))
         return [self._crl(r) for r in rows]
+
+    # -- figures (/metrics) -----------------------------------------------------------------
+    def fleet(self, now: datetime) -> list[ServiceState]:
+        """Every registered service with its health and the validity of its current certificate
+        (:func:`~vcc_pki_server.store.current_certificate`: the newest valid at ``now``). One
+        statement: per service, the index on ``(service_id, id)`` is walked from the newest."""
+        at = utc_text(now)
+        rows = self._read(
+            "SELECT s.service_id, s.health_status, c.not_before, c.not_after FROM services s "
+            "LEFT JOIN certificates c ON c.id = (SELECT v.id FROM certificates v "
+            "WHERE v.service_id = s.service_id AND v.not_after > ? AND v.not_before <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = v.serial) "
+            "ORDER BY v.id DESC LIMIT 1) "
+            "WHERE s.decommissioned_at IS NULL ORDER BY s.service_id", (at, at))
+        return [ServiceState(service_id=r[0], health_status=r[1],
+                             not_before=parse_utc(r[2]) if r[2] else None,
+                             not_after=parse_utc(r[3]) if r[3] else None) for r in rows]
+
+    def revocation_counts(self) -> dict[str, int]:
+        return {reason: int(n) for reason, n in self._read("SELECT reason, COUNT(*) FROM revocations GROUP BY reason")}
 
     def note_token_refusal(self, token_id: str, *, limit: int, at: datetime, actor: str) -> bool:
         """Count one refused request made with an enrolment token; at ``limit`` refusals the

@@ -74,6 +74,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE revocations ADD COLUMN not_after TEXT;
     UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial)
     """,
+    # 4: metrics tokens (SPEC §12: ``token create --scope metrics`` opens /metrics only). The
+    # CHECK on kind is part of the table: rebuilt, as in 2.
+    """
+    CREATE TABLE tokens_v4 (
+        token_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('admin', 'enrolment', 'metrics')),
+        secret_hash TEXT NOT NULL,
+        name TEXT,
+        service_id TEXT,
+        created_at TEXT NOT NULL,
+        expires_at TEXT,
+        used_at TEXT,
+        revoked_at TEXT,
+        refusals INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO tokens_v4 SELECT token_id, kind, secret_hash, name, service_id, created_at, expires_at,
+        used_at, revoked_at, refusals FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_v4 RENAME TO tokens
+    """,
 )
 
 

@@ -1,0 +1,146 @@
+"""Prometheus metrics (SPEC §12): what ``GET /metrics`` answers.
+
+Two sources, one exposition:
+
+- **Counted where it happens**, with prometheus_client: requests by route and status, their
+  durations, certificates issued by operation. ``vcc-pki-server`` shares these between its
+  worker processes through prometheus_client's multiprocess mode (:func:`share_between_processes`:
+  one memory-mapped file per process in a directory made at start), so whichever worker answers
+  a scrape reports the server's totals, not its own share. They start at zero when the server
+  starts, as Prometheus counters do.
+- **Read at scrape time** from the store and the CA, in one thread hop: the newest CRL, each
+  registered service's current certificate and health, revocations by reason (those made with
+  ``pki-admin`` too), the CA certificates' expiry. The same answer from every worker and every
+  replica, and no bookkeeping on the issuance path.
+
+A process that never calls :func:`share_between_processes` (an app made in a test, or the
+testing kit) counts in memory, per :class:`Metrics` object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from .authority import Authority
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPERATIONS = ("enroll", "issue", "renew", "rekey")
+HEALTH_VALUES = {"healthy": 1.0, "unhealthy": 0.0}  # anything else (unknown): -1
+_MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(directory: Path) -> None:
+    """Count in ``directory`` (made empty, mode 0700) from now on, in this process and in the
+    processes forked from it: call once, before any :class:`Metrics` is made and before the
+    workers fork. prometheus_client chooses where values live when its first metric is made,
+    from the environment; the choice is made again here because it was imported earlier."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):  # a previous run's counts are not this server's
+        stale.unlink()
+    os.environ[_MULTIPROCESS] = str(directory)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+class StoreFigures(Collector):
+    """The gauges read at scrape time (and revocations, a total kept by the store)."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+
+    def collect(self) -> Iterator[Any]:
+        authority = self.authority
+        store = authority.store
+        now = authority.clock()
+        crl = store.list_crls(1)
+        number = GaugeMetricFamily("vcc_pki_crl_number", "Number of the newest CRL (0: none yet)")
+        entries = GaugeMetricFamily("vcc_pki_crl_entries", "Revoked certificates the newest CRL lists")
+        next_update = GaugeMetricFamily("vcc_pki_crl_next_update_timestamp_seconds",
+                                        "nextUpdate of the newest CRL (Unix time)")
+        if crl:
+            number.add_metric([], crl[0].number)
+            entries.add_metric([], crl[0].entries)
+            next_update.add_metric([], crl[0].next_update.timestamp())
+        else:
+            number.add_metric([], 0)
+        yield from (number, entries, next_update)
+
+        revoked = CounterMetricFamily("vcc_pki_revocations", "Certificates revoked, by reason (kept by the store)",
+                                      labels=["reason"])
+        for reason, count in sorted(store.revocation_counts().items()):
+            revoked.add_metric([reason], count)
+        yield revoked
+
+        expiry = GaugeMetricFamily("vcc_pki_certificate_expiry_timestamp_seconds",
+                                   "notAfter of each service's current certificate (Unix time)",
+                                   labels=["service_id"])
+        not_before = GaugeMetricFamily("vcc_pki_certificate_not_before_timestamp_seconds",
+                                       "notBefore of each service's current certificate (Unix time)",
+                                       labels=["service_id"])
+        health = GaugeMetricFamily("vcc_pki_service_health",
+                                   "Health of each service: 1 healthy, 0 unhealthy, -1 unknown",
+                                   labels=["service_id"])
+        for service in store.fleet(now):
+            label = [service.service_id]
+            if service.not_after is not None and service.not_before is not None:
+                expiry.add_metric(label, service.not_after.timestamp())
+                not_before.add_metric(label, service.not_before.timestamp())
+            health.add_metric(label, HEALTH_VALUES.get(service.health_status, -1.0))
+        yield from (expiry, not_before, health)
+
+        ca = GaugeMetricFamily("vcc_pki_ca_expiry_timestamp_seconds", "notAfter of the CA certificates (Unix time)",
+                               labels=["ca"])
+        ca.add_metric(["root"], authority.ca.root.not_valid_after_utc.timestamp())
+        ca.add_metric(["intermediate"], authority.ca.certificate.not_valid_after_utc.timestamp())
+        yield ca
+
+
+class Metrics:
+    """The metrics of one app: the counters its handlers and edge feed, and :meth:`exposition`."""
+
+    def __init__(self, authority: Authority) -> None:
+        directory = os.environ.get(_MULTIPROCESS) if values.ValueClass is not values.MutexValue else None
+        self.registry = CollectorRegistry(auto_describe=False)
+        # Shared between processes: the counters live in files the collector sums at scrape
+        # time (registering them too would report this process's share beside the totals).
+        own = None if directory else self.registry
+        if directory:
+            MultiProcessCollector(self.registry, path=directory)  # type: ignore[no-untyped-call]
+        self.registry.register(StoreFigures(authority))
+        self.requests = Counter("vcc_pki_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=own)
+        self.durations = Histogram("vcc_pki_request_duration_seconds",
+                                   "Time from a request's arrival to its answer, by route", ["route"],
+                                   registry=own)
+        self.issued = Counter("vcc_pki_certificates_issued", "Certificates issued, by operation",
+                              ["operation"], registry=own)
+        # Every operation present at 0 from the start: rate() needs a first sample.
+        self._issued = {operation: self.issued.labels(operation) for operation in OPERATIONS}
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """One request answered (the edge calls this for every request)."""
+        counter = self._requests.get((route, status))
+        if counter is None:
+            counter = self._requests[(route, status)] = self.requests.labels(route, str(status))
+        timer = self._durations.get(route)
+        if timer is None:
+            timer = self._durations[route] = self.durations.labels(route)
+        counter.inc()
+        timer.observe(seconds)
+
+    def certificate_issued(self, operation: str) -> None:
+        """One certificate handed out: ``enroll``, ``issue``, ``renew`` or ``rekey``."""
+        self._issued[operation].inc()
+
+    def exposition(self) -> bytes:
+        """The text format. Blocking (reads the store): call it off the event loop."""
+        return generate_latest(self.registry)
