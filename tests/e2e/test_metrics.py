@@ -66,6 +66,7 @@ def test_every_worker_reports_the_servers_totals(two_workers: tuple[RunningServe
                       headers={"Authorization": f"Bearer {token}"}) as admin:
         r = admin.post(f"{API}/services/register", json={"service_id": "metered", "san_dns": ["metered.internal"]})
         assert r.status_code == 201, r.text
+        assert admin.post(f"{API}/services/register", json={"service_id": "unenrolled"}).status_code == 201
         enrolment = r.json()["enrolment_token"]
         with httpx.Client(base_url=server.url, verify=ctx, timeout=30) as fresh:  # enrol: its own request
             r = fresh.post(f"{API}/certificates/request", headers={"Authorization": f"Bearer {enrolment}"},
@@ -106,6 +107,9 @@ def test_every_worker_reports_the_servers_totals(two_workers: tuple[RunningServe
             pytest.approx(_unix(now_current["not_after"]))
         assert got[("vcc_pki_certificate_not_before_timestamp_seconds", (("service_id", "metered"),))] == \
             pytest.approx(_unix(now_current["not_before"]))
+        # A service without a certificate: its health (unknown), no expiry.
+        assert got[("vcc_pki_service_health", (("service_id", "unenrolled"),))] == -1
+        assert ("vcc_pki_certificate_expiry_timestamp_seconds", (("service_id", "unenrolled"),)) not in got
         root = server.home.root_certificate()
         assert got[("vcc_pki_ca_expiry_timestamp_seconds", (("ca", "root"),))] == \
             root.not_valid_after_utc.timestamp()
