@@ -3,11 +3,11 @@
 Two sources, one exposition:
 
 - **Counted where it happens**, with prometheus_client: requests by route and status, their
-  durations, certificates issued by operation. ``vcc-pki-server`` shares these between its
-  worker processes through prometheus_client's multiprocess mode (:func:`share_between_processes`:
-  one memory-mapped file per process in a directory made at start), so whichever worker answers
-  a scrape reports the server's totals, not its own share. They start at zero when the server
-  starts, as Prometheus counters do.
+  durations, certificates issued by operation, which roles of the cluster this server leads.
+  ``vcc-pki-server`` shares these between its worker processes through prometheus_client's
+  multiprocess mode (:func:`share_between_processes`: one memory-mapped file per process in a
+  directory made at start), so whichever worker answers a scrape reports the server's totals,
+  not its own share. They start at zero when the server starts, as Prometheus counters do.
 - **Read at scrape time** from the store and the CA, in one thread hop: the newest CRL, each
   registered service's current certificate and health, revocations by reason (those made with
   ``pki-admin`` too), the CA certificates' expiry. The same answer from every worker and every
@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from .authority import Authority
@@ -35,6 +35,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPERATIONS = ("enroll", "issue", "renew", "rekey")
 HEALTH_VALUES = {"healthy": 1.0, "unhealthy": 0.0}  # anything else (unknown): -1
 _MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def process_ended(pid: int) -> None:
+    """A worker ended: its live gauges (the lead) no longer count; its counts still do."""
+    directory = os.environ.get(_MULTIPROCESS)
+    if directory:
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def share_between_processes(directory: Path) -> None:
@@ -104,6 +111,11 @@ class Metrics:
                                    registry=own)
         self.issued = Counter("vcc_pki_certificates_issued", "Certificates issued, by operation",
                               ["operation"], registry=own)
+        # Which process leads the cluster's background work (Store.lead): 1 in the server whose
+        # worker holds the lead; the largest of the server's live workers.
+        self.leading = Gauge("vcc_pki_lead", "1 while this server leads the cluster's background work of the role",
+                             ["role"], registry=own, multiprocess_mode="livemax")
+        authority.store.lead_watcher = lambda role, held: self.leading.labels(role).set(1 if held else 0)
         # Every operation present at 0 from the start: rate() needs a first sample.
         self._issued = {operation: self.issued.labels(operation) for operation in OPERATIONS}
         self._requests: dict[tuple[str, int], Any] = {}

@@ -316,6 +316,7 @@ def supervise(sock: socket.socket, home: Home, password: str, args: argparse.Nam
         except ChildProcessError:
             break
         children.discard(child)
+        metrics.process_ended(child)
         # A worker still starting up when asked to stop dies of the SIGTERM we sent: a clean stop.
         stopped_by_us = stopping and os.WIFSIGNALED(code) and os.WTERMSIG(code) == signal.SIGTERM
         if not stopping:  # died while serving (killed, crashed): logged and replaced

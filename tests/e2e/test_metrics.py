@@ -3,7 +3,10 @@ store's figures, who may read it, and Prometheus's own ``promtool`` on the text.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +110,9 @@ def test_every_worker_reports_the_servers_totals(two_workers: tuple[RunningServe
             pytest.approx(_unix(now_current["not_after"]))
         assert got[("vcc_pki_certificate_not_before_timestamp_seconds", (("service_id", "metered"),))] == \
             pytest.approx(_unix(now_current["not_before"]))
+        # The one server leads the cluster's CRL refresh and health probes (one of its workers).
+        assert got[("vcc_pki_lead", (("role", "crl"),))] == 1
+        assert got[("vcc_pki_lead", (("role", "health"),))] == 1
         # A service without a certificate: its health (unknown), no expiry.
         assert got[("vcc_pki_service_health", (("service_id", "unenrolled"),))] == -1
         assert ("vcc_pki_certificate_expiry_timestamp_seconds", (("service_id", "unenrolled"),)) not in got
@@ -174,3 +180,24 @@ def test_a_service_certificate_does_not_open_metrics(two_workers: tuple[RunningS
                       verify=tls_context(server.home.root_cert, tmp_path / "cert.pem", tmp_path / "key.pem")) as svc:
         r = svc.get("/metrics")
     assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json", r.text
+
+
+def test_a_new_leader_shows_in_the_metrics_when_the_leading_worker_dies(tmp_path: Path) -> None:
+    """Issue 15's leads, visible in /metrics: the worker leading the health probes is killed; the
+    other takes the lead at its next round, and the dead worker's gauge no longer counts."""
+    home = build_home(tmp_path / "home")
+    setup = home.authority(CA_PASSWORD)
+    try:
+        token = setup.create_admin_token(name="lead", expires_days=None, actor=Actor.operator()).value
+    finally:
+        setup.store.close()
+    with RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2", "--health-interval", "0.5"]) as server:
+        leaders = re.compile(r"this process leads health \(pid (\d+)\)")
+        first = leaders.findall(server.log_once(lambda log: bool(leaders.search(log))))
+        assert len(first) == 1, server.log()
+        assert samples(scrape(server, token))[("vcc_pki_lead", (("role", "health"),))] == 1
+        os.kill(int(first[0]), signal.SIGKILL)
+        log = server.log_once(lambda log: len(leaders.findall(log)) >= 2, timeout=10)
+        second = leaders.findall(log)
+        assert len(second) == 2 and second[1] != first[0], log
+        assert samples(scrape(server, token))[("vcc_pki_lead", (("role", "health"),))] == 1

@@ -223,6 +223,7 @@ class Store(Protocol):
 
     def close(self) -> None: ...
     write_failure: str | None  # why the last write failed, until one succeeds
+    lead_watcher: Callable[[str, bool], None] | None  # told of each answer of lead(): role, held
 
     def lead(self, role: str) -> bool:
         """Whether this store object holds the lead for ``role`` (``"health"``, ``"crl"``) among

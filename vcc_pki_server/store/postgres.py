@@ -142,7 +142,7 @@ class PostgresStore(SQLStore):
     def __repr__(self) -> str:
         return f"PostgresStore({describe(self.dsn)!r})"
 
-    def lead(self, role: str) -> bool:
+    def _take_lead(self, role: str) -> bool:
         """:meth:`Store.lead`: a session-level advisory lock on a connection of its own, kept
         while this process lives. PostgreSQL drops it with the connection: when the leader dies
         (or its connection is cut) another replica takes the lead at its next try."""

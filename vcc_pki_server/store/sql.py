@@ -10,7 +10,7 @@ are recorded by group commit (:mod:`.group_commit`) in both; migrations stay wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -76,6 +76,9 @@ class SQLStore:
     # reports it, since a read can succeed on a full disk or a read-only file.
     write_failure: str | None = None
 
+    # Told of every answer of :meth:`lead` (role, held): /metrics shows which process leads.
+    lead_watcher: Callable[[str, bool], None] | None = None
+
     # Dialect differences, set by each backend.
     EMPTY_BLOB = "x''"  # a zero-length blob literal
     LOCK_ROW = ""  # appended to a SELECT of a row the transaction is about to change
@@ -86,7 +89,18 @@ class SQLStore:
     _cert = staticmethod(certificate_record)
     _crl = staticmethod(crl_record)
 
+    def lead(self, role: str) -> bool:
+        """:meth:`Store.lead` (each backend's :meth:`_take_lead`), told to :attr:`lead_watcher`."""
+        held = self._take_lead(role)
+        if self.lead_watcher is not None:
+            self.lead_watcher(role, held)
+        return held
+
     # -- what a backend provides ------------------------------------------------------------
+    def _take_lead(self, role: str) -> bool:
+        """Whether this store object holds ``role``'s lead, taking it if it is free."""
+        raise NotImplementedError
+
     def _write(self) -> AbstractContextManager[Any]:
         """One write transaction; yields the connection."""
         raise NotImplementedError

@@ -188,7 +188,7 @@ class SQLiteStore(SQLStore):
             os.close(fd)
         self._leads.clear()
 
-    def lead(self, role: str) -> bool:
+    def _take_lead(self, role: str) -> bool:
         """:meth:`Store.lead`: an ``flock`` on ``<db>.<role>.lock`` (the workers of one host
         share the file; the kernel drops the lock with the process)."""
         if role in self._leads:
