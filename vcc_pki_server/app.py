@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 from .api.edge import Edge
 from .api.issuance import ISSUE_PATH, Issuer
 from .api.routes import ROUTES, RootCRL, StoreProbe
+from .api.store_calls import StoreCalls
 from .authority import Authority
 from .metrics import Metrics
 
@@ -27,12 +28,15 @@ Lifecycle = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
 def create_app(authority: Authority, *, background: list[Lifecycle] | None = None,
-               crl_refresh_seconds: float = 600.0, root_crl: Path | None = None) -> Edge:
+               crl_refresh_seconds: float = 600.0, root_crl: Path | None = None,
+               database_timeout: float = 10.0) -> Edge:
     """The API app. ``background`` jobs start with the app and stop with it; the CRL is
     regenerated before its nextUpdate by a periodic check every ``crl_refresh_seconds``;
-    ``root_crl`` is the file of the root's CRL (``<home>/ca/root_crl.pem``) it serves."""
+    ``root_crl`` is the file of the root's CRL (``<home>/ca/root_crl.pem``) it serves; a
+    request that needs the database is answered 503 after ``database_timeout`` seconds."""
     jobs = list(background or [])
-    issuer = Issuer(authority)
+    issuer = Issuer(authority, timeout=database_timeout)
+    store_calls = StoreCalls(database_timeout)
     probe = StoreProbe(authority.store)
 
     def refresh_if_leading() -> None:  # one refresher for the cluster: the store's "crl" lead
@@ -62,7 +66,9 @@ def create_app(authority: Authority, *, background: list[Lifecycle] | None = Non
                 await task
             await run_in_threadpool(issuer.close)
             probe.close()
+            store_calls.close()
 
     direct = [r for r in ROUTES if isinstance(r, Route) and r.path == ISSUE_PATH]
-    state = State({"authority": authority, "issuer": issuer, "probe": probe, "root_crl": RootCRL(root_crl)})
+    state = State({"authority": authority, "issuer": issuer, "probe": probe, "root_crl": RootCRL(root_crl),
+                   "store_calls": store_calls})
     return Edge(Router(ROUTES, lifespan=lifespan), state=state, direct=direct, metrics=Metrics(authority))

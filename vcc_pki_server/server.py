@@ -81,7 +81,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cert-check-interval", type=float, default=60.0, metavar="SECONDS",
                         help="how often each worker looks at the server's own certificate: renews it when a "
                              "third of its lifetime is left, reloads it when another worker did (default 60)")
+    limits.add_argument("--database-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a request that needs the database is answered 503 when the database has not "
+                             "answered within this time (a hung host); while a query overran it, such "
+                             "requests are refused at once (default 10)")
     args = parser.parse_args(argv)
+    if not 0 < args.database_timeout <= 3600:
+        parser.error("--database-timeout must be between 0 and 3600 seconds")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.health_interval is not None and not 0 < args.health_interval <= 86400:
@@ -193,7 +199,7 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
                                         max_connections=args.max_connections)
     ctx = own.ssl_context()
     app = create_app(authority, background=[*_background(home, args, authority), (own.start, own.stop)],
-                     root_crl=home.root_crl_file)
+                     root_crl=home.root_crl_file, database_timeout=args.database_timeout)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers
     # that ends in a clean exit 0 instead of death by SIGTERM or a KeyboardInterrupt traceback.
     for signum in (signal.SIGTERM, signal.SIGINT):

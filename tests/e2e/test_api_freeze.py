@@ -117,7 +117,9 @@ def test_stopped_postgresql_stalls_issuance_not_health_or_ca_downloads(
 def test_sqlite_write_lock_held_for_10_s_stalls_issuance_not_health_or_ca_downloads(tmp_path: Path) -> None:
     home = build_home(tmp_path / "home")
     token = _admin_token(home)
-    with RunningServer(home, CA_PASSWORD) as server:
+    # A deadline past the lock's 10 s: the request waits for the lock and is answered 201 (with the
+    # default 10 s it may be answered 503 instead: tests/e2e/test_replicas_freeze.py).
+    with RunningServer(home, CA_PASSWORD, extra_args=["--database-timeout", "30"]) as server:
         locker = sqlite3.connect(home.db, timeout=5, isolation_level=None, check_same_thread=False)
         locker.execute("BEGIN IMMEDIATE")  # the write lock, as a stuck pki-admin would hold it
         released = threading.Timer(10.0, lambda: locker.execute("ROLLBACK"))

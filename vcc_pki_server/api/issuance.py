@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import render
 from ..authority import Actor, Authority, Issued
+from ..errors import CAUnavailable
 from ..policy import check_service_id
 from .requests import authenticate_scope, field, parse_json_body, read_body, requested_lifetime
 
@@ -112,8 +113,9 @@ _Job = tuple[_Mailbox, "asyncio.Future[Issued]", "str | None", Scope, str, str, 
 class Issuer:
     """One thread per process that authenticates, checks and signs certificate requests."""
 
-    def __init__(self, authority: Authority) -> None:
+    def __init__(self, authority: Authority, *, timeout: float = 10.0) -> None:
         self.authority = authority
+        self.timeout = timeout  # the database deadline: a request not answered by then is 503
         self._jobs: deque[_Job] = deque()
         self._cv = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
@@ -137,7 +139,17 @@ class Issuer:
                 self._thread.start()
             else:
                 self._cv.notify()
-        return await waiter
+        # The database deadline. A request not yet taken is then skipped by the thread; one
+        # taken may still be recorded (outcome unknown to the client, as with any timeout).
+        deadline = loop.call_later(self.timeout, self._expire, waiter)
+        try:
+            return await waiter
+        finally:
+            deadline.cancel()
+
+    def _expire(self, waiter: asyncio.Future[Issued]) -> None:
+        if not waiter.done():
+            waiter.set_exception(CAUnavailable(f"the database did not answer within {self.timeout:g} s"))
 
     def close(self) -> None:
         """Finish the requests taken, then stop the thread. Idempotent."""
@@ -165,6 +177,8 @@ class Issuer:
             signed: list[tuple[Issued, Actor]] = []
             waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]] = []
             for mailbox, waiter, authorization, scope, service_id, csr, validity in jobs:
+                if waiter.done():  # answered already: past the deadline, or the client went away
+                    continue
                 try:
                     actor = authenticate_scope(authority, authorization, scope)
                     signed.append((authority.sign_request(service_id, csr, actor=actor,

@@ -7,7 +7,6 @@ from collections.abc import Callable, MutableMapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
@@ -15,6 +14,7 @@ from ..authority import Actor, Authority
 from ..errors import InvalidRequest, NotAuthenticated, NotPermitted
 from ..mtls import peer_certificate_der
 from .problems import Problem
+from .store_calls import StoreCalls
 
 MAX_BODY = 64 * 1024
 T = TypeVar("T")
@@ -168,15 +168,20 @@ def authenticate_scope(authority: Authority, header: str | None, scope: MutableM
 
 
 async def as_actor(request: Request, work: Callable[[Actor], T]) -> T:
-    """Authenticate and run ``work(actor)`` in one worker-thread hop; enrolment tokens are
-    refused (they may only request the first certificate, :mod:`.issuance`)."""
+    """Authenticate and run ``work(actor)`` in one hop to a store thread, within the database
+    deadline (:class:`.store_calls.StoreCalls`); enrolment tokens are refused (they may only
+    request the first certificate, :mod:`.issuance`)."""
     def run() -> T:
         actor = authenticate(request)
         if actor.kind == "enrolment":
             raise NotPermitted("an enrolment token may only request the first certificate")
         return work(actor)
 
-    return await run_in_threadpool(run)
+    return await store_calls(request).run(run)
+
+
+def store_calls(request: Request) -> StoreCalls:
+    return request.app.state.store_calls  # type: ignore[no-any-return]
 
 
 def query_time(request: Request, name: str) -> datetime | None:

@@ -36,6 +36,7 @@ from .requests import (
     query_time,
     read_json,
     requested_lifetime,
+    store_calls,
 )
 
 PEM = "application/x-pem-file"
@@ -332,7 +333,7 @@ async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
         return held
     if held is not None and held.number >= newest:
         return held
-    return await run_in_threadpool(functools.partial(authority.crl, at_least=newest))
+    return await store_calls(request).run(functools.partial(authority.crl, at_least=newest))
 
 
 async def liveness(request: Request) -> Response:
@@ -409,7 +410,7 @@ async def metrics(request: Request) -> Response:
             raise NotPermitted(f"{actor.label} may not read /metrics: use an admin or a metrics token")
         return request.app.metrics.exposition()  # type: ignore[no-any-return]
 
-    return Response(await run_in_threadpool(work), media_type=CONTENT_TYPE)
+    return Response(await store_calls(request).run(work), media_type=CONTENT_TYPE)
 
 
 async def openapi(request: Request) -> Response:
