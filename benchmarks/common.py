@@ -108,9 +108,10 @@ class Server:
     """A ``vcc-pki-server`` subprocess on 127.0.0.1:<free port>; its log goes to a file."""
 
     def __init__(self, home: Home, *, workers: int = 1, log_level: str = "info",
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), database_url: str | None = None) -> None:
         self.home = home
         self.workers = workers
+        self.database_url = database_url  # PostgreSQL (the home's SQLite file without one)
         self.port = free_port()
         self.log_path = Path(home.root).parent / f"server-{self.port}.log"
         self.args = [str(BIN / "vcc-pki-server"), "--home", str(home.root), "--host", "127.0.0.1",
@@ -121,6 +122,8 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VCC_PKI_")}
         env["VCC_PKI_CA_PASSWORD"] = CA_PASSWORD
+        if self.database_url:
+            env["VCC_PKI_DATABASE_URL"] = self.database_url
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -191,6 +194,29 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry))
     return sorted(found)
+
+
+def new_postgres_database(admin_url: str) -> str:
+    """A new empty database in the PostgreSQL cluster of ``admin_url``; its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def postgres_processes(url: str) -> list[int]:
+    """The postmaster of ``url``'s cluster (on this machine) and every process it started."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    assert row is not None
+    postmaster = int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+    return [postmaster, *children(postmaster)]
 
 
 def cpu_split(pid: int) -> tuple[float, float]:

@@ -13,11 +13,16 @@ In the same run, the in-process rate of the bare pipeline (parse + verify the CS
 PEM) with the same CA key, on one core, and the ratio HTTPS / in-process.
 
     python -m benchmarks.issuance [--quick] [--runs 3] [--keys ec-p256,rsa-2048] [--workers 1,2]
+        [--postgres postgresql://postgres@127.0.0.1:5432/postgres [--backends sqlite,postgres]]
+
+With ``--postgres`` each configuration runs on SQLite and on PostgreSQL in turn (side by side in
+one run), and the PostgreSQL processes' CPU per certificate is reported beside the server's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,7 +41,20 @@ from vcc_pki_server.ca import LeafTemplate
 from vcc_pki_server.policy import csr_names
 
 from . import loadgen
-from .common import Server, admin_token, build_home, make_csrs, median, open_authority, percentile, table, write_result
+from .common import (
+    Server,
+    admin_token,
+    build_home,
+    cpu_seconds,
+    make_csrs,
+    median,
+    new_postgres_database,
+    open_authority,
+    percentile,
+    postgres_processes,
+    table,
+    write_result,
+)
 
 PATH = "/api/v1/certificates/request"
 
@@ -95,22 +113,33 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_config(work: Path, key_type: str, workers: int, csrs: list[tuple[str, str]], *,
-               counts: dict[int, int], runs: int, memory_target: int) -> dict[str, Any]:
-    home_dir = work / f"{key_type}-w{workers}"
+               counts: dict[int, int], runs: int, memory_target: int,
+               postgres: str | None = None) -> dict[str, Any]:
+    """One configuration; ``postgres``: the admin URL of a PostgreSQL cluster on this machine
+    (a new database in it holds the store; its processes' CPU is measured too), else SQLite."""
+    home_dir = work / f"{key_type}-w{workers}-{'pg' if postgres else 'sqlite'}"
     # The previous configuration (the 100,000-issuance memory run above all) leaves the kernel
     # a few hundred MB to write back; write it out before measuring this one.
     os.sync()
     time.sleep(1.0)
-    home = build_home(home_dir / "home", intermediate=key_type)
-    token = admin_token(home)
-    proc = inprocess(home, csrs[:min(len(csrs), 1500)])
+    database = new_postgres_database(postgres) if postgres else None
+    if database:
+        os.environ["VCC_PKI_DATABASE_URL"] = database  # build_home and the tokens: into PostgreSQL
+    try:
+        home = build_home(home_dir / "home", intermediate=key_type)
+        token = admin_token(home)
+        proc = inprocess(home, csrs[:min(len(csrs), 1500)])
+    finally:
+        os.environ.pop("VCC_PKI_DATABASE_URL", None)
     print(f"  in-process ({key_type}): {proc['ms_per_cert']:.3f} ms/cert = {proc['certs_per_s']:,.0f}/s",
           flush=True)
     answered = 0
     samples: dict[int, list[dict[str, Any]]] = {c: [] for c in counts}
     offset = 0
-    with Server(home, workers=workers) as server:
+    backend = "postgres" if database else "sqlite"
+    with Server(home, workers=workers, database_url=database) as server:
         cafile = str(home.root_cert)
+        pg_pids = postgres_processes(database) if database else []
         # Warm-up: first connections, first code paths, SQLite page cache.
         warm = loadgen.run(server.port, cafile, requests_for(csrs, token, 300, offset),
                            concurrency=8, expected=201)
@@ -119,16 +148,20 @@ def run_config(work: Path, key_type: str, workers: int, csrs: list[tuple[str, st
             for concurrency, count in counts.items():
                 reqs = requests_for(csrs, token, count, offset)
                 offset += count
+                pg_before = _cpu_of(pg_pids)
                 result = loadgen.run(server.port, cafile, reqs, concurrency=concurrency,
                                      expected=201, measure=server.cpu_split)
                 answered += result["statuses"].get("201", 0)
                 s = summarize(result)
+                s["database_cpu_ms_per_cert"] = (_cpu_of(pg_pids) - pg_before) / count * 1000
                 samples[concurrency].append(s)
-                print(f"  {key_type} w{workers} run {run + 1} c{concurrency:<2}: "
+                print(f"  {key_type} {backend} w{workers} run {run + 1} c{concurrency:<2}: "
                       f"{s['certs_per_s']:7,.0f} certs/s  p50 {s['p50_ms']:6.2f} ms  "
                       f"p99 {s['p99_ms']:6.2f} ms  server {s['server_cpu_ms_per_cert']:.3f} ms/cert "
                       f"(user {s['server_user_ms_per_cert']:.3f} sys {s['server_sys_ms_per_cert']:.3f})  "
-                      f"client {s['client_cpu_ms_per_req']:.3f} ms/req  {s['statuses']}", flush=True)
+                      f"client {s['client_cpu_ms_per_req']:.3f} ms/req  "
+                      + (f"PostgreSQL {s['database_cpu_ms_per_cert']:.3f} ms/cert  " if database else "")
+                      + f"{s['statuses']}", flush=True)
                 if s["bad"]:
                     print(f"    unexpected answers: {s['bad']}", flush=True)
         rss_after_runs = server.rss_mb()
@@ -146,8 +179,15 @@ def run_config(work: Path, key_type: str, workers: int, csrs: list[tuple[str, st
             memory = {"issuances": answered, "rss_mb_per_worker": server.rss_mb()}
             print(f"  after {answered:,} issuances: RSS {memory['rss_mb_per_worker']} MB", flush=True)
     # Durability check: everything answered 201 is in the store (plus the server's own cert).
-    with sqlite3.connect(home.db) as db:
-        stored = db.execute("SELECT COUNT(*) FROM certificates WHERE service_id LIKE 'bench-%'").fetchone()[0]
+    count_sql = "SELECT COUNT(*) FROM certificates WHERE service_id LIKE 'bench-%'"
+    if database:
+        import psycopg
+
+        with psycopg.connect(database) as conn:
+            stored = conn.execute(count_sql).fetchone()[0]  # type: ignore[index]
+    else:
+        with sqlite3.connect(home.db) as db:
+            stored = db.execute(count_sql).fetchone()[0]
     if stored != answered:
         raise AssertionError(f"{answered} certificates answered 201 but {stored} stored")
     medians = {}
@@ -155,11 +195,20 @@ def run_config(work: Path, key_type: str, workers: int, csrs: list[tuple[str, st
         medians[concurrency] = {k: median(v[k] for v in values) for k in
                                 ("certs_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_cert",
                                  "server_user_ms_per_cert", "server_sys_ms_per_cert",
-                                 "client_cpu_ms_per_req")}
+                                 "client_cpu_ms_per_req", "database_cpu_ms_per_cert")}
     shutil.rmtree(home_dir, ignore_errors=True)
-    return {"key_type": key_type, "workers": workers, "inprocess": proc, "samples": samples,
+    return {"key_type": key_type, "workers": workers, "backend": backend, "inprocess": proc, "samples": samples,
             "medians": medians, "stored": stored, "rss_mb_after_runs": rss_after_runs,
             "memory": memory}
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """CPU seconds of the processes still alive among ``pids``."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended since
+            total += cpu_seconds(pid)
+    return total
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -173,7 +222,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory", type=int, default=None,
                         help="issue this many certificates on the first configuration and report RSS "
                              "(default 100000, quick 0)")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="also run each configuration on PostgreSQL: the admin URL of a cluster on this "
+                             "machine (a new database per configuration; its CPU is measured too)")
+    parser.add_argument("--backends", default=None,
+                        help="sqlite, postgres or both, in turn (default: sqlite; both with --postgres)")
     args = parser.parse_args(argv)
+    backends = (args.backends or ("sqlite,postgres" if args.postgres else "sqlite")).split(",")
+    if "postgres" in backends and not args.postgres:
+        parser.error("--backends postgres needs --postgres URL")
     runs = args.runs or (1 if args.quick else 3)
     base = {1: 1000, 8: 4000, 32: 8000} if not args.quick else {1: 200, 8: 800, 32: 1500}
     counts = {int(c): base.get(int(c), base[32]) for c in args.concurrency.split(",")}
@@ -186,10 +243,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         first = True
         for key_type in args.keys.split(","):
             for workers in (int(w) for w in args.workers.split(",")):
-                print(f"issuance: {key_type} intermediate, --workers {workers}", flush=True)
-                configs.append(run_config(work, key_type, workers, csrs, counts=counts, runs=runs,
-                                          memory_target=memory if first else 0))
-                first = False
+                for backend in backends:
+                    print(f"issuance: {key_type} intermediate, {backend}, --workers {workers}", flush=True)
+                    configs.append(run_config(work, key_type, workers, csrs, counts=counts, runs=runs,
+                                              memory_target=memory if first else 0,
+                                              postgres=args.postgres if backend == "postgres" else None))
+                    first = False
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # The in-process rate is measured once per configuration and moves with what else the
@@ -201,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for cfg in configs:
         ip = best[cfg["key_type"]]
         for concurrency, m in cfg["medians"].items():
-            rows.append([cfg["key_type"], cfg["workers"], concurrency, m["certs_per_s"], m["p50_ms"],
-                         m["p99_ms"], m["server_cpu_ms_per_cert"], m["client_cpu_ms_per_req"],
-                         ip, f"{m['certs_per_s'] / ip * 100:.0f} %"])
+            rows.append([cfg["key_type"], cfg["backend"], cfg["workers"], concurrency, m["certs_per_s"],
+                         m["p50_ms"], m["p99_ms"], m["server_cpu_ms_per_cert"],
+                         m["database_cpu_ms_per_cert"] if cfg["backend"] == "postgres" else "-",
+                         m["client_cpu_ms_per_req"], ip, f"{m['certs_per_s'] / ip * 100:.0f} %"])
     print()
     print(f"issuance over HTTPS (medians of {runs} run(s); server CPU = all server processes)")
-    print(table(["CA key", "workers", "conc.", "certs/s", "p50 ms", "p99 ms", "server CPU ms/cert",
-                 "client CPU ms/req", "in-process certs/s (1 core)", "HTTPS / in-process"], rows))
+    print(table(["CA key", "store", "workers", "conc.", "certs/s", "p50 ms", "p99 ms", "server CPU ms/cert",
+                 "PostgreSQL CPU ms/cert", "client CPU ms/req", "in-process certs/s (1 core)",
+                 "HTTPS / in-process"], rows))
     for cfg in configs:
         if cfg["memory"]:
             print(f"\nRSS per worker after {cfg['memory']['issuances']:,} issuances "
