@@ -23,10 +23,10 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
-from .group_commit import GroupCommit, PendingCertificate
+from .group_commit import GroupCommit
 from .rows import CERT_FROM, service_record, token_record
 from .schema import tables
-from .sql import INSERT_AUDIT, INSERT_CERTIFICATE, SQLStore
+from .sql import SQLStore
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +97,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
-    """``executemany(insert, rows)`` as multi-row INSERTs of at most 32 rows.
-
-    Fewer statements: the sqlite3 module lets go of the GIL around every step, and in the
-    writer thread each step means waiting for the event loop's thread to hand it back. The 64
-    possible statements stay in the connection's statement cache (256, see ``_connect``).
-    """
-    head, _, values = insert.partition(" VALUES ")
-    for at in range(0, len(rows), 32):
-        chunk = rows[at:at + 32]
-        db.execute(f"{head} VALUES {','.join([values] * len(chunk))}", [v for row in chunk for v in row])
-
-
 class SQLiteStore(SQLStore):
     """The default :class:`~vcc_pki_server.store.Store`: one SQLite file in WAL mode.
 
@@ -131,6 +118,7 @@ class SQLiteStore(SQLStore):
     """
 
     MAX_BATCH = 256
+    CONSTRAINT_ERRORS = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
@@ -331,28 +319,6 @@ class SQLiteStore(SQLStore):
     _token = staticmethod(functools.lru_cache(maxsize=512)(token_record))
 
     # -- certificates -----------------------------------------------------------------------
-    def _commit_batch(self, batch: list[PendingCertificate]) -> None:
-        """One transaction for the whole batch; each item's ``error`` says whether it failed.
-
-        Fast path: the records that spend no token go in with one multi-row INSERT per table
-        (few statements: in this thread each one waits for the event loop to hand back the
-        GIL). If a row breaks a constraint (a duplicate serial), that transaction is rolled
-        back and the batch is written again one SAVEPOINT per record, so that only the failing
-        record fails. Other errors (disk, lock timeout) fail the whole batch."""
-        simple = [item for item in batch if item.consume_token is None]
-        if simple:
-            try:
-                with self._write() as db:
-                    _insert_rows(db, INSERT_CERTIFICATE, [item.row for item in simple])
-                    _insert_rows(db, INSERT_AUDIT, [item.audit for item in simple])
-                    self._record_each(db, [item for item in batch if item.consume_token is not None])
-                return
-            except sqlite3.IntegrityError:
-                for item in batch:
-                    item.error = None
-        with self._write() as db:
-            self._record_each(db, batch)
-
     @contextmanager
     def _savepoint(self, db: sqlite3.Connection) -> Iterator[None]:
         db.execute("SAVEPOINT item")
