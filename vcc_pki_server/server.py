@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
-from cryptography import x509
 
 from vcc_pki_client import __version__
 from vcc_pki_client.identity import PKI_SERVER_ID, peer_service_id
@@ -144,22 +143,27 @@ def dev_init(home: Home) -> str:
 
 
 def renew_server_certificate_if_due(home: Home, password: str) -> bool:
-    """Issue the server's own certificate (new key) at start-up when the home has none (a home
-    made step by step with `ca init-root` and `ca create-intermediate`), or re-issue it when a
-    third of its lifetime is left (as the running workers do); and a first CRL if there is none."""
-    current = x509.load_pem_x509_certificate(home.server_cert.read_bytes()) if home.server_cert.exists() else None
-    if current is not None and not server_cert.due(current, utc_now()) and peer_service_id(current) == PKI_SERVER_ID:
-        return False  # (one made before SPEC §10 lacks the identity the SDK requires: made anew)
+    """At start-up: the server's own certificate made (new key) when the home has none (a home
+    made step by step with `ca init-root` and `ca create-intermediate`); then the cluster's copy
+    followed, and renewed when a third of its lifetime is left (as the running workers do) or
+    when it lacks the SPEC §10 identity the SDK requires (one made before it); and a first CRL
+    if there is none. True if a certificate was made or renewed."""
     authority = home.authority(password)
     try:
-        issued = home.issue_server_certificate(authority, home.config())
+        made = not home.server_cert.exists()
+        if made:
+            issued = home.issue_server_certificate(authority, home.config())
+            log.info("server certificate made serial=%s not_after=%s", issued.record.serial,
+                     issued.certificate.not_valid_after_utc.isoformat())
+        with server_cert.renewal_lock(home):
+            renewed = server_cert.sync(home, authority, password, utc_now(),
+                                       renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID)
+            server_cert.sync_root_crl(home, authority.store, utc_now())
         if authority.store.latest_crl() is None:
             authority.generate_crl(actor=Actor.operator())
     finally:
         authority.store.close()
-    log.info("server certificate %s serial=%s not_after=%s", "renewed" if current else "made", issued.record.serial,
-             issued.certificate.not_valid_after_utc.isoformat())
-    return True
+    return made or renewed
 
 
 def warn_about_modes(home: Home) -> None:
@@ -192,7 +196,7 @@ def _background(home: Home, args: argparse.Namespace, authority: object) -> list
 def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> None:
     """One server process: its own store connection, app and event loop, on the shared socket."""
     authority = home.authority(password)
-    own = server_cert.ServerCertificate(home, authority, interval=args.cert_check_interval)
+    own = server_cert.ServerCertificate(home, authority, password, interval=args.cert_check_interval)
     EdgeLimitsMixin.limits = EdgeLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                                         header_timeout=args.header_timeout,
                                         max_connections_per_client=args.max_connections_per_client,

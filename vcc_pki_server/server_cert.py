@@ -1,15 +1,25 @@
 """The API server's own certificate: presented through contexts that follow its files, renewed
-by the running server when a third of its lifetime is left (SPEC §10), in every worker.
+by the running server when a third of its lifetime is left (SPEC §10), one pair for the whole
+cluster.
 
-Each worker process checks every ``interval`` seconds, in a thread (file and store work stay
-off the event loop):
+The pair lives in the store (``shared_state`` "server-certificate": the certificate chain and
+the key, the key encrypted with the CA password), so that every replica of a cluster presents
+the same certificate instead of each renewing its own copy of the home's files. Each worker
+checks every ``interval`` seconds, in a thread (file and store work stay off the event loop),
+under an exclusive ``flock`` on ``<home>/server/renew.lock`` (the workers of one home):
 
-* the files changed (another worker, or ``pki-admin``, renewed it): the worker's contexts load
-  the new pair for later handshakes;
-* the certificate is due: the worker takes an exclusive ``flock`` on ``<home>/server/renew.lock``,
-  looks again (another worker may just have renewed it), issues a new certificate with a new key
-  (the server holds the CA key), writes the pair and reloads. The other workers see the new
-  files at their next check.
+* the store holds no pair yet (a new cluster, or one upgraded from before): the home's pair is
+  stored (the first server to do so wins; the others adopt it);
+* the store's pair differs from the files: the files are rewritten from it (another replica
+  renewed it), or, when the files hold the newer certificate (replaced by hand), they become
+  the stored pair;
+* it is due: a new certificate with a new key (the server holds the CA key) is written to the
+  files and stored in place of the one it replaces (compare-and-set: if another replica renewed
+  first, its pair is adopted instead);
+* the files changed: the worker's contexts load the new pair for later handshakes.
+
+The root's CRL is shared the same way (the newest by CRL number), so that ``pki-admin ca
+root-crl`` run on one host reaches every replica.
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from starlette.concurrency import run_in_threadpool
 
 from vcc_pki_client import CertificateFiles, ReloadingContexts
 
 from .authority import Authority, utc_now
-from .home import Home
+from .home import Home, key_pem, write_file
+from .store import Store
 
 try:
     import fcntl
@@ -47,10 +59,11 @@ def due(cert: x509.Certificate, now: datetime) -> bool:
 class ServerCertificate:
     """The server's certificate in one worker: its TLS context, and keeping it fresh."""
 
-    def __init__(self, home: Home, authority: Authority, *, interval: float = 60.0,
+    def __init__(self, home: Home, authority: Authority, password: str, *, interval: float = 60.0,
                  clock: Callable[[], datetime] = utc_now) -> None:
         self.home = home
         self.authority = authority
+        self.password = password  # the CA password: the shared copy of the key is encrypted with it
         self.interval = interval
         self.clock = clock
         self.files = CertificateFiles(home.server_cert, home.server_key)
@@ -66,17 +79,11 @@ class ServerCertificate:
         return self.contexts.server_context(require_client_cert=False, alpn_protocols=["http/1.1"])
 
     def check(self) -> bool:
-        """One check (blocking): reload if the files changed, renew if due. True if this call
-        renewed the certificate."""
-        renewed = False
-        if due(self.files.load()[0], self.clock()):
-            with self._renewal_lock():
-                current = self.files.load()[0]  # another worker may have renewed meanwhile
-                if due(current, self.clock()):
-                    issued = self.home.issue_server_certificate(self.authority, self.home.config())
-                    log.info("server certificate renewed serial=%s not_after=%s (a third of its lifetime was left)",
-                             issued.record.serial, issued.certificate.not_valid_after_utc.isoformat())
-                    renewed = True
+        """One check (blocking): follow the cluster's pair, renew it if due, reload if the files
+        changed. True if this call renewed the certificate."""
+        with self._renewal_lock():
+            renewed = sync(self.home, self.authority, self.password, self.clock())
+            sync_root_crl(self.home, self.authority.store, self.clock())
         stamp = self._file_stamp()
         if stamp != self._stamp:
             cert = self.contexts.reload()
@@ -107,15 +114,106 @@ class ServerCertificate:
         st = self.home.server_cert.stat()
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    @contextlib.contextmanager
-    def _renewal_lock(self) -> Iterator[None]:
-        path: Path = self.home.server_dir / "renew.lock"
-        if fcntl is None:  # pragma: no cover - not POSIX: one worker only
+    def _renewal_lock(self) -> contextlib.AbstractContextManager[None]:
+        return renewal_lock(self.home)
+
+
+@contextlib.contextmanager
+def renewal_lock(home: Home) -> Iterator[None]:
+    """The home's server pair is changed by one process at a time (``<home>/server/renew.lock``)."""
+    path: Path = home.server_dir / "renew.lock"
+    if fcntl is None:  # pragma: no cover - not POSIX: one worker only
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
             yield
-            return
-        with open(path, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+SHARED_NAME = "server-certificate"
+_KEY_MARK = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+def sync(home: Home, authority: Authority, password: str, now: datetime, *,
+         renew: Callable[[x509.Certificate], bool] = lambda cert: False) -> bool:
+    """Make the home's server pair the cluster's (module docstring); renew it if due (or if
+    ``renew(cert)`` says so). Call it under the home's renewal lock. True if this call renewed
+    the certificate."""
+    store = authority.store
+    stored = store.shared_state(SHARED_NAME)
+    if stored is None:  # the first server of the cluster to get here shares its pair
+        if store.put_shared_state(SHARED_NAME, _pack(home, password), replaces=0, at=now, actor="server"):
+            log.info("server certificate shared with the cluster (the store had none)")
+        stored = store.shared_state(SHARED_NAME)
+        assert stored is not None
+    version, value = stored
+    shared = x509.load_pem_x509_certificate(value)
+    mine = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
+    if mine.serial_number != shared.serial_number and mine.not_valid_before_utc >= shared.not_valid_before_utc:
+        # The files are newer (replaced by hand, or renewed by a server of an older version),
+        # or as new (to the second): they become the cluster's pair.
+        if store.put_shared_state(SHARED_NAME, _pack(home, password), replaces=version, at=now, actor="server"):
+            log.info("server certificate on disk is newer than the cluster's copy: shared serial=%x",
+                     mine.serial_number)
+            version, value = version + 1, _pack(home, password)
+        else:
+            latest = store.shared_state(SHARED_NAME)
+            assert latest is not None
+            version, value = latest
+    _adopt(home, value, password)
+    current = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
+    if not (due(current, now) or renew(current)):
+        return False
+    issued = home.issue_server_certificate(authority, home.config())
+    if not store.put_shared_state(SHARED_NAME, _pack(home, password), replaces=version, at=now, actor="server"):
+        latest = store.shared_state(SHARED_NAME)  # another replica renewed first: its pair is the one
+        assert latest is not None
+        _adopt(home, latest[1], password)
+        return False
+    log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
+             issued.certificate.not_valid_after_utc.isoformat())
+    return True
+
+
+def _pack(home: Home, password: str) -> bytes:
+    """The home's pair as stored: the certificate chain (PEM), then the key, encrypted."""
+    key = serialization.load_pem_private_key(home.server_key.read_bytes(), None)
+    return home.server_cert.read_bytes() + key_pem(key, password)
+
+
+def _adopt(home: Home, value: bytes, password: str) -> None:
+    """Write the stored pair to the home's files, unless they hold it already."""
+    chain, mark, key = value.partition(_KEY_MARK)
+    if chain == home.server_cert.read_bytes():
+        return
+    plain = key_pem(serialization.load_pem_private_key(mark + key, password.encode()), None)
+    write_file(home.server_key, plain, 0o400)  # the key first: a pair read between the two writes
+    write_file(home.server_cert, chain, 0o644)  # is refused as a mismatch and read again
+    log.info("server certificate taken from the cluster's copy serial=%x",
+             x509.load_pem_x509_certificate(chain).serial_number)
+
+
+ROOT_CRL_NAME = "root-crl"
+
+
+def sync_root_crl(home: Home, store: Store, now: datetime) -> None:
+    """The root's CRL (``pki-admin ca root-crl`` writes it into one home) is the cluster's: the
+    one with the higher CRL number, of the store's copy and this home's file, goes to the other."""
+    stored = store.shared_state(ROOT_CRL_NAME)
+    theirs = _crl_number(stored[1]) if stored else 0
+    mine = _crl_number(home.root_crl_file.read_bytes()) if home.root_crl_file.exists() else 0
+    if mine > theirs:
+        if store.put_shared_state(ROOT_CRL_NAME, home.root_crl_file.read_bytes(), replaces=stored[0] if stored else 0,
+                                  at=now, actor="server"):
+            log.info("root CRL number %d shared with the cluster", mine)
+    elif theirs > mine and stored is not None:
+        write_file(home.root_crl_file, stored[1], 0o644)
+        log.info("root CRL number %d taken from the cluster's copy", theirs)
+
+
+def _crl_number(pem: bytes) -> int:
+    crl = x509.load_pem_x509_crl(pem)
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number

@@ -195,7 +195,7 @@ def running_pki(folder: Path) -> Iterator[LocalPKI]:
         app = create_app(authority, background=[lifecycle(authority, home)], root_crl=home.root_crl_file)
         config = uvicorn_config(app, host="127.0.0.1", port=0, log_config=None, access_log=False,
                                 timeout_graceful_shutdown=1,
-                                ssl_context=ServerCertificate(home, authority, interval=3600).ssl_context())
+                                ssl_context=ServerCertificate(home, authority, password, interval=3600).ssl_context())
         pki = LocalPKI(home.root, authority, url, admin_token)
         with _uvicorn_in_a_thread(config, sock, "vcc-pki server"):
             try:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import socket
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
 
-from conftest import CA_PASSWORD, build_home
+from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home
 from support import RunningServer, make_csr, tls_context
-from vcc_pki_server.authority import Actor
+from vcc_pki_server.authority import Actor, Authority
+from vcc_pki_server.config import Config
 from vcc_pki_server.home import Home
 
 API = "/api/v1"
@@ -201,3 +204,61 @@ def test_three_replicas_probe_once_per_round_and_a_new_leader_takes_over(
         finally:
             for server in servers:
                 server.stop()
+
+
+def _presented(server: RunningServer) -> int:
+    """The serial of the certificate a replica presents in a new handshake."""
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+            tls_context(server.home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_replicas_present_one_server_certificate_and_follow_its_renewal(pg_database: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: the server certificate is the cluster's (in the database), not each home copy's.
+    A's home copy is due (a third of its life left): A renews it at start; B, started from an
+    older copy of the home, takes A's; a certificate replaced on A while both run reaches B."""
+    monkeypatch.setenv("VCC_PKI_DATABASE_URL", pg_database)
+    issued_nine_days_ago = datetime.now(timezone.utc) - timedelta(days=9)
+    home_a = build_home(tmp_path / "a" / "home", ca_made=issued_nine_days_ago - timedelta(days=1))
+    ten_days = Config(default_validity_days=10, max_validity_days=10)
+    then = Authority(home_a.open_store(), home_a.load_ca(CA_PASSWORD), policy=ten_days.policy(),
+                     clock=lambda: issued_nine_days_ago)
+    home_a.issue_server_certificate(then, ten_days)  # 10 days from 9 days ago: due
+    then.store.close()
+    (tmp_path / "b").mkdir()
+    home_b = Home(shutil.copytree(home_a.root, tmp_path / "b" / "home"))
+    old = x509.load_pem_x509_certificate(home_b.server_cert.read_bytes()).serial_number
+    env = {"VCC_PKI_DATABASE_URL": pg_database}
+    fast = ["--cert-check-interval", "0.2"]
+    with RunningServer(home_a, CA_PASSWORD, env=env, extra_args=fast) as a, \
+            RunningServer(home_b, CA_PASSWORD, env=env, extra_args=fast) as b:
+        renewed = _presented(a)
+        assert renewed != old and _presented(b) == renewed  # B took A's renewal, not its own copy
+        assert "server certificate taken from the cluster's copy" in b.log()
+        assert x509.load_pem_x509_certificate(home_b.server_cert.read_bytes()).serial_number == renewed
+        # Replaced on A by hand while both run: B presents it too, within a few checks.
+        authority = home_a.authority(CA_PASSWORD)
+        try:
+            new = home_a.issue_server_certificate(authority, home_a.config()).certificate.serial_number
+        finally:
+            authority.store.close()
+        deadline = time.monotonic() + 10
+        while {_presented(a), _presented(b)} != {new}:
+            assert time.monotonic() < deadline, "the replicas do not both present the new certificate"
+            time.sleep(0.1)
+        # The root's CRL made on A's host (`pki-admin ca root-crl`) is served by B too.
+        root_ski = home_a.root_certificate().extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value.digest.hex()
+        with httpx.Client(base_url=b.url, verify=tls_context(home_b.root_cert), timeout=10) as on_b:
+            def number() -> int:
+                crl = x509.load_der_x509_crl(on_b.get(f"{API}/crl/{root_ski}").content)
+                return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            before = number()
+            made = home_a.write_root_crl(ROOT_PASSWORD)
+            newer = made.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            assert newer > before
+            deadline = time.monotonic() + 10
+            while number() != newer:
+                assert time.monotonic() < deadline, "B does not serve the root CRL made on A"
+                time.sleep(0.1)

@@ -51,7 +51,7 @@ def test_a_due_certificate_is_renewed_once_and_every_worker_follows(tmp_path: Pa
     home.issue_server_certificate(then, home.config())  # 365 days from 300 days ago: due
     then.store.close()
     old = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
-    workers = [ServerCertificate(home, home.authority(CA_PASSWORD)) for _ in range(2)]
+    workers = [ServerCertificate(home, home.authority(CA_PASSWORD), CA_PASSWORD) for _ in range(2)]
     try:
         contexts = [w.ssl_context() for w in workers]
         assert {presented(ctx, home.root_cert) for ctx in contexts} == {old.serial_number}

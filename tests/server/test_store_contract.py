@@ -184,9 +184,9 @@ def test_a_version_1_database_migrates_keeping_every_row(backend: Backend, monke
     with caplog.at_level("INFO", logger="vcc_pki_server.store"):
         migrated = backend.open()
     if backend.name == "sqlite":  # the table rebuild takes seconds on a large store: said first
-        assert "migrating from schema version 1 to 4" in caplog.text
+        assert "migrating from schema version 1 to 5" in caplog.text
     try:
-        assert migrated.schema_version() == len(MIGRATIONS) == 4  # type: ignore[attr-defined]
+        assert migrated.schema_version() == len(MIGRATIONS) == 5  # type: ignore[attr-defined]
         kept = {r.serial: attrs.evolve(r, row_id=None, revoked_at=None, revocation_reason=None)
                 for r in migrated.certificates_for("alpha")}
         assert kept == {r.serial: r for r in records}
@@ -533,3 +533,16 @@ def test_a_revocation_and_its_crl_are_stored_together_or_not_at_all(store: Store
                                      publish=crl_builder(seen))
     assert done.crl is not None and seen[done.crl.number] == {record.serial}
     assert store.latest_crl_number() == done.crl.number
+
+
+def test_shared_state_is_compare_and_set(store: Store) -> None:
+    """What every server of a cluster shares (the server certificate): a version per value, and
+    a write that expected another version changes nothing."""
+    assert store.shared_state("thing") is None
+    assert store.put_shared_state("thing", b"first", replaces=0, at=NOW, actor="test")
+    assert not store.put_shared_state("thing", b"second first", replaces=0, at=NOW, actor="test")
+    assert store.shared_state("thing") == (1, b"first")
+    assert store.put_shared_state("thing", b"\x00binary\xff", replaces=1, at=NOW, actor="test")
+    assert not store.put_shared_state("thing", b"stale", replaces=1, at=NOW, actor="test")
+    assert store.shared_state("thing") == (2, b"\x00binary\xff")
+    assert [e.action for e in store.audit_log(limit=2)] == ["shared_state.update", "shared_state.update"]

@@ -266,6 +266,16 @@ class Store(Protocol):
     def list_tokens(self, kind: str | None = None) -> list[TokenRecord]: ...
     def revoke_token(self, token_id: str, *, at: datetime, actor: str) -> TokenRecord: ...
 
+    # state the servers of a cluster share
+    def shared_state(self, name: str) -> tuple[int, bytes] | None:
+        """``(version, value)`` of ``name``, or None before it is first stored."""
+        ...
+
+    def put_shared_state(self, name: str, value: bytes, *, replaces: int, at: datetime, actor: str) -> bool:
+        """Store ``value`` as version ``replaces + 1`` if the stored version is ``replaces``
+        (0: none stored yet); False, changing nothing, if another server stored one first."""
+        ...
+
     # figures (/metrics)
     def fleet(self, now: datetime) -> list[ServiceState]:
         """Every registered (not decommissioned) service, by id."""

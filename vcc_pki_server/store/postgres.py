@@ -48,6 +48,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tokens DROP CONSTRAINT IF EXISTS tokens_kind_check;
     ALTER TABLE tokens ADD CONSTRAINT tokens_kind_check CHECK (kind IN ('admin', 'enrolment', 'metrics'))
     """,
+    # 5: state every replica shares (see the SQLite store).
+    """
+    CREATE TABLE IF NOT EXISTS shared_state (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        version INTEGER NOT NULL,
+        value BYTEA NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL
+    )
+    """,
 )
 
 # Transaction-level advisory lock keys (bigint; ASCII "vccpki" and a number).

@@ -485,6 +485,26 @@ class SQLStore:
                           "ORDER BY number DESC LIMIT ?", (limit,))
         return [self._crl(r) for r in rows]
 
+    # -- state the servers share ---------------------------------------------------------------
+    def shared_state(self, name: str) -> tuple[int, bytes] | None:
+        rows = self._read("SELECT version, value FROM shared_state WHERE name=?", (name,))
+        return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def put_shared_state(self, name: str, value: bytes, *, replaces: int, at: datetime, actor: str) -> bool:
+        when = utc_text(at)
+        with self._write() as db:
+            if replaces == 0:
+                cur = self._exec(db, "INSERT INTO shared_state (name, version, value, updated_at) VALUES (?,1,?,?) "
+                                     "ON CONFLICT (name) DO NOTHING", (name, value, when))
+            else:
+                cur = self._exec(db, "UPDATE shared_state SET version=?, value=?, updated_at=? "
+                                     "WHERE name=? AND version=?", (replaces + 1, value, when, name, replaces))
+            if cur.rowcount != 1:
+                return False
+            self._audit(db, AuditEntry(at=at, actor=actor, action="shared_state.update",
+                                       details={"name": name, "version": replaces + 1}))
+        return True
+
     # -- figures (/metrics) -----------------------------------------------------------------
     def fleet(self, now: datetime) -> list[ServiceState]:
         """Every registered service with its health and the validity of its current certificate

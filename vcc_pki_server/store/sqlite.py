@@ -94,6 +94,16 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE tokens;
     ALTER TABLE tokens_v4 RENAME TO tokens
     """,
+    # 5: state every server of the cluster shares (the server certificate and its key, the key
+    # encrypted with the CA password), each value versioned for compare-and-set.
+    """
+    CREATE TABLE shared_state (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        value BLOB NOT NULL,
+        updated_at TEXT NOT NULL
+    )
+    """,
 )
 
 
