@@ -201,3 +201,20 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def presented_serial(server: RunningServer) -> int:
+    """The serial of the certificate a running server presents in a new handshake."""
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+            tls_context(server.home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def replace_server_certificate(home: Any, password: str) -> int:
+    """A new server certificate written into ``home`` by another process than the server (as
+    a worker that renews it, or an operator, does); its serial."""
+    authority = home.authority(password)
+    try:
+        return int(home.issue_server_certificate(authority, home.config()).certificate.serial_number)
+    finally:
+        authority.store.close()

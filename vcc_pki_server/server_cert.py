@@ -155,10 +155,11 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *,
     if mine.serial_number != shared.serial_number and mine.not_valid_before_utc >= shared.not_valid_before_utc:
         # The files are newer (replaced by hand, or renewed by a server of an older version),
         # or as new (to the second): they become the cluster's pair.
-        if store.put_shared_state(SHARED_NAME, _pack(home, password), replaces=version, at=now, actor="server"):
+        packed = _pack(home, password)
+        if store.put_shared_state(SHARED_NAME, packed, replaces=version, at=now, actor="server"):
             log.info("server certificate on disk is newer than the cluster's copy: shared serial=%x",
                      mine.serial_number)
-            version, value = version + 1, _pack(home, password)
+            version, value = version + 1, packed
         else:
             latest = store.shared_state(SHARED_NAME)
             assert latest is not None

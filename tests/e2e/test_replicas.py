@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home
-from support import RunningServer, make_csr, tls_context
+from support import RunningServer, make_csr, presented_serial, replace_server_certificate, tls_context
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.config import Config
 from vcc_pki_server.home import Home
@@ -206,13 +205,6 @@ def test_three_replicas_probe_once_per_round_and_a_new_leader_takes_over(
                 server.stop()
 
 
-def _presented(server: RunningServer) -> int:
-    """The serial of the certificate a replica presents in a new handshake."""
-    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
-            tls_context(server.home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
-        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
-
-
 def test_replicas_present_one_server_certificate_and_follow_its_renewal(pg_database: str, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 15: the server certificate is the cluster's (in the database), not each home copy's.
@@ -233,18 +225,14 @@ def test_replicas_present_one_server_certificate_and_follow_its_renewal(pg_datab
     fast = ["--cert-check-interval", "0.2"]
     with RunningServer(home_a, CA_PASSWORD, env=env, extra_args=fast) as a, \
             RunningServer(home_b, CA_PASSWORD, env=env, extra_args=fast) as b:
-        renewed = _presented(a)
-        assert renewed != old and _presented(b) == renewed  # B took A's renewal, not its own copy
+        renewed = presented_serial(a)
+        assert renewed != old and presented_serial(b) == renewed  # B took A's renewal, not its own copy
         assert "server certificate taken from the cluster's copy" in b.log()
         assert x509.load_pem_x509_certificate(home_b.server_cert.read_bytes()).serial_number == renewed
         # Replaced on A by hand while both run: B presents it too, within a few checks.
-        authority = home_a.authority(CA_PASSWORD)
-        try:
-            new = home_a.issue_server_certificate(authority, home_a.config()).certificate.serial_number
-        finally:
-            authority.store.close()
+        new = replace_server_certificate(home_a, CA_PASSWORD)
         deadline = time.monotonic() + 10
-        while {_presented(a), _presented(b)} != {new}:
+        while {presented_serial(a), presented_serial(b)} != {new}:
             assert time.monotonic() < deadline, "the replicas do not both present the new certificate"
             time.sleep(0.1)
         # The root's CRL made on A's host (`pki-admin ca root-crl`) is served by B too.

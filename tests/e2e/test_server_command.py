@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -15,7 +14,15 @@ import httpx
 from cryptography import x509
 
 from conftest import CA_PASSWORD, build_home
-from support import BIN, RunningServer, env_without_secrets, free_port, tls_context
+from support import (
+    BIN,
+    RunningServer,
+    env_without_secrets,
+    free_port,
+    presented_serial,
+    replace_server_certificate,
+    tls_context,
+)
 from vcc_pki_server.authority import Authority
 from vcc_pki_server.config import Config
 from vcc_pki_server.home import Home
@@ -83,13 +90,6 @@ def _workers_started(server: RunningServer) -> set[str]:
         re.findall(r"Started server process \[(\d+)\]", server.log()))
 
 
-def presented_serial(server: RunningServer, home: Home) -> int:
-    """The serial of the certificate the server presents in a new handshake."""
-    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
-            tls_context(home.root_cert).wrap_socket(raw, server_hostname="localhost") as tls:
-        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
-
-
 def test_a_server_certificate_with_a_third_of_its_life_left_is_renewed_at_start(tmp_path: Path) -> None:
     issued_nine_days_ago = datetime.now(timezone.utc) - timedelta(days=9)
     home = build_home(tmp_path / "h", ca_made=issued_nine_days_ago - timedelta(days=1))
@@ -100,7 +100,7 @@ def test_a_server_certificate_with_a_third_of_its_life_left_is_renewed_at_start(
     authority.store.close()
     before = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
     with RunningServer(home, CA_PASSWORD) as server:
-        presented = presented_serial(server, home)
+        presented = presented_serial(server)
     assert presented != before.serial_number
     after = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
     assert after.serial_number == presented
@@ -114,15 +114,11 @@ def test_every_worker_presents_a_server_certificate_replaced_while_running(tmp_p
     home = build_home(tmp_path / "h")
     before = x509.load_pem_x509_certificate(home.server_cert.read_bytes()).serial_number
     with RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2", "--cert-check-interval", "0.2"]) as server:
-        assert {presented_serial(server, home) for _ in range(6)} == {before}
-        authority = home.authority(CA_PASSWORD)
-        try:
-            new = home.issue_server_certificate(authority, home.config()).certificate.serial_number
-        finally:
-            authority.store.close()
+        assert {presented_serial(server) for _ in range(6)} == {before}
+        new = replace_server_certificate(home, CA_PASSWORD)
         deadline = time.monotonic() + 5
         while True:
-            seen = [presented_serial(server, home) for _ in range(10)]  # new connections, either worker
+            seen = [presented_serial(server) for _ in range(10)]  # new connections, either worker
             if set(seen) == {new}:
                 break
             assert time.monotonic() < deadline, f"still presented after 5 s: {set(seen) - {new}}"
@@ -205,7 +201,7 @@ def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
             time.sleep(0.1)
         time.sleep(1.0)  # the new worker takes requests once started
         for _ in range(6):
-            assert presented_serial(server, home)
+            assert presented_serial(server)
         assert "starting a new one" in server.log_once(lambda log: "starting a new one" in log)
     finally:
         code = server.stop()
