@@ -8,8 +8,10 @@ from datetime import timedelta
 from typing import Any, cast
 
 import attrs
+from cryptography import x509
 
 from .authority import Settings
+from .encoding import ski_hex
 from .errors import CAError
 from .policy import DEFAULT_TRUST_DOMAIN, Policy, check_trust_domain
 
@@ -47,13 +49,14 @@ class Config:
     # $VCC_PKI_DATABASE_URL overrides it (so a password need not sit in this file).
     database_url: str | None = attrs.field(default=None, repr=False)
 
-    @property
-    def crl_url(self) -> str:
-        return f"{self.public_url.rstrip('/')}/api/v1/crl"
+    def crl_url(self, issuer: x509.Certificate) -> str:
+        """The CRL distribution point of ``issuer``'s leaves (SPEC §13: per issuer, so that it
+        stays right across CA rotations)."""
+        return f"{self.public_url.rstrip('/')}/api/v1/crl/{ski_hex(issuer)}"
 
-    @property
-    def issuer_url(self) -> str:
-        return f"{self.public_url.rstrip('/')}/api/v1/ca/intermediate?format=der"
+    def issuer_url(self, issuer: x509.Certificate) -> str:
+        """The AIA caIssuers URI of ``issuer``'s leaves (per issuer, as :meth:`crl_url`)."""
+        return f"{self.public_url.rstrip('/')}/api/v1/ca/intermediate/{ski_hex(issuer)}?format=der"
 
     @classmethod
     def from_toml(cls, text: str) -> Config:

@@ -39,3 +39,9 @@ def public_key_id(cert: x509.Certificate) -> str:
 def public_key_id_of_pem(pem: str) -> str:
     """:func:`public_key_id` of a PEM certificate."""
     return public_key_id(x509.load_pem_x509_certificate(pem.encode("ascii")))
+
+
+def ski_hex(cert: x509.Certificate) -> str:
+    """A CA certificate's subject key identifier, lowercase hex: how the API names an issuer
+    (``/api/v1/crl/{ski}``, ``/api/v1/ca/intermediate/{ski}``)."""
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()

@@ -164,7 +164,7 @@ class Home:
         cert = self.intermediate_certificate()
         key = self._load_key(self.intermediate_key, password, "intermediate CA")
         return CertificateAuthority(root=self.root_certificate(), certificate=cert, key=key,
-                                    crl_url=config.crl_url, issuer_url=config.issuer_url)
+                                    crl_url=config.crl_url(cert), issuer_url=config.issuer_url(cert))
 
     def database_url(self, config: Config | None = None) -> str | None:
         """The PostgreSQL URL: ``$VCC_PKI_DATABASE_URL``, else config.toml's ``database_url``,

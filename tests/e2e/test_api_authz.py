@@ -43,6 +43,7 @@ class World:
     other: Enrolled
     callers: dict[str, httpx.Client]
     root_ski: str  # the root's subject key identifier, hex (its CRL's path)
+    intermediate_ski: str
 
 
 @attrs.frozen
@@ -98,6 +99,9 @@ CASES: dict[str, Case] = {
     "crl": Case("GET", "/crl", PUBLIC),
     "audit": Case("GET", "/audit", {"anonymous": 401, "admin": 200, "enrolment": 403, "own": 403, "other": 403}),
     "crl-of-issuer": Case("GET", "/crl/{root_ski}", PUBLIC),
+    "intermediate-by-ski": Case("GET", "/ca/intermediate/{intermediate_ski}", PUBLIC),
+    "bundle": Case("GET", "/ca/bundle", PUBLIC),
+    "roots": Case("GET", "/ca/roots", PUBLIC),
     "health": Case("GET", "/health", PUBLIC),
     "openapi": Case("GET", "/openapi.json", PUBLIC),
     "docs": Case("GET", "/docs", PUBLIC),
@@ -114,12 +118,15 @@ UNVERSIONED = ("/health", "/openapi.json", "/docs", "/health/live", "/metrics") 
 def world(enrolled: Enrol, clients: Clients, anon: httpx.Client, admin: httpx.Client) -> World:
     root = x509.load_pem_x509_certificate(admin.get(f"{API}/ca/root").content)
     root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    intermediate = x509.load_pem_x509_certificate(admin.get(f"{API}/ca/intermediate").content)
+    intermediate_ski = intermediate.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier).value.digest.hex()
     target, other = enrolled(), enrolled()
     r = admin.post(f"{API}/services/{target.service_id}/enrolment-token")
     assert r.status_code == 201, r.text
     return World(target, other, {
         "anonymous": anon, "admin": admin, "enrolment": clients.new(token=r.json()["enrolment_token"]),
-        "own": target.client, "other": other.client}, root_ski)
+        "own": target.client, "other": other.client}, root_ski, intermediate_ski)
 
 
 @pytest.mark.parametrize("caller", CALLERS)
@@ -128,7 +135,8 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
                                                             problem: Problem) -> None:
     case = CASES[endpoint]
     prefix = "" if case.path in UNVERSIONED else API
-    url = prefix + case.path.format(sid=world.target.service_id, root_ski=world.root_ski)
+    url = prefix + case.path.format(sid=world.target.service_id, root_ski=world.root_ski,
+                                    intermediate_ski=world.intermediate_ski)
     kwargs: dict[str, Any] = {"params": case.params}
     if case.body is not None:
         kwargs["json"] = case.body(world)
@@ -144,7 +152,8 @@ def test_endpoint_answers_each_kind_of_caller_as_documented(endpoint: str, calle
 
 def test_every_route_is_in_the_matrix() -> None:
     covered = {(c.method, (c.path if c.path in UNVERSIONED else API + c.path)
-                .replace("{sid}", "{service_id}").replace("{root_ski}", "{ski}")) for c in CASES.values()}
+                .replace("{sid}", "{service_id}").replace("{root_ski}", "{ski}")
+                .replace("{intermediate_ski}", "{ski}")) for c in CASES.values()}
     routes = {(m, r.path) for r in ROUTES if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
     assert routes == covered
 

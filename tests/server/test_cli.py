@@ -243,7 +243,9 @@ def test_init_default_keys_names_server_and_public_url(tmp_path: Path, run: Run,
     server = x509.load_pem_x509_certificates((h / "server" / "cert.pem").read_bytes())
     assert mode(h / "server" / "key.pem") == 0o400
     dp = server[0].extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-    assert [n.value for n in dp[0].full_name or []] == ["https://10.1.2.3:8443/api/v1/crl"]
+    intermediate = x509.load_pem_x509_certificate((h / "ca" / "intermediate_ca.pem").read_bytes())
+    ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    assert [n.value for n in dp[0].full_name or []] == [f"https://10.1.2.3:8443/api/v1/crl/{ski}"]
     assert out["crl"]["number"] == 1
 
 

@@ -129,11 +129,13 @@ def assert_leaf_profile(leaf: x509.Certificate, intermediate: x509.Certificate, 
     assert aki(leaf) == ski(intermediate)
     assert leaf.issuer == intermediate.subject
     crl_dp = ext(leaf, x509.CRLDistributionPoints).value
-    assert [n.value for dp in crl_dp for n in dp.full_name or []] == [f"{public_url}/api/v1/crl"]
+    # SPEC §13: per issuer (its subject key identifier), so that the URLs stay right across rotations.
+    issuer_ski = ski(intermediate).hex()
+    assert [n.value for dp in crl_dp for n in dp.full_name or []] == [f"{public_url}/api/v1/crl/{issuer_ski}"]
     aia = ext(leaf, x509.AuthorityInformationAccess).value
     ca_issuers = [d.access_location.value for d in aia
                   if d.access_method == x509.oid.AuthorityInformationAccessOID.CA_ISSUERS]
-    assert ca_issuers == [f"{public_url}/api/v1/ca/intermediate?format=der"]
+    assert ca_issuers == [f"{public_url}/api/v1/ca/intermediate/{issuer_ski}?format=der"]
     assert leaf.not_valid_after_utc <= intermediate.not_valid_after_utc
     assert_serial(leaf.serial_number)
     leaf.verify_directly_issued_by(intermediate)

@@ -73,6 +73,12 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
     "ca_intermediate": ("Intermediate CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]},
                         "200", None),
     "ca_chain": ("Intermediate then root, PEM", [], {}, "200", None),
+    "ca_intermediate_by_ski": ("An intermediate CA certificate by its subject key identifier (hex): what "
+                               "a leaf's AIA names", [], {"parameters": [
+                                   {"name": "ski", "in": "path", "required": True, "schema": {"type": "string"}},
+                                   _q("format", {"enum": ["pem", "der"]}, "")]}, "200", None),
+    "ca_bundle": ("Every unexpired intermediate, then the trusted roots, PEM", [], {}, "200", None),
+    "ca_roots": ("The trusted roots, PEM (two while a root rotates)", [], {}, "200", None),
     "crl": ("The current CRL (DER; ?format=pem for PEM)", [], {"parameters": [
         _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
     "crl_of_issuer": ("The CRL of one CA by its subject key identifier (hex): the intermediate's, or the "

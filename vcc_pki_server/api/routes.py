@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from .. import render
 from ..authority import Actor, Authority
-from ..encoding import cert_pem
+from ..encoding import cert_pem, ski_hex
 from ..errors import CAUnavailable, InvalidRequest, NotFound, NotPermitted
 from ..metrics import CONTENT_TYPE
 from ..policy import check_service_id
@@ -255,6 +255,26 @@ async def ca_chain(request: Request) -> Response:
     return _cert_response(request, *_authority(request).ca.chain)
 
 
+async def ca_intermediate_by_ski(request: Request) -> Response:
+    """``/api/v1/ca/intermediate/{ski}``: the intermediate a leaf's AIA names (SPEC §13)."""
+    ski = request.path_params["ski"].lower()
+    intermediate = _authority(request).ca.certificate
+    if ski != ski_hex(intermediate):
+        raise NotFound(f"no intermediate CA of this server has the subject key identifier {ski!r}")
+    return _cert_response(request, intermediate)
+
+
+async def ca_bundle(request: Request) -> Response:
+    """``/api/v1/ca/bundle``: every unexpired intermediate, then the trusted roots (PEM)."""
+    ca = _authority(request).ca
+    return Response(cert_pem(ca.certificate, ca.root), media_type=PEM)
+
+
+async def ca_roots(request: Request) -> Response:
+    """``/api/v1/ca/roots``: the roots services trust (PEM; two while a root rotates)."""
+    return Response(cert_pem(_authority(request).ca.root), media_type=PEM)
+
+
 async def crl(request: Request) -> Response:
     fmt = request.query_params.get("format", "der").lower()
     if fmt not in ("der", "pem"):
@@ -291,20 +311,16 @@ class RootCRL:
         return kept[1]
 
 
-def _ski_hex(cert: x509.Certificate) -> str:
-    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-
-
 async def crl_of_issuer(request: Request) -> Response:
     """``/api/v1/crl/{issuer_ski_hex}``: the CRL of that CA (the intermediate's is ``/crl``'s)."""
     ski = request.path_params["ski"].lower()
     authority = _authority(request)
-    if ski == _ski_hex(authority.ca.certificate):
+    if ski == ski_hex(authority.ca.certificate):
         return await crl(request)
     fmt = request.query_params.get("format", "der").lower()
     if fmt not in ("der", "pem"):
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
-    if ski != _ski_hex(authority.ca.root):
+    if ski != ski_hex(authority.ca.root):
         raise NotFound(f"no CA of this server has the subject key identifier {ski!r}")
     root_crl: RootCRL = request.app.state.root_crl
     found = await run_in_threadpool(root_crl.current)
@@ -438,6 +454,9 @@ ROUTES: list[BaseRoute] = [
     Route(f"{API}/ca/root", ca_root, methods=["GET"]),
     Route(f"{API}/ca/intermediate", ca_intermediate, methods=["GET"]),
     Route(f"{API}/ca/chain", ca_chain, methods=["GET"]),
+    Route(f"{API}/ca/intermediate/{{ski}}", ca_intermediate_by_ski, methods=["GET"]),
+    Route(f"{API}/ca/bundle", ca_bundle, methods=["GET"]),
+    Route(f"{API}/ca/roots", ca_roots, methods=["GET"]),
     Route(f"{API}/crl", crl, methods=["GET"]),
     Route(f"{API}/audit", audit_log, methods=["GET"]),
     Route(f"{API}/crl/{{ski}}", crl_of_issuer, methods=["GET"]),

@@ -112,13 +112,15 @@ def cmd_ca_info(args: argparse.Namespace) -> int:
         "root": ca_certificate_json(home.root_certificate(), home.root_cert),
         "intermediate": (ca_certificate_json(home.intermediate_certificate(), home.intermediate_cert)
                          if home.has_intermediate() else None),
-        "public_url": config.public_url, "crl_url": config.crl_url, "issuer_url": config.issuer_url,
+        "public_url": config.public_url,
+        "crl_url": config.crl_url(home.intermediate_certificate()) if home.has_intermediate() else None,
+        "issuer_url": config.issuer_url(home.intermediate_certificate()) if home.has_intermediate() else None,
     }
     if args.json:
         print_json(data)
         return 0
     print_fields([("home", data["home"]), ("public URL", config.public_url),
-                  ("CRL URL", config.crl_url)])
+                  ("CRL URL", data["crl_url"] or "-")])
     for what in ("root", "intermediate"):
         print(f"\n{what} CA")
         if data[what] is None:
@@ -173,7 +175,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                     f"until {data['root']['not_after']}"),
         ("intermediate CA", f"{data['intermediate']['key']}, until {data['intermediate']['not_after']}"),
         ("server cert", f"{home.server_cert} for {sans_text(server)}"),
-        ("CRL", f"number {done.crl.number}, served at {config.crl_url}"),
+        ("CRL", f"number {done.crl.number}, served at {config.crl_url(home.intermediate_certificate())}"),
     ])
     print("\nnext: pki-admin token create --name ops   (an admin token for the API)\n"
           "      vcc-pki-server --home DIR --password-file FILE")

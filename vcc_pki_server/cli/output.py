@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from vcc_pki_client.keys import fingerprint_sha256
 
 from .. import render
+from ..encoding import ski_hex
 from ..store import CertificateRecord, CRLRecord, ServiceRecord, TokenRecord, opt_text, utc_text
 
 PROG = "pki-admin"
@@ -93,8 +94,7 @@ def ca_certificate_json(cert: x509.Certificate, path: Path) -> JSON:
         "not_after": utc_text(cert.not_valid_after_utc),
         "fingerprint_sha256": fingerprint_sha256(cert), "path": str(path),
         # Its CRL's path on the server: /api/v1/crl/<subject_key_identifier>
-        "subject_key_identifier": cert.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier).value.digest.hex(),
+        "subject_key_identifier": ski_hex(cert),
     }
 
 
