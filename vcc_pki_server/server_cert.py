@@ -152,9 +152,9 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *,
     version, value = stored
     shared = x509.load_pem_x509_certificate(value)
     mine = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
-    if mine.serial_number != shared.serial_number and mine.not_valid_before_utc >= shared.not_valid_before_utc:
-        # The files are newer (replaced by hand, or renewed by a server of an older version),
-        # or as new (to the second): they become the cluster's pair.
+    if _newness(mine) > _newness(shared):
+        # The files are newer (replaced by hand, or renewed by a server of an older version):
+        # they become the cluster's pair.
         packed = _pack(home, password)
         if store.put_shared_state(SHARED_NAME, packed, replaces=version, at=now, actor="server"):
             log.info("server certificate on disk is newer than the cluster's copy: shared serial=%x",
@@ -177,6 +177,13 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *,
     log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
              issued.certificate.not_valid_after_utc.isoformat())
     return True
+
+
+def _newness(cert: x509.Certificate) -> tuple[datetime, int]:
+    """Which of two server certificates is the newer: the later notBefore; within the same
+    second, the higher serial. The same answer on every replica, so that two of them never take
+    turns storing their own."""
+    return cert.not_valid_before_utc, cert.serial_number
 
 
 def _pack(home: Home, password: str) -> bytes:
