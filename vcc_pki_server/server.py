@@ -156,8 +156,8 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
             log.info("server certificate made serial=%s not_after=%s", issued.record.serial,
                      issued.certificate.not_valid_after_utc.isoformat())
         with server_cert.renewal_lock(home):
-            renewed = server_cert.sync(home, authority, password, utc_now(),
-                                       renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID)
+            renewed, _ = server_cert.sync(home, authority, password, utc_now(),
+                                          renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID)
             server_cert.sync_root_crl(home, authority.store, utc_now())
         if authority.store.latest_crl() is None:
             authority.generate_crl(actor=Actor.operator())

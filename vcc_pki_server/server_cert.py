@@ -11,8 +11,8 @@ under an exclusive ``flock`` on ``<home>/server/renew.lock`` (the workers of one
 * the store holds no pair yet (a new cluster, or one upgraded from before): the home's pair is
   stored (the first server to do so wins; the others adopt it);
 * the store's pair differs from the files: the files are rewritten from it (another replica
-  renewed it), or, when the files hold the newer certificate (replaced by hand), they become
-  the stored pair;
+  renewed it), or, when the files were replaced since the worker's previous check (by hand),
+  they become the stored pair (at a process's first check, the newer of the two wins);
 * it is due: a new certificate with a new key (the server holds the CA key) is written to the
   files and stored in place of the one it replaces (compare-and-set: if another replica renewed
   first, its pair is adopted instead);
@@ -71,6 +71,9 @@ class ServerCertificate:
         self.contexts = ReloadingContexts(self.files, ca_certs=(home.root_certificate(),
                                                                 home.intermediate_certificate()))
         self._stamp = self._file_stamp()
+        # The serial this worker last left in the files: at first, what the server's start-up
+        # left there (it synced the home with the cluster's copy); a later change is local.
+        self._synced: int = self.files.load()[0].serial_number
         self._task: asyncio.Task[None] | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -82,7 +85,8 @@ class ServerCertificate:
         """One check (blocking): follow the cluster's pair, renew it if due, reload if the files
         changed. True if this call renewed the certificate."""
         with self._renewal_lock():
-            renewed = sync(self.home, self.authority, self.password, self.clock())
+            renewed, self._synced = sync(self.home, self.authority, self.password, self.clock(),
+                                         synced=self._synced)
             sync_root_crl(self.home, self.authority.store, self.clock())
         stamp = self._file_stamp()
         if stamp != self._stamp:
@@ -137,11 +141,12 @@ SHARED_NAME = "server-certificate"
 _KEY_MARK = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
 
-def sync(home: Home, authority: Authority, password: str, now: datetime, *,
-         renew: Callable[[x509.Certificate], bool] = lambda cert: False) -> bool:
+def sync(home: Home, authority: Authority, password: str, now: datetime, *, synced: int | None = None,
+         renew: Callable[[x509.Certificate], bool] = lambda cert: False) -> tuple[bool, int]:
     """Make the home's server pair the cluster's (module docstring); renew it if due (or if
-    ``renew(cert)`` says so). Call it under the home's renewal lock. True if this call renewed
-    the certificate."""
+    ``renew(cert)`` says so). Call it under the home's renewal lock. ``synced``: the serial this
+    process left in the files at its previous call (None at its first). Returns whether this
+    call renewed the certificate, and the serial now in the files."""
     store = authority.store
     stored = store.shared_state(SHARED_NAME)
     if stored is None:  # the first server of the cluster to get here shares its pair
@@ -152,9 +157,11 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *,
     version, value = stored
     shared = x509.load_pem_x509_certificate(value)
     mine = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
-    if _newness(mine) > _newness(shared):
-        # The files are newer (replaced by hand, or renewed by a server of an older version):
-        # they become the cluster's pair.
+    changed_here = synced is not None and mine.serial_number != synced  # since this process's last call
+    if mine.serial_number != shared.serial_number and (changed_here if synced is not None
+                                                       else _newness(mine) > _newness(shared)):
+        # The files were replaced here (by hand, or by a server of an older version), or, at a
+        # first call, they are the newer pair: they become the cluster's pair.
         packed = _pack(home, password)
         if store.put_shared_state(SHARED_NAME, packed, replaces=version, at=now, actor="server"):
             log.info("server certificate on disk is newer than the cluster's copy: shared serial=%x",
@@ -167,23 +174,23 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *,
     _adopt(home, value, password)
     current = x509.load_pem_x509_certificate(home.server_cert.read_bytes())
     if not (due(current, now) or renew(current)):
-        return False
+        return False, current.serial_number
     issued = home.issue_server_certificate(authority, home.config())
     if not store.put_shared_state(SHARED_NAME, _pack(home, password), replaces=version, at=now, actor="server"):
         latest = store.shared_state(SHARED_NAME)  # another replica renewed first: its pair is the one
         assert latest is not None
         _adopt(home, latest[1], password)
-        return False
+        return False, x509.load_pem_x509_certificate(latest[1]).serial_number
     log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
              issued.certificate.not_valid_after_utc.isoformat())
-    return True
+    return True, issued.certificate.serial_number
 
 
 def _newness(cert: x509.Certificate) -> tuple[datetime, int]:
-    """Which of two server certificates is the newer: the later notBefore; within the same
-    second, the higher serial. The same answer on every replica, so that two of them never take
-    turns storing their own."""
-    return cert.not_valid_before_utc, cert.serial_number
+    """Which of two server certificates is the newer, for a process that has not synced yet (a
+    replica started from an older copy of the home): the later notAfter (notBefore is clamped
+    to the intermediate's), then the higher serial; the same answer on every replica."""
+    return cert.not_valid_after_utc, cert.serial_number
 
 
 def _pack(home: Home, password: str) -> bytes:
