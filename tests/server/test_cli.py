@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -742,3 +743,35 @@ def test_audit_reads_the_log_newest_first_with_filters(home: Path, run: Run) -> 
     assert len(json.loads(run("--home", str(home), "audit", "--since", "1h", "--json").out)) >= 2
     bad = run("--home", str(home), "audit", "--since", "yesterday")
     assert bad.code == 2 and "expected a time" in bad.err
+
+
+# -- ca status ---------------------------------------------------------------------------------
+def test_ca_status_counts_services_under_the_current_intermediate_and_with_old_urls(home: Path, run: Run) -> None:
+    """SPEC §13: the figure an operator waits on before rotating (services renewed under the
+    current intermediate) and the leaves that still carry the URLs of before per-issuer URLs."""
+    g = ("--home", str(home))
+    for sid in ("fresh", "renewed"):
+        assert run(*g, "cert", "issue", "--service-id", sid, "--cn", sid, "--key-type", "ec-p256").code == 0
+    assert run(*g, "service", "register", "--service-id", "waiting", "--name", "Waiting").code == 0
+    # "old" got its certificate from a server before SPEC §13: the CDP of the time.
+    h = Home(home)
+    auth = h.authority(CA_PW)
+    try:
+        config = h.config()
+        legacy_ca = attrs.evolve(auth.ca, crl_url=f"{config.public_url}/api/v1/crl",
+                                  issuer_url=f"{config.public_url}/api/v1/ca/intermediate?format=der")
+        old = Authority(auth.store, legacy_ca)
+        old.issue_with_key("old", common_name="old", key_type="ec-p256", actor=Actor.operator())
+    finally:
+        auth.store.close()
+
+    data = run(*g, "ca", "status", "--json").json()
+    intermediate = x509.load_pem_x509_certificate(h.intermediate_cert.read_bytes())
+    ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    assert [(c["role"], c["state"]) for c in data["cas"]] == [("root", "trusted"), ("intermediate", "current")]
+    assert data["cas"][1]["subject_key_identifier"] == ski
+    # The CA server's own service (made by init) counts too.
+    assert (data["services"], data["with_certificate"], data["under_current"]) == (5, 4, 4)
+    assert (data["legacy_urls"], data["legacy_url_services"]) == (1, ["old"])
+    text = run(*g, "ca", "status")
+    assert text.code == 0 and "renewed under the current intermediate" in text.out and "old" in text.out

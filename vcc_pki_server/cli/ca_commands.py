@@ -1,4 +1,5 @@
-"""The CA's own commands: ``pki-admin ca init-root | create-intermediate | info`` and ``init``."""
+"""The CA's own commands: ``pki-admin ca init-root | create-intermediate | root-crl | info | status``
+and ``init``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from cryptography.hazmat.primitives import serialization
 from ..authority import Actor
 from ..bootstrap import initialize, key_type_label, record_key_creation, refuse_existing_ca
 from ..config import Config
+from ..encoding import ski_hex
 from ..errors import CAError, CAUnavailable, InvalidRequest
 from ..home import Home
 from ..policy import check_trust_domain, normalize_sans
-from ..store import utc_text
-from .access import ca_password, existing_home, root_password
+from ..store import current_certificate, utc_text
+from .access import ca_password, existing_home, open_authority, root_password
 from .output import (
     JSON,
     PROG,
@@ -25,6 +27,7 @@ from .output import (
     crl_json,
     print_fields,
     print_json,
+    print_table,
     progress,
     sans_text,
 )
@@ -127,6 +130,62 @@ def cmd_ca_info(args: argparse.Namespace) -> int:
             print("  (none: run `pki-admin ca create-intermediate`)")
             continue
         print_fields([(f"  {k}", str(v)) for k, v in data[what].items()])
+    return 0
+
+
+def cmd_ca_status(args: argparse.Namespace) -> int:
+    """Each CA and its state, and where the fleet's current certificates stand: how many
+    services renewed under the current intermediate, how many still carry the URLs of before
+    SPEC §13 (renew them before a rotation)."""
+    with open_authority(args, sign=False) as (home, authority):
+        config = home.config()
+        root, intermediate = home.root_certificate(), home.intermediate_certificate()
+        now = authority.clock()
+        current_ski = ski_hex(intermediate)
+        counts = {"services": 0, "with_certificate": 0, "under_current": 0, "legacy_urls": 0}
+        legacy: list[str] = []
+        after: str | None = None
+        while True:
+            page = authority.list_services(limit=500, after=after)
+            if not page:
+                break
+            after = page[-1].service_id
+            for service in page:
+                counts["services"] += 1
+                record = current_certificate(authority.store.certificates_for(service.service_id), now)
+                if record is None:
+                    continue
+                counts["with_certificate"] += 1
+                cert = record.certificate()
+                aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+                counts["under_current"] += (aki or b"").hex() == current_ski
+                urls = [n.value for dp in cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+                        for n in dp.full_name or []]
+                if urls != [config.crl_url(intermediate)] and any(u.endswith("/api/v1/crl") for u in urls):
+                    counts["legacy_urls"] += 1
+                    legacy.append(service.service_id)
+
+    def ca(cert: x509.Certificate, role: str, state: str) -> JSON:
+        return {"role": role, "state": state, "subject": cert.subject.rfc4514_string(),
+                "subject_key_identifier": ski_hex(cert), "not_after": utc_text(cert.not_valid_after_utc),
+                "days_left": (cert.not_valid_after_utc - now).days}
+
+    data: JSON = {"cas": [ca(root, "root", "trusted"), ca(intermediate, "intermediate", "current")],
+                  **counts, "legacy_url_services": legacy}
+    if args.json:
+        print_json(data)
+        return 0
+    print_table(("ROLE", "STATE", "SUBJECT KEY IDENTIFIER", "NOT AFTER", "DAYS LEFT"),
+                [(c["role"], c["state"], c["subject_key_identifier"], c["not_after"], str(c["days_left"]))
+                 for c in data["cas"]])
+    print()
+    print_fields([
+        ("services", str(counts["services"])),
+        ("with a current certificate", str(counts["with_certificate"])),
+        ("renewed under the current intermediate", str(counts["under_current"])),
+        ("with the URLs of before SPEC §13", f"{counts['legacy_urls']}"
+         + (f" ({', '.join(legacy[:10])}{', ...' if len(legacy) > 10 else ''}): let them renew" if legacy else "")),
+    ])
     return 0
 
 

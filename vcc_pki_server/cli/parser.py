@@ -20,6 +20,7 @@ from .ca_commands import (
     cmd_ca_info,
     cmd_ca_init_root,
     cmd_ca_root_crl,
+    cmd_ca_status,
     cmd_init,
 )
 from .cert_commands import cmd_cert_info, cmd_cert_issue, cmd_cert_list, cmd_cert_renew, cmd_cert_revoke
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
             "create-intermediate make the first", password_options(root=True, ca=False),
             epilog="example:\n  pki-admin ca root-crl --root-password-file root.pw")
     command(ca, "info", cmd_ca_info, "show the CA certificates and URLs (no password needed)")
+    command(ca, "status", cmd_ca_status,
+            "each CA and its state; how many services renewed under the current intermediate, and how "
+            "many still carry the CRL URLs of before per-issuer URLs (no password needed)",
+            epilog="example:\n  pki-admin ca status --json")
 
     # cert
     cert = group("cert", "service certificates")
