@@ -324,6 +324,9 @@ def test_expired_and_revoked_admin_tokens_are_rejected(authority: Authority, cli
     assert client.get(f"{API}/services/").status_code == 200
     authority.revoke_token(revoked.record.token_id, actor=Actor.operator())
     assert "revoked" in problem(client.get(f"{API}/services/"), 401, "invalid_token")["detail"]
+    # Certificate requests too (their issuer looks a token up once per batch of requests).
+    r = client.post(f"{API}/certificates/request", json={"service_id": "any", "csr": "-----BEGIN"})
+    assert "revoked" in problem(r, 401, "invalid_token")["detail"]
 
 
 @pytest.mark.parametrize("header", ["Basic YWRtaW46YWRtaW4=", "Bearer", "Bearer not-a-token",

@@ -31,7 +31,7 @@ from .. import render
 from ..authority import Actor, Authority, Issued
 from ..errors import CAUnavailable
 from ..policy import check_service_id
-from .requests import authenticate_scope, field, parse_json_body, read_body, requested_lifetime
+from .requests import adopt_actor, authenticate_scope, field, parse_json_body, read_body, requested_lifetime
 
 ISSUE_PATH = "/api/v1/certificates/request"
 
@@ -176,11 +176,22 @@ class Issuer:
             refused: list[_Answer] = []
             signed: list[tuple[Issued, Actor]] = []
             waiting: list[tuple[_Mailbox, asyncio.Future[Issued]]] = []
+            # A bearer token is looked up once per batch: the requests of one batch arrived
+            # together, and each store read here hands the GIL back to the event loop's thread.
+            # Enrolment tokens are not kept (each spends its token; the store says which wins).
+            tokens: dict[str, Actor] = {}
             for mailbox, waiter, authorization, scope, service_id, csr, validity in jobs:
                 if waiter.done():  # answered already: past the deadline, or the client went away
                     continue
                 try:
-                    actor = authenticate_scope(authority, authorization, scope)
+                    known = tokens.get(authorization) if authorization else None
+                    if known is not None:
+                        actor = known
+                        adopt_actor(scope, actor)
+                    else:
+                        actor = authenticate_scope(authority, authorization, scope)
+                        if authorization and actor.kind == "admin":
+                            tokens[authorization] = actor
                     signed.append((authority.sign_request(service_id, csr, actor=actor,
                                                           validity=validity), actor))
                 except BaseException as exc:

@@ -160,11 +160,16 @@ def authenticate_scope(authority: Authority, header: str | None, scope: MutableM
         actor = authority.authenticate_certificate(der)
     if actor.kind == "metrics" and not metrics:
         raise NotPermitted("a metrics token opens GET /metrics and nothing else")
+    adopt_actor(scope, actor)
+    return actor
+
+
+def adopt_actor(scope: MutableMapping[str, Any], actor: Actor) -> None:
+    """Note who asks in the request's scope: for the access log, the edge and the metrics."""
     state = scope.setdefault("state", {})
     state["actor"] = actor.label  # for the access log
     state["admin"] = actor.is_admin  # a failure's full detail is for admins (the edge)
     state["enrolment"] = actor.kind == "enrolment"  # a first certificate (the issued metric)
-    return actor
 
 
 async def as_actor(request: Request, work: Callable[[Actor], T]) -> T:
