@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from vcc_pki_client import CertificateFiles, ReloadingContexts
 
 from .authority import Authority, utc_now
+from .errors import CAError
 from .home import Home, key_pem, write_file
 from .store import Store
 
@@ -84,7 +85,7 @@ class ServerCertificate:
     def check(self) -> bool:
         """One check (blocking): follow the cluster's pair, renew it if due, reload if the files
         changed. True if this call renewed the certificate."""
-        with self._renewal_lock():
+        with renewal_lock(self.home):
             renewed, self._synced = sync(self.home, self.authority, self.password, self.clock(),
                                          synced=self._synced)
             sync_root_crl(self.home, self.authority.store, self.clock())
@@ -111,15 +112,14 @@ class ServerCertificate:
             await asyncio.sleep(self.interval)
             try:
                 await run_in_threadpool(self.check)
+            except CAError as exc:  # e.g. the database is down: the old certificate keeps serving
+                log.warning("server certificate check failed (tried again in %gs): %s", self.interval, exc.message)
             except Exception:  # the old certificate keeps serving; the next check tries again
                 log.exception("server certificate check failed")
 
     def _file_stamp(self) -> tuple[int, int, int]:
         st = self.home.server_cert.stat()
         return st.st_ino, st.st_mtime_ns, st.st_size
-
-    def _renewal_lock(self) -> contextlib.AbstractContextManager[None]:
-        return renewal_lock(self.home)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,11 @@ def _q(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
 
 
+_SKI = {"name": "ski", "in": "path", "required": True,
+        "schema": {"type": "string", "description": "a CA's subject key identifier, hex"}}
+_PEM_OR_DER = _q("format", {"enum": ["pem", "der"]}, "")
+_DER_OR_PEM = _q("format", {"enum": ["der", "pem"]}, "")
+
 _PAGE = [_q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"),
          _q("cursor", {"type": "string"}, "next_cursor of the previous page")]
 
@@ -69,22 +74,16 @@ OPERATIONS: dict[str, tuple[str, list[str], dict[str, Any], str, str | None]] = 
                              "200", "Decommissioned"),
     "new_enrolment_token": ("A fresh one-time enrolment token for a service", ["admin"],
                             {"parameters": [_ID]}, "201", None),
-    "ca_root": ("Root CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]}, "200", None),
-    "ca_intermediate": ("Intermediate CA certificate", [], {"parameters": [_q("format", {"enum": ["pem", "der"]}, "")]},
-                        "200", None),
+    "ca_root": ("Root CA certificate", [], {"parameters": [_PEM_OR_DER]}, "200", None),
+    "ca_intermediate": ("Intermediate CA certificate", [], {"parameters": [_PEM_OR_DER]}, "200", None),
     "ca_chain": ("Intermediate then root, PEM", [], {}, "200", None),
     "ca_intermediate_by_ski": ("An intermediate CA certificate by its subject key identifier (hex): what "
-                               "a leaf's AIA names", [], {"parameters": [
-                                   {"name": "ski", "in": "path", "required": True, "schema": {"type": "string"}},
-                                   _q("format", {"enum": ["pem", "der"]}, "")]}, "200", None),
+                               "a leaf's AIA names", [], {"parameters": [_SKI, _PEM_OR_DER]}, "200", None),
     "ca_bundle": ("Every unexpired intermediate, then the trusted roots, PEM", [], {}, "200", None),
     "ca_roots": ("The trusted roots, PEM (two while a root rotates)", [], {}, "200", None),
-    "crl": ("The current CRL (DER; ?format=pem for PEM)", [], {"parameters": [
-        _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
+    "crl": ("The current CRL (DER; ?format=pem for PEM)", [], {"parameters": [_DER_OR_PEM]}, "200", None),
     "crl_of_issuer": ("The CRL of one CA by its subject key identifier (hex): the intermediate's, or the "
-                      "root's (revoked intermediates)", [], {"parameters": [
-                          {"name": "ski", "in": "path", "required": True, "schema": {"type": "string"}},
-                          _q("format", {"enum": ["der", "pem"]}, "")]}, "200", None),
+                      "root's (revoked intermediates)", [], {"parameters": [_SKI, _DER_OR_PEM]}, "200", None),
     "health": ("Readiness: 503 while the database does not answer or writes fail", [], {}, "200", None),
     "openapi": ("This document", [], {}, "200", None),
     "audit_log": ("The audit log, newest first (admin)", ["admin"], {"parameters": [
