@@ -146,6 +146,25 @@ def create_root(key: CAPrivateKey, *, now: datetime, days: int = 3650,
     return builder.sign(key, signature_hash(key))
 
 
+def create_cross_certificate(new_root: x509.Certificate, old_root: x509.Certificate, old_root_key: CAPrivateKey,
+                             *, now: datetime) -> x509.Certificate:
+    """``new_root``'s name and key certified by ``old_root`` (SPEC §13): a chain through it
+    leads a verifier that trusts only the old root to the new one. A CA without a path length,
+    as the new root is; valid while both roots are."""
+    not_after = min(new_root.not_valid_after_utc, old_root.not_valid_after_utc)
+    builder = _ca_builder(new_root.subject, old_root.subject, new_root.public_key(),  # type: ignore[arg-type]
+                          now, not_after, None)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(old_root_key.public_key()), critical=False)
+    return builder.sign(old_root_key, signature_hash(old_root_key))
+
+
+def generation_name(base: str, generation: int) -> str:
+    """The common name of a CA's ``generation``-th certificate: ``base`` for the first, then
+    ``base G2``, ``G3``... (distinct names: verifiers match CRLs and issuers by name)."""
+    return base if generation <= 1 else f"{base} G{generation}"
+
+
 def create_intermediate(root: x509.Certificate, root_key: CAPrivateKey, key: CAPrivateKey, *,
                         now: datetime, days: int = 1825,
                         common_name: str = "VCC Intermediate CA") -> x509.Certificate:
@@ -186,7 +205,9 @@ class CertificateAuthority:
     """The issuing intermediate (with its key) plus the root above it.
 
     ``crl_url`` and ``issuer_url`` go into every leaf as the CRL distribution point and the
-    AIA caIssuers URI.
+    AIA caIssuers URI. ``cross``: while a root rotates (SPEC §13), the new root certified by the
+    old one, sent after the root in every chain so that peers trusting only the old root
+    still find a path.
     """
 
     root: x509.Certificate
@@ -194,6 +215,7 @@ class CertificateAuthority:
     key: CAPrivateKey = attrs.field(repr=False)
     crl_url: str
     issuer_url: str
+    cross: x509.Certificate | None = None
     _aki: x509.AuthorityKeyIdentifier = attrs.field(init=False, repr=False)
     _hash: hashes.SHA256 | hashes.SHA384 = attrs.field(init=False, repr=False)
     _chain_pem: bytes = attrs.field(init=False, repr=False)
@@ -208,7 +230,7 @@ class CertificateAuthority:
         object.__setattr__(self, "_aki",
                            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
         object.__setattr__(self, "_hash", signature_hash(self.key))
-        object.__setattr__(self, "_chain_pem", cert_pem(self.certificate, self.root))
+        object.__setattr__(self, "_chain_pem", cert_pem(*self.chain))
 
         ext = _raw_extension
 
@@ -235,9 +257,15 @@ class CertificateAuthority:
         ))
 
     @property
-    def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
-        """Intermediate then root, the order TLS peers expect after the leaf."""
-        return (self.certificate, self.root)
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Intermediate then root, the order TLS peers expect after the leaf (then the
+        cross-certificate while a root rotates)."""
+        return (self.certificate, self.root) if self.cross is None else (self.certificate, self.root, self.cross)
+
+    @property
+    def ski(self) -> str:
+        """The intermediate's subject key identifier, hex: its name in URLs and the store."""
+        return self._aki.key_identifier.hex()  # type: ignore[union-attr]
 
     @property
     def chain_pem(self) -> bytes:
@@ -312,3 +340,32 @@ def build_crl(issuer: x509.Certificate, key: CAPrivateKey, revoked: Sequence[tup
         revoked_certificates=entries,
     )
     return builder.sign(key, signature_hash(key))
+
+
+@attrs.frozen
+class CAs:
+    """Every CA a server works with (SPEC §13): the ``current`` intermediate signs new
+    certificates; ``issuers`` (SKI → CA, the current one included) are the unexpired
+    intermediates, each still signing the CRL of its own certificates; ``roots`` the trusted
+    roots (the current one first); ``crosses`` the cross-certificates between trusted roots."""
+
+    current: CertificateAuthority
+    issuers: dict[str, CertificateAuthority]
+    roots: tuple[x509.Certificate, ...]
+    crosses: tuple[x509.Certificate, ...] = ()
+    version: int = 0  # of the cluster's record it was built from (0: the home's files)
+
+    @classmethod
+    def single(cls, ca: CertificateAuthority) -> CAs:
+        return cls(ca, {ca.ski: ca}, (ca.root,))
+
+    @property
+    def bundle(self) -> tuple[x509.Certificate, ...]:
+        """``/ca/bundle``: the intermediates (current first), the roots, the cross-certificates."""
+        others = [ca.certificate for ski, ca in self.issuers.items() if ski != self.current.ski]
+        return (self.current.certificate, *others, *self.roots, *self.crosses)
+
+    @property
+    def trusted(self) -> tuple[x509.Certificate, ...]:
+        """What client certificates are verified against: the roots and the intermediates."""
+        return (*self.roots, *(ca.certificate for ca in self.issuers.values()))

@@ -17,9 +17,11 @@ from vcc_pki_client.files import write_atomically
 from vcc_pki_client.identity import PKI_SERVER_ID
 
 from .authority import Actor, Authority, Issued, utc_now
-from .ca import CAPrivateKey, CertificateAuthority, build_crl, create_intermediate, create_root, generate_key
+from .ca import CAPrivateKey, CAs, CertificateAuthority, build_crl, create_intermediate, create_root, generate_key
+from .ca_set import SHARED_NAME as CA_SET_NAME
+from .ca_set import CASet, IntermediateEntry, RootEntry
 from .config import Config
-from .encoding import cert_pem
+from .encoding import cert_pem, ski_hex
 from .errors import CAError, CAUnavailable
 from .store import Store
 from .store.sqlite import SQLiteStore
@@ -52,6 +54,8 @@ class Home:
         self.root_crl_file = self.ca_dir / "root_crl.pem"
         self.intermediate_cert = self.ca_dir / "intermediate_ca.pem"
         self.intermediate_key = self.ca_dir / "intermediate_ca_key.pem"
+        # Every CA this home has had (SPEC §13), by SKI: <ski>.pem, <ski>_key.pem, <ski>_cross.pem.
+        self.authorities_dir = self.ca_dir / "authorities"
         self.services_dir = self.root / "service_certificates"
         self.server_dir = self.root / "server"
         self.server_cert = self.server_dir / "cert.pem"
@@ -94,6 +98,16 @@ class Home:
 
     def intermediate_certificate(self) -> x509.Certificate:
         return _load_cert(self.intermediate_cert, "intermediate CA")
+
+    def load_root_key(self, root: x509.Certificate, password: str) -> CAPrivateKey:
+        """The key of ``root`` (``root_ca_key.pem``, or its copy among the authorities)."""
+        for path in (self.root_key, self.authorities_dir / f"{ski_hex(root)}_key.pem"):
+            if path.exists():
+                key = self._load_key(path, password, "root CA")
+                if key.public_key() == root.public_key():
+                    return key
+        raise CAUnavailable(f"the key of root CA {root.subject.rfc4514_string()} is not in {self.ca_dir}: "
+                            "run this where the root key is kept")
 
     def _load_key(self, path: Path, password: str, what: str) -> CAPrivateKey:
         try:
@@ -160,11 +174,60 @@ class Home:
         return crl
 
     def load_ca(self, password: str, config: Config | None = None) -> CertificateAuthority:
+        """The current intermediate as the home's files hold it (checks the CA password)."""
         config = config or self.config()
         cert = self.intermediate_certificate()
         key = self._load_key(self.intermediate_key, password, "intermediate CA")
         return CertificateAuthority(root=self.root_certificate(), certificate=cert, key=key,
                                     crl_url=config.crl_url(cert), issuer_url=config.issuer_url(cert))
+
+    # -- the CA set (SPEC §13) ------------------------------------------------------------------
+    def ca_set(self, store: Store) -> CASet:
+        """The cluster's record of its CAs, or (before the first rotation) the home's files as one."""
+        stored = store.shared_state(CA_SET_NAME)
+        if stored is not None:
+            return CASet.from_json(stored[1], stored[0])
+        return CASet((RootEntry(self.root_certificate()),),
+                     (IntermediateEntry(self.intermediate_certificate(), self.intermediate_key.read_bytes()),))
+
+    def adopt_ca_set(self, cas: CASet) -> bool:
+        """Rewrite the home's CA files from ``cas`` where they differ (a rotation made elsewhere,
+        or one cut short here). Root keys are never in the record: ``root_ca_key.pem`` is copied
+        from the authorities folder where this home has it. True if a file changed."""
+        self.authorities_dir.mkdir(mode=0o700, exist_ok=True)
+        plan: list[tuple[Path, bytes, int]] = []
+        for root in cas.roots:
+            plan.append((self.authorities_dir / f"{root.ski}.pem", cert_pem(root.cert), 0o644))
+            if root.cross is not None:
+                plan.append((self.authorities_dir / f"{root.ski}_cross.pem", cert_pem(root.cross), 0o644))
+        for entry in cas.intermediates:
+            plan.append((self.authorities_dir / f"{entry.ski}.pem", cert_pem(entry.cert), 0o644))
+            plan.append((self.authorities_dir / f"{entry.ski}_key.pem", entry.key_pem, 0o400))
+        current = cas.current
+        root = cas.root_of(current.cert)
+        root_key = self.authorities_dir / f"{root.ski}_key.pem"
+        if root_key.exists():
+            plan.append((self.root_key, root_key.read_bytes(), 0o400))
+        # The key before its certificate: a pair read between the two is a mismatch, refused.
+        plan += [(self.intermediate_key, current.key_pem, 0o400),
+                 (self.intermediate_cert, cert_pem(current.cert), 0o644),
+                 (self.root_cert, cert_pem(root.cert), 0o644)]
+        changed = False
+        for path, data, mode in plan:
+            if not path.exists() or path.read_bytes() != data:
+                write_file(path, data, mode)
+                changed = True
+        return changed
+
+    def load_cas(self, password: str, store: Store, config: Config | None = None,
+                 now: datetime | None = None) -> CAs:
+        """Every CA the servers sign with (the files first brought in line with the record)."""
+        config = config or self.config()
+        cas = self.ca_set(store)
+        if cas.version:
+            self.adopt_ca_set(cas)
+        return cas.authorities(password, lambda cert: (config.crl_url(cert), config.issuer_url(cert)),
+                               now or utc_now())
 
     def database_url(self, config: Config | None = None) -> str | None:
         """The PostgreSQL URL: ``$VCC_PKI_DATABASE_URL``, else config.toml's ``database_url``,
@@ -179,20 +242,42 @@ class Home:
                 from .store.postgres import PostgresStore
             except ImportError as exc:
                 raise CAError(f"database_url is set but {exc}") from None
-            return PostgresStore(url)
+            return self._with_issuers(PostgresStore(url))
         self.ensure()
         if self.has_intermediate() and (not self.db.exists() or self.db.stat().st_size == 0):
             # A store made anew here would start CRL numbers at 1, list no revocation and know
             # no token: refuse rather than serve that as the truth.
             raise CAError(f"{self.db} is missing or empty, but {self.root} has a CA: restore it from a "
                           "backup (docs/operations.md); refusing to start on an empty store")
-        return SQLiteStore(self.db)
+        return self._with_issuers(SQLiteStore(self.db))
+
+    def _with_issuers(self, store: Store) -> Store:
+        """``store``, with its rows from before schema 6 given their issuer (before any rotation
+        the one intermediate there is), and this home's files brought in line with the cluster's
+        record of its CAs (a rotation made on another host, or cut short here)."""
+        if not self.has_intermediate():
+            return store
+        try:
+            cas = self.ca_set(store)
+            if cas.version:
+                self.adopt_ca_set(cas)
+            else:
+                store.assign_issuer(cas.current.ski)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def authority(self, password: str | None = None) -> Authority:
         """An Authority over this home; with ``password`` it can sign."""
         config = self.config()
-        ca = self.load_ca(password, config) if password is not None else None
-        return Authority(self.open_store(config), ca, policy=config.policy(), settings=config.settings())
+        store = self.open_store(config)
+        try:
+            cas = self.load_cas(password, store, config) if password is not None else None
+        except BaseException:
+            store.close()
+            raise
+        return Authority(store, cas, policy=config.policy(), settings=config.settings())
 
     # -- issued files -----------------------------------------------------------------------
     def write_service_files(self, service_id: str, issued: Issued, key: Any) -> Path:

@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from .authority import Authority
+from .store import CRLRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPERATIONS = ("enroll", "issue", "renew", "rekey")
@@ -65,15 +66,18 @@ class StoreFigures(Collector):
     def collect(self) -> Iterator[Any]:
         authority = self.authority
         store = authority.store
-        crl = store.list_crls(1)
+        # The newest CRL of each issuer (one, or a few while intermediates rotate).
+        newest: dict[str, CRLRecord] = {}
+        for record in store.list_crls(50):
+            newest.setdefault(record.issuer, record)
         number = GaugeMetricFamily("vcc_pki_crl_number", "Number of the newest CRL (0: none yet)")
-        entries = GaugeMetricFamily("vcc_pki_crl_entries", "Revoked certificates the newest CRL lists")
+        entries = GaugeMetricFamily("vcc_pki_crl_entries", "Revoked certificates the CRLs in force list")
         next_update = GaugeMetricFamily("vcc_pki_crl_next_update_timestamp_seconds",
-                                        "nextUpdate of the newest CRL (Unix time)")
-        if crl:
-            number.add_metric([], crl[0].number)
-            entries.add_metric([], crl[0].entries)
-            next_update.add_metric([], crl[0].next_update.timestamp())
+                                        "nextUpdate of the CRL in force that expires first (Unix time)")
+        if newest:
+            number.add_metric([], max(c.number for c in newest.values()))
+            entries.add_metric([], sum(c.entries for c in newest.values()))
+            next_update.add_metric([], min(c.next_update for c in newest.values()).timestamp())
         else:
             number.add_metric([], 0)
         yield from (number, entries, next_update)
@@ -87,7 +91,7 @@ class StoreFigures(Collector):
         ca = GaugeMetricFamily("vcc_pki_ca_expiry_timestamp_seconds", "notAfter of the CA certificates (Unix time)",
                                labels=["ca"])
         ca.add_metric(["root"], authority.ca.root.not_valid_after_utc.timestamp())
-        ca.add_metric(["intermediate"], authority.ca.certificate.not_valid_after_utc.timestamp())
+        ca.add_metric(["intermediate"], authority.ca.certificate.not_valid_after_utc.timestamp())  # the current
         yield ca
 
 

@@ -159,7 +159,7 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
             renewed, _ = server_cert.sync(home, authority, password, utc_now(),
                                           renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID)
             server_cert.sync_root_crl(home, authority.store, utc_now())
-        if authority.store.latest_crl() is None:
+        if authority.store.latest_crl(authority.ca.ski) is None:
             authority.generate_crl(actor=Actor.operator())
     finally:
         authority.store.close()

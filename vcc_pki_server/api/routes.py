@@ -252,35 +252,42 @@ async def ca_intermediate(request: Request) -> Response:
 
 
 async def ca_chain(request: Request) -> Response:
-    return _cert_response(request, *_authority(request).ca.chain)
+    """``/api/v1/ca/chain``: the current intermediate, then its root."""
+    ca = _authority(request).ca
+    return _cert_response(request, ca.certificate, ca.root)
 
 
 async def ca_intermediate_by_ski(request: Request) -> Response:
     """``/api/v1/ca/intermediate/{ski}``: the intermediate a leaf's AIA names (SPEC §13)."""
     ski = request.path_params["ski"].lower()
-    intermediate = _authority(request).ca.certificate
-    if ski != ski_hex(intermediate):
-        raise NotFound(f"no intermediate CA of this server has the subject key identifier {ski!r}")
-    return _cert_response(request, intermediate)
+    ca = _authority(request).cas.issuers.get(ski)
+    if ca is None:
+        raise NotFound(f"no unexpired intermediate CA of this server has the subject key identifier {ski!r}")
+    return _cert_response(request, ca.certificate)
 
 
 async def ca_bundle(request: Request) -> Response:
-    """``/api/v1/ca/bundle``: every unexpired intermediate, then the trusted roots (PEM)."""
-    ca = _authority(request).ca
-    return Response(cert_pem(ca.certificate, ca.root), media_type=PEM)
+    """``/api/v1/ca/bundle``: every unexpired intermediate (the current one first), the trusted
+    roots, and while a root rotates the cross-certificate between them (PEM)."""
+    return Response(cert_pem(*_authority(request).cas.bundle), media_type=PEM)
 
 
 async def ca_roots(request: Request) -> Response:
     """``/api/v1/ca/roots``: the roots services trust (PEM; two while a root rotates)."""
-    return Response(cert_pem(_authority(request).ca.root), media_type=PEM)
+    return Response(cert_pem(*_authority(request).cas.roots), media_type=PEM)
 
 
 async def crl(request: Request) -> Response:
+    """``/api/v1/crl``: the current intermediate's CRL."""
+    return await _crl_of(request, _authority(request).ca.ski)
+
+
+async def _crl_of(request: Request, issuer: str) -> Response:
     fmt = request.query_params.get("format", "der").lower()
     if fmt not in ("der", "pem"):
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
     authority = _authority(request)
-    record = await _newest_crl(request, authority)
+    record = await _newest_crl(request, authority, issuer)
     headers = {"Cache-Control": "no-cache"}
     if fmt == "pem":
         pem = authority.cached_crl_pem(record) or await run_in_threadpool(authority.crl_pem, record)
@@ -315,8 +322,8 @@ async def crl_of_issuer(request: Request) -> Response:
     """``/api/v1/crl/{issuer_ski_hex}``: the CRL of that CA (the intermediate's is ``/crl``'s)."""
     ski = request.path_params["ski"].lower()
     authority = _authority(request)
-    if ski == ski_hex(authority.ca.certificate):
-        return await crl(request)
+    if ski in authority.cas.issuers:
+        return await _crl_of(request, ski)
     fmt = request.query_params.get("format", "der").lower()
     if fmt not in ("der", "pem"):
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
@@ -331,16 +338,16 @@ async def crl_of_issuer(request: Request) -> Response:
                     headers={"Cache-Control": "no-cache"})
 
 
-async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
+async def _newest_crl(request: Request, authority: Authority, issuer: str) -> CRLRecord:
     """The newest CRL in the store, asked after this request arrived: behind a load balancer
     (or with several workers) no replica then serves a CRL older than one another already
     served. The one held is served when its number is the newest (the usual case: one small
     query, no CRL read). A store that does not answer within the probe's timeout: the CRL
     held, if any (the newest this replica knows), else 503."""
     probe: StoreProbe = request.app.state.probe
-    held = authority.held_crl()
+    held = authority.held_crl(issuer)
     try:
-        newest = await probe.crl_number()
+        newest = await probe.crl_number(issuer)
     except Exception as exc:
         if held is None:
             raise CAUnavailable("the CRL cannot be read: the database does not answer") from exc
@@ -349,7 +356,7 @@ async def _newest_crl(request: Request, authority: Authority) -> CRLRecord:
         return held
     if held is not None and held.number >= newest:
         return held
-    return await store_calls(request).run(functools.partial(authority.crl, at_least=newest))
+    return await store_calls(request).run(functools.partial(authority.crl, issuer=issuer, at_least=newest))
 
 
 async def liveness(request: Request) -> Response:
@@ -363,7 +370,7 @@ async def health(request: Request) -> Response:
     may ask: the answer says what is wrong, not where (the log has the database and the cause)."""
     probe: StoreProbe = request.app.state.probe
     try:
-        number = await probe.crl_number()
+        number = await probe.crl_number(_authority(request).ca.ski)
     except TimeoutError:
         return JSONResponse({"status": "unavailable", "database": "unavailable", "ca": "loaded",
                              "detail": f"the database did not answer within {probe.timeout:g} s"},
@@ -381,34 +388,34 @@ async def health(request: Request) -> Response:
 
 
 class StoreProbe:
-    """Asks the store one cheap question (the latest CRL number) in a thread of its own, so
-    that a database that hangs neither blocks the event loop nor takes the worker threads
-    other requests need. At most one question is in flight: while it hangs, every health
-    check waits on it for at most ``timeout`` seconds, and none queues another."""
+    """Asks the store one cheap question (an issuer's latest CRL number) in a thread of its
+    own, so that a database that hangs neither blocks the event loop nor takes the worker
+    threads other requests need. At most one question is in flight: while it hangs, every
+    health check waits on it for at most ``timeout`` seconds, and none queues another."""
 
     def __init__(self, store: Store, *, timeout: float = 0.5) -> None:
         self.store = store
         self.timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
-        self._asking: Future[int] | None = None
-        self._started = 0.0  # when the question in ``_asking`` was asked (monotonic)
+        # The question in flight: its answer, when it was asked (monotonic), whose CRL.
+        self._asking: tuple[Future[int], float, str] | None = None
 
-    async def crl_number(self) -> int:
-        """The newest CRL number in the store, from a question asked after this call began
-        (an answer to an older question could predate a CRL another replica served since).
-        TimeoutError after ``timeout`` seconds; the store's own errors as raised."""
+    async def crl_number(self, issuer: str) -> int:
+        """The newest CRL number of ``issuer`` in the store, from a question asked after this
+        call began (an answer to an older question could predate a CRL another replica served
+        since). TimeoutError after ``timeout`` seconds; the store's own errors as raised."""
         arrived = time.monotonic()
         deadline = arrived + self.timeout
         while True:
-            asking, started = self._asking, self._started
-            if asking is None or (asking.done() and started < arrived):
-                started = self._started = time.monotonic()
-                asking = self._asking = self._executor.submit(self.store.latest_crl_number)
+            asking = self._asking
+            if asking is None or (asking[0].done() and (asking[1] < arrived or asking[2] != issuer)):
+                asking = self._asking = (self._executor.submit(self.store.latest_crl_number, issuer),
+                                         time.monotonic(), issuer)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            number = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking)), remaining)
-            if started >= arrived:
+            number = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking[0])), remaining)
+            if asking[1] >= arrived and asking[2] == issuer:
                 return number
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 from cryptography import x509
 
-from ..ca import CertificateAuthority
+from ..ca import CAs, CertificateAuthority
 from ..errors import CAUnavailable, NotPermitted
 from ..policy import Policy
 from ..store import CertificateRecord, Store
@@ -70,10 +70,10 @@ class Settings:
 class AuthorityBase:
     """What every part of :class:`~vcc_pki_server.authority.Authority` stands on."""
 
-    def __init__(self, store: Store, ca: CertificateAuthority | None, *, policy: Policy | None = None,
+    def __init__(self, store: Store, ca: CAs | CertificateAuthority | None, *, policy: Policy | None = None,
                  settings: Settings | None = None, clock: Clock = utc_now) -> None:
         self.store = store
-        self._ca = ca
+        self._cas = CAs.single(ca) if isinstance(ca, CertificateAuthority) else ca
         self.policy = policy or Policy()
         self.settings = settings or Settings()
         self.clock = clock
@@ -83,9 +83,25 @@ class AuthorityBase:
 
     @property
     def ca(self) -> CertificateAuthority:
-        if self._ca is None:
+        """The current intermediate: it signs every new certificate."""
+        return self.cas.current
+
+    @property
+    def cas(self) -> CAs:
+        """Every CA this authority works with (SPEC §13)."""
+        cas = self._cas
+        if cas is None:
             raise CAUnavailable("the CA key is not loaded")
-        return self._ca
+        return cas
+
+    @property
+    def has_ca(self) -> bool:
+        return self._cas is not None
+
+    def set_cas(self, cas: CAs) -> None:
+        """Sign with ``cas`` from now on (a rotation): one reference swapped, so a certificate
+        being signed meanwhile is wholly of the old current CA or of the new one."""
+        self._cas = cas
 
     @staticmethod
     def _require(actor: Actor, service_id: str, what: str, *, enrolment: bool = False) -> None:

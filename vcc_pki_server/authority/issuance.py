@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ..ca import LeafTemplate, generate_key, leaf_subject_text
+from ..ca import LeafPublicKey, LeafTemplate, generate_key, leaf_subject_text
 from ..errors import CAUnavailable, Conflict, InvalidCSR, InvalidRequest, NotAuthenticated, NotFound, PolicyRefused
 from ..policy import MIN_LIFETIME, Lifetimes, check_public_key, check_service_id, is_ip, load_csr_key
 from ..store import CertificateQuery, CertificateRecord, ServiceRecord, current_certificate, utc_text
@@ -44,20 +44,18 @@ class Issuance(Tokens):
             service_id=service_id, status=status, expiring_before=expiring, now=now, limit=limit,
             after=after))
 
-    def _record(self, service_id: str, cert: x509.Certificate, actor: Actor, *,
-                template: LeafTemplate | None = None) -> Issued:
-        return self._recorded(self._issued(service_id, cert, template), actor)
+    def _record(self, service_id: str, public_key: LeafPublicKey, template: LeafTemplate, actor: Actor) -> Issued:
+        return self._recorded(self._signed(service_id, public_key, template), actor)
 
-    def _issued(self, service_id: str, cert: x509.Certificate,
-                template: LeafTemplate | None = None) -> Issued:
-        """The record of a certificate just signed (from ``template``, the SANs it was given)."""
-        if template is None:
-            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock())
-        else:
-            record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(),
-                                                 sans=(template.san_dns, template.san_ip),
-                                                 subject=leaf_subject_text(template.common_name))
-        return Issued(cert, record, self.ca.chain)
+    def _signed(self, service_id: str, public_key: LeafPublicKey, template: LeafTemplate) -> Issued:
+        """Sign with the current CA (taken once: a rotation meanwhile changes nothing here) and
+        make the record of the certificate (from ``template``, the SANs it was given)."""
+        ca = self.ca
+        cert = ca.sign_leaf(public_key, template)
+        record = CertificateRecord.from_cert(service_id, cert, issued_at=self.clock(),
+                                             sans=(template.san_dns, template.san_ip),
+                                             subject=leaf_subject_text(template.common_name), issuer=ca.ski)
+        return Issued(cert, record, ca.chain)
 
     def sign_request(self, service_id: str, csr_pem: str | bytes, *, actor: Actor,
                      validity: timedelta | None = None) -> Issued:
@@ -76,8 +74,7 @@ class Issuance(Tokens):
                     log.warning("enrolment token %s of service %s locked after %d refused requests",
                                 actor.token_id, service_id, limit)
             raise refused
-        cert = self.ca.sign_leaf(public_key, template)
-        return self._issued(service_id, cert, template)
+        return self._signed(service_id, public_key, template)
 
     def record_issued(self, batch: Sequence[tuple[Issued, Actor]],
                       done: Callable[[list[Issued | BaseException]], None]) -> None:
@@ -140,7 +137,7 @@ class Issuance(Tokens):
             (ips if is_ip(common_name) else names).insert(0, common_name)  # the CN is one of the SANs
         # Check what can fail before registering: a refused request must not leave a new
         # service behind without its certificate.
-        if self._ca is None:
+        if not self.has_ca:
             raise CAUnavailable("the CA key is not loaded")
         existing = self.store.get_service(service_id)
         not_before, not_after = self.policy.validity(
@@ -154,8 +151,7 @@ class Issuance(Tokens):
                                                    cn=common_name, dns=names, ips=ips)
         template = LeafTemplate(common_name=cn, san_dns=dns, san_ip=ip_list, uri=self.policy.spiffe_id(service_id),
                                 not_before=not_before, not_after=not_after)
-        cert = self.ca.sign_leaf(key.public_key(), template)
-        return self._record(service_id, cert, actor, template=template), key
+        return self._record(service_id, key.public_key(), template, actor), key
 
     def renew(self, service_id: str, *, actor: Actor, csr_pem: str | bytes | None = None,
               validity: timedelta | None = None) -> Issued:
@@ -191,8 +187,7 @@ class Issuance(Tokens):
                                     not_before=not_before,
                                     not_after=not_after)
             public_key = check_public_key(old.public_key())
-        return self._record(service_id, self.ca.sign_leaf(public_key, template), actor,
-                            template=template)
+        return self._record(service_id, public_key, template, actor)
 
 
 def lifetimes(service: ServiceRecord) -> Lifetimes:

@@ -147,9 +147,8 @@ def cmd_cert_revoke(args: argparse.Namespace) -> int:
     with open_authority(args, sign=True) as (_, authority):
         revoked = authority.revoke(args.service_id, reason=args.reason, serial=serial,
                                    all_certificates=args.all, actor=Actor.operator())
-        crl = authority.store.latest_crl()
         data = render.revoked(revoked, authority.clock())
-    data["crl_number"] = crl.number if crl else None
+    data["crl_number"] = revoked.crl.number if revoked.crl else None
     if args.json:
         print_json(data)
     else:

@@ -110,13 +110,13 @@ def cmd_service_info(args: argparse.Namespace) -> int:
 def cmd_service_delete(args: argparse.Namespace) -> int:
     with open_authority(args, sign=True) as (_, authority):
         serials = authority.decommission(args.service_id, actor=Actor.operator())
-        crl = authority.store.latest_crl()
+        crl_number = authority.store.latest_crl_number(authority.ca.ski) or None
     if args.json:
         print_json({"service_id": args.service_id, "status": "decommissioned", "revoked_serials": serials,
-                    "crl_number": crl.number if crl else None})
+                    "crl_number": crl_number})
     else:
         print(f"decommissioned service '{args.service_id}': {len(serials)} certificate(s) revoked "
               f"(cessationOfOperation), enrolment tokens spent, removed from the registry")
         if serials:
-            print(f"revoked: {', '.join(serials)}; published CRL number {crl.number if crl else '-'}")
+            print(f"revoked: {', '.join(serials)}; published CRL number {crl_number or '-'}")
     return 0

@@ -91,14 +91,16 @@ class CertificateRecord:
     revocation_reason: str | None = None
     row_id: int | None = None
     key_id: str = ""  # SHA-256 of the SubjectPublicKeyInfo, lowercase hex ("" in rows from before v3)
+    issuer: str = ""  # the issuing CA's subject key identifier, hex (SPEC §13)
 
     @classmethod
     def from_cert(cls, service_id: str, cert: x509.Certificate, *, issued_at: datetime,
                   sans: tuple[Sequence[str], Sequence[Any]] | None = None,
-                  subject: str | None = None) -> CertificateRecord:
+                  subject: str | None = None, issuer: str | None = None) -> CertificateRecord:
         """The record of ``cert``. ``sans`` (DNS names, IP addresses) and ``subject`` (its
-        RFC 4514 text) may say what it holds when the caller just signed it: parsing a fresh
-        certificate's extensions and name costs more than the rest of this."""
+        RFC 4514 text) and ``issuer`` (the signer's SKI, hex) may say what it holds when the
+        caller just signed it: parsing a fresh certificate's extensions and name costs more than
+        the rest of this."""
         if sans is not None:
             dns, ips = tuple(sans[0]), tuple(str(ip) for ip in sans[1])
         else:
@@ -108,6 +110,12 @@ class CertificateRecord:
                 ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
             except x509.ExtensionNotFound:
                 dns, ips = (), ()
+        if issuer is None:
+            try:
+                aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+                issuer = aki.key_identifier.hex() if aki.key_identifier else ""
+            except x509.ExtensionNotFound:
+                issuer = ""
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
             serial=format(cert.serial_number, "x"), service_id=service_id,
@@ -115,7 +123,7 @@ class CertificateRecord:
             san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
             fingerprint=der_fingerprint(der), pem=pem_text(der), issued_at=issued_at,
-            key_id=public_key_id(cert),
+            key_id=public_key_id(cert), issuer=issuer,
         )
 
     def status(self, now: datetime) -> str:
@@ -159,6 +167,7 @@ class CRLRecord:
     next_update: datetime
     der: bytes = attrs.field(repr=False)
     entries: int
+    issuer: str = ""  # the signing CA's subject key identifier, hex
 
 
 @attrs.frozen(kw_only=True)
@@ -202,15 +211,23 @@ NewCertificate = tuple[CertificateRecord, str, "str | None"]
 @attrs.frozen
 class Revoked:
     """What one revocation did: the certificate named (as revoked), every serial revoked (the
-    named one first), and the CRL published with them (None if none was asked for)."""
+    named one first), and the CRLs published with them, one per issuer of those certificates,
+    the named one's first (none if none was asked for)."""
 
     record: CertificateRecord
     serials: tuple[str, ...]
-    crl: CRLRecord | None = None
+    crls: tuple[CRLRecord, ...] = ()
+
+    @property
+    def crl(self) -> CRLRecord | None:
+        """The CRL that lists the named certificate (None if none was published)."""
+        return self.crls[0] if self.crls else None
 
 
 # Signs the next CRL: (its number, the revoked (serial, revoked_at, reason) it lists) -> the record.
 BuildCRL = Callable[[int, list[tuple[str, datetime, str]]], "CRLRecord"]
+# The CRL signer of an issuer (its SKI, hex); KeyError for a CA this server cannot sign for.
+Publisher = Callable[[str], BuildCRL]
 
 
 Outcomes = Callable[[list["BaseException | None"]], None]
@@ -248,16 +265,26 @@ class Store(Protocol):
     def list_certificates(self, query: CertificateQuery) -> list[CertificateRecord]: ...
     def revoke_certificates(self, serial: str, *, reason: str, at: datetime, actor: str,
                             service_wide: bool = False, same_key: bool = False,
-                            publish: BuildCRL | None = None) -> Revoked: ...
+                            publish: Publisher | None = None) -> Revoked: ...
     def decommission_service(self, service_id: str, *, at: datetime, actor: str,
-                             publish: BuildCRL | None = None) -> tuple[list[str], CRLRecord | None]: ...
+                             publish: Publisher | None = None) -> tuple[list[str], tuple[CRLRecord, ...]]: ...
 
-    # CRLs
-    def new_crl(self, build: BuildCRL, *, at: datetime, actor: str) -> CRLRecord: ...
-    def latest_crl_number(self) -> int: ...
-    def latest_crl(self) -> CRLRecord | None: ...
+    # CRLs: one series per issuer (the CA's SKI, hex); numbers increase across all of them
+    def new_crl(self, build: BuildCRL, *, at: datetime, actor: str, issuer: str = "") -> CRLRecord: ...
+    def latest_crl_number(self, issuer: str | None = None) -> int: ...  # None: of any issuer
+    def latest_crl(self, issuer: str | None = None) -> CRLRecord | None: ...
     def list_crls(self, limit: int = 20) -> list[CRLRecord]: ...
-    def revoked(self, *, unexpired_at: datetime | None = None) -> list[tuple[str, datetime, str]]: ...
+    def revoked(self, *, unexpired_at: datetime | None = None,
+                issuer: str | None = None) -> list[tuple[str, datetime, str]]: ...
+
+    def assign_issuer(self, issuer: str) -> int:
+        """Record ``issuer`` as the CA of the rows from before schema 6 (NULL); how many
+        certificates that was. Only right while one intermediate has ever issued."""
+        ...
+
+    def issuer_counts(self, now: datetime) -> dict[str, tuple[int, int]]:
+        """Per issuer: (unexpired unrevoked certificates, services with one)."""
+        ...
 
     # tokens
     def add_token(self, token: TokenRecord, *, actor: str) -> None: ...

@@ -57,6 +57,14 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT COLLATE "C" NOT NULL
     )
     """,
+    # 6: the issuing CA of each certificate, revocation and CRL (see the SQLite store).
+    """
+    ALTER TABLE certificates ADD COLUMN IF NOT EXISTS issuer TEXT COLLATE "C";
+    ALTER TABLE revocations ADD COLUMN IF NOT EXISTS issuer TEXT COLLATE "C";
+    ALTER TABLE crls ADD COLUMN IF NOT EXISTS issuer TEXT COLLATE "C";
+    CREATE INDEX IF NOT EXISTS certificates_no_issuer ON certificates(id) WHERE issuer IS NULL;
+    CREATE INDEX IF NOT EXISTS crls_issuer ON crls(issuer, number)
+    """,
 )
 
 # Transaction-level advisory lock keys (bigint; ASCII "vccpki" and a number).

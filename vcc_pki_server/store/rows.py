@@ -21,7 +21,7 @@ from . import (
 Row = tuple[Any, ...]
 
 CERT_COLUMNS = ("c.id, c.serial, c.service_id, c.subject, c.san_dns, c.san_ip, c.not_before, "
-                "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason, c.key_id")
+                "c.not_after, c.fingerprint, c.pem, c.issued_at, r.revoked_at, r.reason, c.key_id, c.issuer")
 CERT_FROM = "certificates c LEFT JOIN revocations r ON r.serial = c.serial"
 SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, version, owner, "
                    "metadata, san_dns, san_ip, created_at, updated_at, health_status, "
@@ -29,7 +29,7 @@ SERVICE_COLUMNS = ("service_id, service_name, endpoints, health_check_url, versi
                    "max_validity_seconds")
 TOKEN_COLUMNS = ("token_id, kind, secret_hash, name, service_id, created_at, expires_at, "
                  "used_at, revoked_at")
-CRL_COLUMNS = "number, this_update, next_update, der, entries"
+CRL_COLUMNS = "number, this_update, next_update, der, entries, issuer"
 AUDIT_COLUMNS = "at, actor, action, service_id, serial, details"
 
 
@@ -72,7 +72,7 @@ def certificate_record(r: Row) -> CertificateRecord:
         san_dns=tuple(json.loads(r[4])), san_ip=tuple(json.loads(r[5])),
         not_before=parse_utc(r[6]), not_after=parse_utc(r[7]), fingerprint=r[8], pem=r[9],
         issued_at=parse_utc(r[10]), revoked_at=opt_time(r[11]), revocation_reason=r[12],
-        key_id=r[13] or "",
+        key_id=r[13] or "", issuer=r[14] or "",
     )
 
 
@@ -86,7 +86,7 @@ def token_record(r: Row) -> TokenRecord:
 def crl_record(r: Row) -> CRLRecord:
     """A row of :data:`CRL_COLUMNS`."""
     return CRLRecord(number=int(r[0]), this_update=parse_utc(r[1]), next_update=parse_utc(r[2]),
-                     der=bytes(r[3]), entries=r[4])
+                     der=bytes(r[3]), entries=r[4], issuer=r[5] or "")
 
 
 def audit_entry(r: Row) -> AuditEntry:
@@ -100,7 +100,7 @@ def certificate_rows(record: CertificateRecord, actor: str) -> tuple[tuple[Any, 
     issued_at, not_after = utc_text(record.issued_at), utc_text(record.not_after)
     row = (record.serial, record.service_id, record.subject, dumps(list(record.san_dns)),
            dumps(list(record.san_ip)), utc_text(record.not_before), not_after,
-           record.fingerprint, record.pem, issued_at, record.key_id)
+           record.fingerprint, record.pem, issued_at, record.key_id, record.issuer)
     audit = (issued_at, actor, "certificate.issue", record.service_id, record.serial,
              dumps({"not_after": not_after}))
     return row, audit

@@ -29,6 +29,7 @@ from . import (
     Health,
     NewCertificate,
     Outcomes,
+    Publisher,
     Revoked,
     ServiceRecord,
     ServiceState,
@@ -59,13 +60,13 @@ from .rows import (
 
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, service_id, serial, details) VALUES (?,?,?,?,?,?)"
 INSERT_CERTIFICATE = ("INSERT INTO certificates (serial, service_id, subject, san_dns, san_ip, "
-                      "not_before, not_after, fingerprint, pem, issued_at, key_id) "
-                      "VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+                      "not_before, not_after, fingerprint, pem, issued_at, key_id, issuer) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 
 
-# A revocation keeps its certificate's notAfter, so that the CRL's query reads one table.
-INSERT_REVOCATION = ("INSERT INTO revocations (serial, revoked_at, reason, not_after) "
-                     "SELECT ?, ?, ?, not_after FROM certificates WHERE serial = ?")
+# A revocation keeps its certificate's notAfter and issuer, so that the CRL's query reads one table.
+INSERT_REVOCATION = ("INSERT INTO revocations (serial, revoked_at, reason, not_after, issuer) "
+                     "SELECT ?, ?, ?, not_after, issuer FROM certificates WHERE serial = ?")
 _SET_SERVICE = ", ".join(f"{column}=?" for column in SERVICE_WRITE[:-1])
 
 
@@ -344,13 +345,13 @@ class SQLStore:
 
     def revoke_certificates(self, serial: str, *, reason: str, at: datetime, actor: str,
                             service_wide: bool = False, same_key: bool = False,
-                            publish: BuildCRL | None = None) -> Revoked:
+                            publish: Publisher | None = None) -> Revoked:
         """Revoke ``serial`` and, in the same transaction, with ``service_wide`` every other
         unexpired certificate of its service, with ``same_key`` every unexpired certificate
         (of any service) with the public key of one revoked here. Each gets ``reason`` and an
-        audit entry. With ``publish`` the next CRL is built and stored in that transaction too:
-        a crash leaves both or neither, never a revocation missing from the CRL. 404 for an
-        unknown serial, 409 if it is already revoked."""
+        audit entry. With ``publish`` the next CRL of each issuer of those certificates is built
+        and stored in that transaction too: a crash leaves both or neither, never a revocation
+        missing from the CRL. 404 for an unknown serial, 409 if it is already revoked."""
         with self._write() as db:
             row = self._exec(db, f"SELECT {CERT_COLUMNS} FROM {CERT_FROM} WHERE c.serial=?{self.LOCK_ROW}",
                              (serial,)).fetchone()
@@ -376,15 +377,26 @@ class SQLStore:
                     details["with"] = serial
                 self._audit(db, AuditEntry(at=at, actor=actor, action="certificate.revoke",
                                            service_id=service_id, serial=target, details=details))
-            crl = self._publish_crl(db, publish, at, actor) if publish is not None else None
+            crls = self._publish_crls(db, publish, [record.issuer], list(targets), at, actor)
         return Revoked(attrs.evolve(record, revoked_at=parse_utc(now), revocation_reason=reason),
-                       tuple(targets), crl)
+                       tuple(targets), crls)
+
+    def _publish_crls(self, db: Any, publish: Publisher | None, first: list[str], serials: list[str],
+                      at: datetime, actor: str) -> tuple[CRLRecord, ...]:
+        """The next CRL of every issuer of ``serials`` (``first`` first), in the transaction ``db``."""
+        if publish is None or not serials:
+            return ()
+        marks = ",".join("?" * len(serials))
+        found = {r[0] for r in self._exec(db, f"SELECT DISTINCT issuer FROM certificates WHERE serial IN "
+                                                    f"({marks})", tuple(serials)).fetchall()}
+        issuers = [*(i for i in first if i in found), *sorted(found - set(first))]
+        return tuple(self._publish_crl(db, publish(issuer), issuer, at, actor) for issuer in issuers)
 
     def decommission_service(self, service_id: str, *, at: datetime, actor: str,
-                             publish: BuildCRL | None = None) -> tuple[list[str], CRLRecord | None]:
+                             publish: Publisher | None = None) -> tuple[list[str], tuple[CRLRecord, ...]]:
         """Revoke every unexpired certificate of the service (cessationOfOperation), spend its
         enrolment tokens, and take it out of the registry; returns the serials revoked and,
-        with ``publish``, the CRL stored in the same transaction (as :meth:`revoke_certificates`).
+        with ``publish``, the CRLs stored in the same transaction (as :meth:`revoke_certificates`).
         Its certificates and audit history stay. 404 for an unknown (or decommissioned) id."""
         now = utc_text(at)
         with self._write() as db:
@@ -399,8 +411,8 @@ class SQLStore:
                            "AND used_at IS NULL AND revoked_at IS NULL", (now, service_id))
             self._audit(db, AuditEntry(at=at, actor=actor, action="service.decommission", service_id=service_id,
                                        details={"revoked_serials": serials}))
-            crl = self._publish_crl(db, publish, at, actor) if publish is not None and serials else None
-        return serials, crl
+            crls = self._publish_crls(db, publish, [], serials, at, actor)
+        return serials, crls
 
     def _live_serials(self, db: Any, where: str, params: tuple[Any, ...], now: str) -> dict[str, str]:
         """Serial → service of the unexpired, unrevoked certificates matching ``where``."""
@@ -427,17 +439,40 @@ class SQLStore:
                           (now, *sorted(keys))).fetchall()
         return {r[0]: r[1] for r in rows if (r[2] or public_key_id_of_pem(r[3])) in keys}
 
-    def revoked(self, *, unexpired_at: datetime | None = None) -> list[tuple[str, datetime, str]]:
+    def revoked(self, *, unexpired_at: datetime | None = None,
+                issuer: str | None = None) -> list[tuple[str, datetime, str]]:
         """Every revocation ``(serial, revoked_at, reason)``; with ``unexpired_at``, those a CRL
-        built then lists."""
-        where, params = ("WHERE not_after > ?", (utc_text(unexpired_at),)) if unexpired_at else ("", ())
+        built then lists; with ``issuer``, those of that CA's certificates."""
+        clauses, params = [], []
+        if unexpired_at is not None:
+            clauses.append("not_after > ?")
+            params.append(utc_text(unexpired_at))
+        if issuer is not None:
+            clauses.append("issuer = ?")
+            params.append(issuer)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         rows = self._read(f"SELECT serial, revoked_at, reason FROM revocations {where} "
                           "ORDER BY revoked_at, serial", params)
         return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
 
+    def assign_issuer(self, issuer: str) -> int:
+        if not self._read("SELECT 1 FROM certificates WHERE issuer IS NULL LIMIT 1"):
+            if not self._read("SELECT 1 FROM crls WHERE issuer IS NULL LIMIT 1"):
+                return 0
+        with self._write() as db:
+            count = int(self._exec(db, "UPDATE certificates SET issuer = ? WHERE issuer IS NULL", (issuer,)).rowcount)
+            self._exec(db, "UPDATE revocations SET issuer = ? WHERE issuer IS NULL", (issuer,))
+            self._exec(db, "UPDATE crls SET issuer = ? WHERE issuer IS NULL", (issuer,))
+        return count
+
+    def issuer_counts(self, now: datetime) -> dict[str, tuple[int, int]]:
+        rows = self._read(f"SELECT c.issuer, COUNT(*), COUNT(DISTINCT c.service_id) FROM {CERT_FROM} "
+                          "WHERE r.serial IS NULL AND c.not_after > ? GROUP BY c.issuer", (utc_text(now),))
+        return {r[0] or "": (int(r[1]), int(r[2])) for r in rows}
+
     # -- CRLs -------------------------------------------------------------------------------
-    def new_crl(self, build: BuildCRL, *, at: datetime, actor: str) -> CRLRecord:
-        """Build and store the next CRL inside one write transaction.
+    def new_crl(self, build: BuildCRL, *, at: datetime, actor: str, issuer: str = "") -> CRLRecord:
+        """Build and store the next CRL of ``issuer`` inside one write transaction.
 
         ``build(number, revoked)`` signs it; ``revoked`` holds the revoked certificates still
         unexpired ``at`` (the CRL's thisUpdate): an expired one leaves the first CRL built
@@ -451,37 +486,43 @@ class SQLStore:
         several processes or replicas revoking at once.
         """
         with self._write() as db:
-            return self._publish_crl(db, build, at, actor)
+            return self._publish_crl(db, build, issuer, at, actor)
 
-    def _publish_crl(self, db: Any, build: BuildCRL, at: datetime, actor: str) -> CRLRecord:
-        """Build and store the next CRL in the transaction ``db`` (see :meth:`new_crl`)."""
+    def _publish_crl(self, db: Any, build: BuildCRL, issuer: str, at: datetime, actor: str) -> CRLRecord:
+        """Build and store the next CRL of ``issuer`` in the transaction ``db`` (see :meth:`new_crl`)."""
         self._lock_crl_numbers(db)
         number = int(self._exec(db, "SELECT COALESCE(MAX(number), 0) + 1 FROM crls").fetchone()[0])
-        rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations WHERE not_after > ?",
-                          (utc_text(at),)).fetchall()
-        crl = build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows])
-        self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der) "
-                       "VALUES (?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
-                                              utc_text(crl.next_update), crl.entries, crl.der))
-        # Superseded CRLs: keep 50 rows of history for `crl list` but only the newest two
-        # bodies; with 100k revocations every body is 5 MB.
-        self._exec(db, "DELETE FROM crls WHERE number < ?", (crl.number - 50,))
-        self._exec(db, f"UPDATE crls SET der = {self.EMPTY_BLOB} WHERE number < ? AND length(der) > 0",
-                   (crl.number - 1,))
+        rows = self._exec(db, "SELECT serial, revoked_at, reason FROM revocations WHERE not_after > ? "
+                              "AND issuer = ?", (utc_text(at), issuer)).fetchall()
+        crl = attrs.evolve(build(number, [(r[0], parse_utc(r[1]), r[2]) for r in rows]), issuer=issuer)
+        self._exec(db, "INSERT INTO crls (number, this_update, next_update, entries, der, issuer) "
+                       "VALUES (?,?,?,?,?,?)", (crl.number, utc_text(crl.this_update),
+                                                utc_text(crl.next_update), crl.entries, crl.der, issuer))
+        # Superseded CRLs: keep 50 rows of history per issuer for `crl list` but only the
+        # newest two bodies; with 100k revocations every body is 5 MB.
+        self._exec(db, "DELETE FROM crls WHERE issuer = ? AND number < (SELECT MIN(number) FROM (SELECT number "
+                       "FROM crls WHERE issuer = ? ORDER BY number DESC LIMIT 51) AS kept)", (issuer, issuer))
+        self._exec(db, f"UPDATE crls SET der = {self.EMPTY_BLOB} WHERE issuer = ? AND number < ? "
+                       "AND length(der) > 0 AND number < (SELECT MAX(number) FROM crls WHERE issuer = ? "
+                       "AND number < ?)", (issuer, crl.number, issuer, crl.number))
         self._audit(db, AuditEntry(at=crl.this_update, actor=actor, action="crl.generate",
-                                   details={"number": crl.number, "entries": crl.entries}))
+                                   details={"number": crl.number, "entries": crl.entries, "issuer": issuer}))
         return crl
 
-    def latest_crl_number(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(number), 0) FROM crls")[0][0])
+    def latest_crl_number(self, issuer: str | None = None) -> int:
+        """The newest CRL number of ``issuer`` (None: of any); 0 before any."""
+        where, params = ("WHERE issuer = ?", (issuer,)) if issuer is not None else ("", ())
+        return int(self._read(f"SELECT COALESCE(MAX(number), 0) FROM crls {where}", params)[0][0])
 
-    def latest_crl(self) -> CRLRecord | None:
-        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls ORDER BY number DESC LIMIT 1")
+    def latest_crl(self, issuer: str | None = None) -> CRLRecord | None:
+        """The newest CRL of ``issuer`` (None: of any)."""
+        where, params = ("WHERE issuer = ?", (issuer,)) if issuer is not None else ("", ())
+        rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls {where} ORDER BY number DESC LIMIT 1", params)
         return self._crl(rows[0]) if rows else None
 
     def list_crls(self, limit: int = 20) -> list[CRLRecord]:
         """The newest CRLs' numbers, dates and sizes, without their bodies (``der`` is empty)."""
-        rows = self._read(f"SELECT number, this_update, next_update, {self.EMPTY_BLOB}, entries FROM crls "
+        rows = self._read(f"SELECT number, this_update, next_update, {self.EMPTY_BLOB}, entries, issuer FROM crls "
                           "ORDER BY number DESC LIMIT ?", (limit,))
         return [self._crl(r) for r in rows]
 

@@ -104,6 +104,16 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     )
     """,
+    # 6: CA rotation (SPEC §13): the issuing CA of each certificate, revocation and CRL (its
+    # SKI, hex). Rows from before are NULL until the store is opened with its CA
+    # (:meth:`SQLStore.assign_issuer`), found through the partial index.
+    """
+    ALTER TABLE certificates ADD COLUMN issuer TEXT;
+    ALTER TABLE revocations ADD COLUMN issuer TEXT;
+    ALTER TABLE crls ADD COLUMN issuer TEXT;
+    CREATE INDEX certificates_no_issuer ON certificates(id) WHERE issuer IS NULL;
+    CREATE INDEX crls_issuer ON crls(issuer, number)
+    """,
 )
 
 
