@@ -114,6 +114,8 @@ class CASet:
             if entry is not current and entry.cert.not_valid_after_utc <= now:
                 continue  # expired: no certificate of it is valid, no CRL of it is needed
             root = self.root_of(entry.cert)
+            if root.state == "retired" and entry is not current:
+                continue  # nobody trusts its certificates any more
             # While the root before it is trusted, chains carry the cross-certificate.
             cross = root.cross if root.cross is not None and root.cross.issuer in active else None
             crl_url, issuer_url = urls(entry.cert)

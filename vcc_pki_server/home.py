@@ -304,7 +304,10 @@ class Home:
                                                actor=actor)
         self.server_dir.mkdir(mode=0o700, exist_ok=True)
         write_file(self.server_key, key_pem(key, None), 0o400)
-        write_file(self.server_cert, cert_pem(issued.certificate, issued.chain[0]), 0o644)
+        # The leaf and what a peer needs to reach its root: the intermediate (and, while a root
+        # rotates, the cross-certificate that leads to the old root).
+        write_file(self.server_cert, cert_pem(issued.certificate, *(c for c in issued.chain if c.issuer != c.subject)),
+                   0o644)
         return issued
 
 

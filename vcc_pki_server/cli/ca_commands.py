@@ -1,5 +1,5 @@
-"""The CA's own commands: ``pki-admin ca init-root | create-intermediate | root-crl | info | status``
-and ``init``."""
+"""The CA's own commands: ``pki-admin ca init-root | create-intermediate | root-crl | info | status |
+rotate-intermediate | rotate-root | retire-root`` and ``init``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..authority import Actor
+from .. import rotation
+from ..authority import Actor, utc_now
 from ..bootstrap import initialize, key_type_label, record_key_creation, refuse_existing_ca
+from ..ca_set import CASet
 from ..config import Config
 from ..encoding import ski_hex
 from ..errors import CAError, CAUnavailable, InvalidRequest
@@ -135,13 +137,17 @@ def cmd_ca_info(args: argparse.Namespace) -> int:
 
 def cmd_ca_status(args: argparse.Namespace) -> int:
     """Each CA and its state, and where the fleet's current certificates stand: how many
-    services renewed under the current intermediate, how many still carry the URLs of before
-    SPEC §13 (renew them before a rotation)."""
+    services renewed under the current intermediate (the figure to wait on before retiring
+    the old root), how many still carry the URLs of before SPEC §13 (renew them before a
+    rotation)."""
     with open_authority(args, sign=False) as (home, authority):
-        root, intermediate = home.root_certificate(), home.intermediate_certificate()
+        cas = home.ca_set(authority.store)
         now = authority.clock()
-        current_ski = ski_hex(intermediate)
-        counts = {"services": 0, "with_certificate": 0, "under_current": 0, "legacy_urls": 0}
+        per_issuer = authority.store.issuer_counts(now)
+        anchored = rotation.only_anchored_by_retiring(cas, authority.store, now)
+        current_ski = cas.current.ski
+        counts = {"services": 0, "with_certificate": 0, "under_current": per_issuer.get(current_ski, 0),
+                  "legacy_urls": 0, "only_under_retiring_root": anchored}
         legacy: list[str] = []
         after: str | None = None
         while True:
@@ -156,26 +162,26 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
                     continue
                 counts["with_certificate"] += 1
                 cert = record.certificate()
-                aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-                counts["under_current"] += (aki or b"").hex() == current_ski
                 urls = [n.value for dp in cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
                         for n in dp.full_name or []]
                 if any(u.endswith("/api/v1/crl") for u in urls):  # §3's URL, not the issuer's own
                     counts["legacy_urls"] += 1
                     legacy.append(service.service_id)
 
-    def ca(cert: x509.Certificate, role: str, state: str) -> JSON:
+    def ca(role: str, state: str, cert: x509.Certificate) -> JSON:
+        ski = ski_hex(cert)
         return {"role": role, "state": state, "subject": cert.subject.rfc4514_string(),
-                "subject_key_identifier": ski_hex(cert), "not_after": utc_text(cert.not_valid_after_utc),
-                "days_left": (cert.not_valid_after_utc - now).days}
+                "subject_key_identifier": ski, "not_after": utc_text(cert.not_valid_after_utc),
+                "days_left": (cert.not_valid_after_utc - now).days,
+                "services": per_issuer.get(ski, 0) if role == "intermediate" else None}
 
-    data: JSON = {"cas": [ca(root, "root", "trusted"), ca(intermediate, "intermediate", "current")],
-                  **counts, "legacy_url_services": legacy}
+    data: JSON = {"cas": [ca(*row) for row in rotation.describe(cas, now)], **counts, "legacy_url_services": legacy}
     if args.json:
         print_json(data)
         return 0
-    print_table(("ROLE", "STATE", "SUBJECT KEY IDENTIFIER", "NOT AFTER", "DAYS LEFT"),
-                [(c["role"], c["state"], c["subject_key_identifier"], c["not_after"], str(c["days_left"]))
+    print_table(("ROLE", "STATE", "SUBJECT", "SUBJECT KEY IDENTIFIER", "NOT AFTER", "DAYS LEFT", "SERVICES"),
+                [(c["role"], c["state"], c["subject"], c["subject_key_identifier"], c["not_after"],
+                  str(c["days_left"]), "-" if c["services"] is None else str(c["services"]))
                  for c in data["cas"]])
     print()
     print_fields([
@@ -184,7 +190,88 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
         ("renewed under the current intermediate", str(counts["under_current"])),
         ("with the URLs of before SPEC §13", f"{counts['legacy_urls']}"
          + (f" ({', '.join(legacy[:10])}{', ...' if len(legacy) > 10 else ''}): let them renew" if legacy else "")),
+        *([("only under the root to retire", f"{anchored} service(s): wait for them to renew before "
+                                             "`ca retire-root`")]
+          if len(cas.active_roots) > 1 else []),
     ])
+    return 0
+
+
+def _reissue_server_certificate(home: Home, password: str) -> None:
+    """After a rotation: the API server's certificate renewed under the new intermediate and
+    stored for the cluster (every server presents it from its next check)."""
+    from ..server_cert import renewal_lock, sync
+
+    authority = home.authority(password)
+    try:
+        if home.server_cert.exists():
+            with renewal_lock(home):
+                sync(home, authority, password, authority.clock(), renew=lambda cert: True)
+    finally:
+        authority.store.close()
+
+
+def _rotated(args: argparse.Namespace, home: Home, what: str, cas: CASet) -> int:
+    entry = cas.current
+    data: JSON = {"rotated": what, "current_intermediate": ca_certificate_json(entry.cert, home.intermediate_cert),
+                  "roots": [ski_hex(r.cert) for r in cas.active_roots], "record_version": cas.version}
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"rotated the {what}: new certificates are issued by {entry.cert.subject.rfc4514_string()} "
+          f"(subject key identifier {entry.ski})")
+    print("running servers follow within 15 s; the previous intermediate keeps signing its CRL until it expires")
+    if what == "root":
+        print("both roots are trusted now; once `pki-admin ca status` shows no service left only under the old "
+              "root, run `pki-admin ca retire-root`")
+    return 0
+
+
+def cmd_ca_rotate_intermediate(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    root_pw = root_password(args, home=home)
+    ca_pw = ca_password(args, home=home)
+    store = home.open_store()
+    try:
+        cas = rotation.rotate_intermediate(home, store, root_password=root_pw, password=ca_pw,
+                                           key_type=args.key_type, now=utc_now(), report=progress)
+    finally:
+        store.close()
+    progress("renewing the server certificate under the new intermediate...")
+    _reissue_server_certificate(home, ca_pw)
+    return _rotated(args, home, "intermediate", cas)
+
+
+def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    root_pw = root_password(args, home=home)
+    ca_pw = ca_password(args, home=home)
+    store = home.open_store()
+    try:
+        cas = rotation.rotate_root(home, store, root_password=root_pw, password=ca_pw, key_type=args.key_type,
+                                   intermediate_key_type=args.intermediate_key_type, now=utc_now(),
+                                   report=progress)
+    finally:
+        store.close()
+    progress("renewing the server certificate under the new intermediate...")
+    _reissue_server_certificate(home, ca_pw)
+    return _rotated(args, home, "root", cas)
+
+
+def cmd_ca_retire_root(args: argparse.Namespace) -> int:
+    home = existing_home(args)
+    store = home.open_store()
+    try:
+        cas, left = rotation.retire_root(home, store, force=args.force, now=utc_now())
+    finally:
+        store.close()
+    data: JSON = {"roots": [ski_hex(r.cert) for r in cas.active_roots], "abandoned_services": left}
+    if args.json:
+        print_json(data)
+    else:
+        print(f"retired the old root: only {cas.active_roots[0].cert.subject.rfc4514_string()} is trusted now")
+        if left:
+            print(f"forced: the current certificates of {left} service(s) no longer chain to a trusted root")
     return 0
 
 

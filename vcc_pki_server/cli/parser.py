@@ -19,7 +19,10 @@ from .ca_commands import (
     cmd_ca_create_intermediate,
     cmd_ca_info,
     cmd_ca_init_root,
+    cmd_ca_retire_root,
     cmd_ca_root_crl,
+    cmd_ca_rotate_intermediate,
+    cmd_ca_rotate_root,
     cmd_ca_status,
     cmd_init,
 )
@@ -163,9 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="example:\n  pki-admin ca root-crl --root-password-file root.pw")
     command(ca, "info", cmd_ca_info, "show the CA certificates and URLs (no password needed)")
     command(ca, "status", cmd_ca_status,
-            "each CA and its state; how many services renewed under the current intermediate, and how "
-            "many still carry the CRL URLs of before per-issuer URLs (no password needed)",
+            "each CA and its state; how many services renewed under the current intermediate, how many "
+            "still carry the CRL URLs of before per-issuer URLs, and during a root rotation how many are "
+            "only under the old root (no password needed)",
             epilog="example:\n  pki-admin ca status --json")
+    p = command(ca, "rotate-intermediate", cmd_ca_rotate_intermediate,
+                "a new intermediate under the current root issues every new certificate from now on; the "
+                "previous one is retired and keeps signing the CRL of its certificates until it expires. "
+                "Running servers follow within 15 s; the server certificate is renewed under it",
+                password_options(root=True, ca=True),
+                epilog="example:\n  pki-admin ca rotate-intermediate --root-password-file root.pw "
+                       "--password-file ca.pw\n  pki-admin ca status   # then watch services renew")
+    p.add_argument("--key-type", choices=INTERMEDIATE_KEY_TYPES, default=None,
+                   help="the new intermediate's key (default: the kind of the current one)")
+    p = command(ca, "rotate-root", cmd_ca_rotate_root,
+                "a new root (same root password), a cross-certificate of it signed by the current root, and "
+                "a new intermediate under it that issues from now on; both roots are trusted until "
+                "`ca retire-root`. SDK clients learn the new root through the cross-certificate",
+                password_options(root=True, ca=True),
+                epilog="example:\n  pki-admin ca rotate-root --root-password-file root.pw --password-file ca.pw")
+    p.add_argument("--key-type", choices=ROOT_KEY_TYPES, default=None,
+                   help="the new root's key (default: the kind of the current root's)")
+    p.add_argument("--intermediate-key-type", choices=INTERMEDIATE_KEY_TYPES, default=None,
+                   help="the new intermediate's key (default: the kind of the current one)")
+    p = command(ca, "retire-root", cmd_ca_retire_root,
+                "end a root rotation: the old root leaves /ca/roots and /ca/bundle. Refused, with the count, "
+                "while unexpired certificates chain only to it, unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="retire it even though some unexpired certificates chain only to it")
 
     # cert
     cert = group("cert", "service certificates")

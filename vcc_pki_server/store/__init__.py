@@ -282,8 +282,8 @@ class Store(Protocol):
         certificates that was. Only right while one intermediate has ever issued."""
         ...
 
-    def issuer_counts(self, now: datetime) -> dict[str, tuple[int, int]]:
-        """Per issuer: (unexpired unrevoked certificates, services with one)."""
+    def issuer_counts(self, now: datetime) -> dict[str, int]:
+        """Per issuer (SKI), how many registered services have their current certificate from it."""
         ...
 
     # tokens

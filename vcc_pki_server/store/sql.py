@@ -456,19 +456,25 @@ class SQLStore:
         return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
 
     def assign_issuer(self, issuer: str) -> int:
-        if not self._read("SELECT 1 FROM certificates WHERE issuer IS NULL LIMIT 1"):
-            if not self._read("SELECT 1 FROM crls WHERE issuer IS NULL LIMIT 1"):
-                return 0
+        if not (self._read("SELECT 1 FROM certificates WHERE issuer IS NULL LIMIT 1")
+                or self._read("SELECT 1 FROM crls WHERE issuer IS NULL LIMIT 1")):
+            return 0
         with self._write() as db:
             count = int(self._exec(db, "UPDATE certificates SET issuer = ? WHERE issuer IS NULL", (issuer,)).rowcount)
             self._exec(db, "UPDATE revocations SET issuer = ? WHERE issuer IS NULL", (issuer,))
             self._exec(db, "UPDATE crls SET issuer = ? WHERE issuer IS NULL", (issuer,))
         return count
 
-    def issuer_counts(self, now: datetime) -> dict[str, tuple[int, int]]:
-        rows = self._read(f"SELECT c.issuer, COUNT(*), COUNT(DISTINCT c.service_id) FROM {CERT_FROM} "
-                          "WHERE r.serial IS NULL AND c.not_after > ? GROUP BY c.issuer", (utc_text(now),))
-        return {r[0] or "": (int(r[1]), int(r[2])) for r in rows}
+    def issuer_counts(self, now: datetime) -> dict[str, int]:
+        """Per issuer, the registered services whose current certificate (as :meth:`fleet`
+        finds it) it issued."""
+        at = utc_text(now)
+        rows = self._read(
+            "SELECT c.issuer, COUNT(*) FROM services s JOIN certificates c ON c.id = (SELECT v.id FROM certificates v "
+            "WHERE v.service_id = s.service_id AND v.not_after > ? AND v.not_before <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = v.serial) "
+            "ORDER BY v.id DESC LIMIT 1) WHERE s.decommissioned_at IS NULL GROUP BY c.issuer", (at, at))
+        return {r[0] or "": int(r[1]) for r in rows}
 
     # -- CRLs -------------------------------------------------------------------------------
     def new_crl(self, build: BuildCRL, *, at: datetime, actor: str, issuer: str = "") -> CRLRecord:
