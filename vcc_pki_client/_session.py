@@ -8,12 +8,18 @@ Everything here is built lazily, on first use, so constructing a client does no 
   service has a certificate, presenting it (a context from :class:`ReloadingContexts`, so
   it follows renewals). A client made before enrolment is replaced by an mTLS one after;
 * the reloading contexts handed out for peers (server and client side).
+
+Trust follows the CA (SPEC §13): :meth:`Session.refresh_trust` reads ``/api/v1/ca/bundle``,
+accepts a new root only through a cross-certificate from a root already trusted, drops roots
+the CA retired, and hands the result to every context; the intermediates it lists are the
+issuers whose CRLs the SDK checks.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -22,13 +28,21 @@ import httpx
 from cryptography import x509
 
 from ._http import Connection
-from .errors import ConfigurationError, InvalidResponseError
-from .files import CertificateFiles
+from .errors import ConfigurationError, InvalidResponseError, PKIError
+from .files import CertificateFiles, write_atomically
 from .identity import require_pki_server
-from .keys import PrivateKey, key_matches_certificate
+from .keys import PrivateKey, certificates_pem, key_matches_certificate
 from .retry import RetryPolicy
 from .tls import ReloadingContexts, checking_client_context
-from .trust import Trust, check_ca_chain, resolve_trust, unverified_context, verify_leaf
+from .trust import (
+    LEARNED_FILE_NAME,
+    Trust,
+    check_ca_chain,
+    judge_bundle,
+    resolve_trust,
+    unverified_context,
+    verify_leaf,
+)
 from .wire import IssuedCertificate
 
 __all__ = ["Session", "pem_certificates"]
@@ -76,6 +90,9 @@ class Session:
         self._peer_contexts: ReloadingContexts | None = None
         self._ca_chain: list[x509.Certificate] | None = None
         self._recovered = False
+        self._issuers: tuple[x509.Certificate, ...] | None = None  # from the last bundle read
+        self._trust_read = -1e9  # when the bundle was last read (monotonic)
+        self._trust_lock = threading.Lock()  # one bundle read at a time
 
     @property
     def enrolled(self) -> bool:
@@ -133,6 +150,84 @@ class Session:
         with self.lock:
             self._ca_chain = chain
         return chain
+
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """The CA's unexpired intermediates (the current one first): whose CRLs to check."""
+        issuers = self._issuers
+        if issuers is None:
+            self.refresh_trust(max_age=0)
+            issuers = self._issuers
+        return issuers or ()
+
+    def refresh_trust(self, *, max_age: float) -> bool:
+        """Read ``/api/v1/ca/bundle`` unless it was read less than ``max_age`` seconds ago, and
+        follow it: new roots (through a cross-certificate from a trusted one) and retired ones
+        change the anchors of every context (and ``ca_roots.pem``); ``ca_chain.pem`` is
+        rewritten with the CA certificates in force. True if the anchors changed. Raises the
+        SDK's errors (TrustError: the server lists no root we can trust; nothing changes)."""
+        with self._trust_lock:
+            if time.monotonic() - self._trust_read < max_age:
+                return False
+            trust = self.trust()
+            response = self.connection().request("GET", "/ca/bundle")
+            certs = pem_certificates(response.content, "the CA bundle")
+            if trust.system:  # nothing to judge the roots by but the verified server
+                bundle_roots = tuple(c for c in certs if c.issuer == c.subject)
+                self._issuers = tuple(c for c in certs if c.issuer != c.subject
+                                      and c.subject not in {r.subject for r in bundle_roots})
+                self._trust_read = time.monotonic()
+                return False
+            judged = judge_bundle(certs, trust.anchors, now=self.clock())
+            self._issuers = judged.intermediates
+            self._trust_read = time.monotonic()
+            changed = bool(judged.added or judged.dropped)
+            if changed:
+                self._adopt_roots(trust, judged.roots, judged.added, judged.dropped)
+            self._write_chain((*judged.intermediates, *judged.roots, *judged.crosses))
+            return changed
+
+    def _adopt_roots(self, trust: Trust, roots: tuple[x509.Certificate, ...], added: tuple[x509.Certificate, ...],
+                     dropped: tuple[x509.Certificate, ...]) -> None:
+        for root in added:
+            logger.info("service %s: now trusting root %s (certified by a root already trusted)", self.service_id,
+                        root.subject.rfc4514_string())
+        for root in dropped:
+            logger.info("service %s: no longer trusting root %s (retired by the CA)", self.service_id,
+                        root.subject.rfc4514_string())
+        with self.lock:
+            self._trust = Trust(roots, trust.source, trust.path)
+            self._ca_chain = None
+            live = {id(c): c for c in (self._contexts, self._peer_contexts) if c is not None}
+        for contexts in live.values():
+            contexts.set_trust(roots)
+        if self.files is not None:
+            try:
+                write_atomically(self.files.cert_file.parent / LEARNED_FILE_NAME, certificates_pem(roots), 0o644)
+            except OSError as exc:
+                logger.warning("service %s: cannot keep the roots in %s: %s", self.service_id,
+                               LEARNED_FILE_NAME, exc.strerror or exc)
+
+    def _write_chain(self, certs: tuple[x509.Certificate, ...]) -> None:
+        """``ca_chain.pem`` (what peers are checked against, and what ``vcc-pki`` leaves for
+        nginx) holds the CA certificates in force, when it exists and differs."""
+        chain = self.files.chain_file if self.files is not None else None
+        if chain is None or not chain.is_file():
+            return
+        data = certificates_pem(certs)
+        try:
+            if chain.read_bytes() != data:
+                write_atomically(chain, data, 0o644)
+        except OSError as exc:
+            logger.warning("service %s: cannot rewrite %s: %s", self.service_id, chain, exc.strerror or exc)
+
+    def refresh_trust_quietly(self, max_age: float) -> None:
+        """:meth:`refresh_trust`, a failure logged (WARNING) instead of raised: the trust in
+        force stays."""
+        try:
+            self.refresh_trust(max_age=max_age)
+        except PKIError as exc:
+            logger.warning("service %s: refreshing the CA trust failed (%s); the trust in force stays",
+                           self.service_id, exc)
 
     def peer_anchors(self) -> tuple[x509.Certificate, ...]:
         """The anchors for peers; with system trust, the root the (verified) server publishes."""

@@ -84,6 +84,12 @@ class PKIClient:
     through unchecked instead, with a WARNING. ``check_revocation=False`` on a method turns
     the check off for that context.
 
+    CA rotation (SPEC §13): the client follows the CA's trust at run time, reading its bundle
+    at each renewal and every ``trust_refresh`` seconds (60): a new root is trusted only through
+    a cross-certificate signed by a root already trusted, a root the CA retired is dropped, and
+    contexts already handed out (server and client side) follow; CRLs are checked for every
+    unexpired intermediate of the CA.
+
     Files shared between processes: contexts re-read ``cert_file``/``key_file`` when another
     process replaced them (the ``vcc-pki`` agent, or the worker of a multi-worker server that
     renewed), looking at most every ``reload_interval`` seconds (10; None: never), so every
@@ -122,6 +128,7 @@ class PKIClient:
         crl_soft_fail: bool = False,
         reload_interval: float | None = 10.0,
         enrollment_token: str | None = None,
+        trust_refresh: float = 60.0,
     ) -> None:
         if enrolment_token is not None and enrollment_token is not None and enrolment_token != enrollment_token:
             raise ConfigurationError("pass enrolment_token= or its older spelling enrollment_token=, not both")
@@ -140,6 +147,8 @@ class PKIClient:
                                      f"got {reload_interval!r}")
         if not isinstance(crl_refresh, (int, float)) or crl_refresh <= 0:
             raise ConfigurationError(f"crl_refresh must be a positive number of seconds, got {crl_refresh!r}")
+        if not isinstance(trust_refresh, (int, float)) or trust_refresh <= 0:
+            raise ConfigurationError(f"trust_refresh must be a positive number of seconds, got {trust_refresh!r}")
         self.pki_server_url = pki_server_url.rstrip("/")
         self.service_id = service_id
         #: The certificate, key and chain files (None without ``cert_file``).
@@ -159,8 +168,9 @@ class PKIClient:
         self._clock = clock
         self._lock = self._session.lock
         self._renew_lock = threading.RLock()  # one certificate replacement at a time
-        self._crl = CRLCache(self._session, max_age=crl_max_age)
-        self._crl_refresh = float(crl_refresh)
+        self._trust_refresh = float(trust_refresh)
+        self._crl = CRLCache(self._session, max_age=min(crl_max_age, self._trust_refresh))
+        self._crl_refresh = min(float(crl_refresh), self._trust_refresh)
         self._crl_soft_fail = crl_soft_fail
         self._watcher: CRLWatcher | None = None
         self._renewer: Renewer | None = None
@@ -275,6 +285,7 @@ class PKIClient:
         with self._renew_lock:
             files = self._session.require_files()
             cert, key = files.load()
+            self._session.refresh_trust_quietly(0)  # a new root must be trusted before its certificate
             new_key = generate_private_key(key_kind(key)) if rekey else key
             body = renew_request(build_csr(new_key, self.service_id, *_sans(cert)) if rekey else None,
                                  _lifetime(validity_days, validity))
@@ -442,6 +453,7 @@ class PKIClient:
                                    last_error=exc) from exc
 
     def _background_check(self) -> None:
+        self._session.refresh_trust_quietly(self._trust_refresh)
         self.renew_now()
 
     # -- TLS ----------------------------------------------------------------------------

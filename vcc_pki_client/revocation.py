@@ -1,13 +1,14 @@
-"""Revocation: the CA's CRL, fetched, signature-checked against the intermediate, cached, and
-enforced by the SDK's TLS contexts.
+"""Revocation: the CA's CRLs (one per unexpired intermediate, SPEC §13), fetched,
+signature-checked against their issuer, cached, and enforced by the SDK's TLS contexts.
 
-:class:`CRLCache` answers :meth:`PKIClient.is_revoked`. :class:`CRLWatcher` keeps the CRL that
+:class:`CRLCache` answers :meth:`PKIClient.is_revoked`. :class:`CRLWatcher` keeps the CRLs that
 handed-out contexts check peers against: fetched in a background thread every ``refresh``
-seconds (sooner once the one held is past its nextUpdate), checked (issuer and signature),
-written to ``crl.pem`` beside the certificate (so a restart starts with the last good CRL
-even when the CA is unreachable) and given to the contexts (:meth:`ReloadingContexts.set_crl`).
-A fetch that fails keeps the CRL in force and logs a WARNING; a CRL that fails its checks is
-never installed.
+seconds (sooner once one held is past its nextUpdate), checked (issuer and signature),
+written together to ``crl.pem`` beside the certificate (so a restart starts with the last good
+CRLs even when the CA is unreachable) and given to the contexts
+(:meth:`ReloadingContexts.set_crl`). Each round first follows the CA's trust
+(:meth:`Session.refresh_trust`: new roots, new intermediates). A fetch that fails keeps the
+CRLs in force and logs a WARNING; a CRL that fails its checks is never installed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ logger = logging.getLogger("vcc_pki_client")
 
 
 class CRLCache:
-    """The CRL of a :class:`~vcc_pki_client._session.Session`'s CA, kept for ``max_age`` seconds.
+    """The CRLs of a :class:`~vcc_pki_client._session.Session`'s CA, one per issuer (every
+    unexpired intermediate: SPEC §13), each kept for ``max_age`` seconds.
 
     A kept CRL is never used past its nextUpdate, by the session's clock.
     """
@@ -46,73 +48,88 @@ class CRLCache:
         self._max_age = max_age
         self._clock = session.clock
         self._lock = threading.Lock()
-        self._kept: tuple[float, x509.CertificateRevocationList] | None = None
+        self._kept: dict[bytes, tuple[float, x509.CertificateRevocationList]] = {}  # by the issuer's DER
 
-    def fetch(self) -> x509.CertificateRevocationList:
-        """Fetch the CRL (DER), check issuer and signature against our intermediate, keep it.
+    def fetch(self, issuer: x509.Certificate | None = None) -> x509.CertificateRevocationList:
+        """Fetch the CRL of ``issuer`` (default: the current intermediate), check issuer and
+        signature, keep it (a CRL older than one already seen is not taken: the newer stays).
 
-        Raises InvalidResponseError (not a CRL) or TrustError (not signed by our CA).
+        Raises InvalidResponseError (not a CRL) or TrustError (not signed by that CA).
         """
-        response = self._session.connection().request("GET", "/crl")
+        issuer = issuer or self._session.issuers()[0]
+        path = f"/crl/{_ski(issuer)}"
+        response = self._session.connection().request("GET", path)
         try:
             crl = x509.load_der_x509_crl(response.content)
         except ValueError as exc:
-            raise InvalidResponseError("GET /api/v1/crl: the answer is not a DER CRL") from exc
-        check_crl(crl, self._issuer(crl))
+            raise InvalidResponseError(f"GET /api/v1{path}: the answer is not a DER CRL") from exc
+        check_crl(crl, issuer)
+        key = _der(issuer)
         with self._lock:
-            kept = self._kept
+            kept = self._kept.get(key)
             if kept is not None and (_crl_number(crl) or 0) < (_crl_number(kept[1]) or 0):
                 # An older CRL (a replica behind, or someone replaying one): keep the newer.
                 logger.warning("the PKI server sent CRL number %s, older than number %s already seen; "
                                "keeping the newer", _crl_number(crl), _crl_number(kept[1]))
-                self._kept = (time.monotonic(), kept[1])
+                self._kept[key] = (time.monotonic(), kept[1])
                 return kept[1]
-            self._kept = (time.monotonic(), crl)
+            self._kept[key] = (time.monotonic(), crl)
         return crl
 
-    def current(self, *, refresh: bool = False) -> x509.CertificateRevocationList:
-        """The kept CRL while fresh, else (or with ``refresh``) a newly fetched one."""
+    def fetch_all(self) -> list[tuple[x509.Certificate, x509.CertificateRevocationList]]:
+        """The CRL of every issuer (the CA's list read anew if it is older than ``max_age``)."""
+        self._session.refresh_trust_quietly(self._max_age)
+        return [(issuer, self.fetch(issuer)) for issuer in self._session.issuers()]
+
+    def current(self, issuer: x509.Certificate | None = None, *,
+                refresh: bool = False) -> x509.CertificateRevocationList:
+        """The kept CRL of ``issuer`` while fresh, else (or with ``refresh``) a newly fetched one."""
+        issuer = issuer or self._session.issuers()[0]
         with self._lock:
-            kept = self._kept
+            kept = self._kept.get(_der(issuer))
         if kept is not None and not refresh and time.monotonic() - kept[0] < self._max_age:
             next_update = kept[1].next_update_utc
             if next_update is None or self._clock() < next_update:
                 return kept[1]
-        return self.fetch()
+        return self.fetch(issuer)
 
     def forget(self) -> None:
-        """Drop the kept CRL (after a revocation through this client)."""
+        """Drop the kept CRLs (after a revocation through this client)."""
         with self._lock:
-            self._kept = None
+            self._kept.clear()
 
     def is_revoked(self, cert: x509.Certificate | int | str, *, refresh: bool = False) -> bool:
-        """True when ``cert`` (a certificate, or its serial as int or hex) is on the CRL.
+        """True when ``cert`` (a certificate, or its serial as int or hex) is on its issuer's
+        CRL (a serial alone: on the CRL of any unexpired issuer of this CA).
 
-        A certificate not signed by this CA's intermediate is a TrustError: the CRL cannot
-        speak for it. A malformed serial is a ConfigurationError.
+        A certificate not signed by one of this CA's intermediates is a TrustError: no CRL
+        of ours can speak for it. A malformed serial is a ConfigurationError.
         """
-        crl = self.current(refresh=refresh)
         if isinstance(cert, x509.Certificate):
-            try:
-                cert.verify_directly_issued_by(self._issuer(crl))
-            except (ValueError, TypeError, InvalidSignature, TrustError) as exc:
+            issuer = self._issuer_of(cert)
+            if issuer is None:
+                self._session.refresh_trust_quietly(0)  # an intermediate made since the list was read?
+                issuer = self._issuer_of(cert)
+            if issuer is None:
                 raise TrustError(f"certificate {cert.serial_number:x} ({cert.subject.rfc4514_string()}) is not "
-                                 "issued by this CA: its CRL cannot say whether it is revoked") from exc
-            serial = cert.serial_number
-        elif isinstance(cert, int):
+                                 "issued by this CA: its CRL cannot say whether it is revoked")
+            crl = self.current(issuer, refresh=refresh)
+            return crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        if isinstance(cert, int):
             serial = cert
         else:
             try:
                 serial = int(cert.replace(":", ""), 16)
             except ValueError as exc:
                 raise ConfigurationError(f"not a certificate serial number: {cert!r}") from exc
-        return crl.get_revoked_certificate_by_serial_number(serial) is not None
+        return any(self.current(issuer, refresh=refresh).get_revoked_certificate_by_serial_number(serial) is not None
+                   for issuer in self._session.issuers())
 
     def fetch_root(self) -> x509.CertificateRevocationList:
         """The root CA's CRL (revoked intermediates), its signature checked against the root.
-        What verifiers that check the whole chain need besides :meth:`fetch`'s (nginx does)."""
+        What verifiers that check the whole chain need besides the intermediates' (nginx does)."""
         root = self._session.ca_chain()[-1]
-        ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+        ski = _ski(root)
         response = self._session.connection().request("GET", f"/crl/{ski}")
         try:
             crl = x509.load_der_x509_crl(response.content)
@@ -120,11 +137,24 @@ class CRLCache:
             raise InvalidResponseError(f"GET /api/v1/crl/{ski}: the answer is not a DER CRL") from exc
         return check_crl(crl, root)
 
-    def _issuer(self, crl: x509.CertificateRevocationList) -> x509.Certificate:
-        for cert in self._session.ca_chain():
-            if cert.subject == crl.issuer:
-                return cert
-        raise TrustError(f"the CRL is issued by {crl.issuer.rfc4514_string()}, not by our CA")
+    def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
+        for issuer in self._session.issuers():
+            if issuer.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return issuer
+        return None
+
+
+def _ski(cert: x509.Certificate) -> str:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
@@ -153,7 +183,7 @@ class CRLWatcher:
         self._service_id = service_id
         self._lock = threading.Lock()
         self._contexts: list[ReloadingContexts] = []
-        self._held: x509.CertificateRevocationList | None = None  # the CRL in force
+        self._held: dict[bytes, x509.CertificateRevocationList] = {}  # in force, by issuer (DER), current first
         self._root_crl: x509.CertificateRevocationList | None = None  # written after it, for whole-chain verifiers
         self._installed: Path | None = None
         self._stop = threading.Event()
@@ -162,8 +192,13 @@ class CRLWatcher:
 
     @property
     def crl(self) -> x509.CertificateRevocationList | None:
-        """The CRL in force (None before any)."""
-        return self._held
+        """The current intermediate's CRL in force (None before any)."""
+        return next(iter(self._held.values()), None)
+
+    @property
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        """Every CRL in force, the current intermediate's first."""
+        return list(self._held.values())
 
     @property
     def path(self) -> Path:
@@ -190,10 +225,10 @@ class CRLWatcher:
         self._thread.start()
 
     def refresh(self) -> bool:
-        """Fetch the CRL now; install it if newer. False (and a WARNING) when the fetch or
-        its checks fail: the CRL in force stays."""
+        """Fetch every issuer's CRL now; install them if newer. False (and a WARNING) when a
+        fetch or its checks fail: the CRLs in force stay."""
         try:
-            crl = self._cache.fetch()
+            fetched = self._cache.fetch_all()
         except PKIError as exc:
             self._expired_warning(f"fetching the CRL failed ({exc}); the CRL in force stays")
             return False
@@ -206,7 +241,7 @@ class CRLWatcher:
         except PKIError as exc:  # kept out of crl.pem until it can be fetched: only whole-chain verifiers need it
             logger.warning("service %s: fetching the root's CRL failed (%s)", self._service_id, exc)
             changed_root = False
-        self._offer(crl, rewrite=changed_root)
+        self._offer(fetched, rewrite=changed_root)
         return True
 
     def close(self) -> None:
@@ -229,45 +264,58 @@ class CRLWatcher:
             self.refresh()
 
     def _next_wait(self) -> float:
-        held = self._held
         wait = self._refresh
-        if held is not None and held.next_update_utc is not None:
-            left = (held.next_update_utc - self._clock()).total_seconds()
+        first = self._first_expiry()
+        if first is not None:
+            left = (first - self._clock()).total_seconds()
             wait = min(wait, max(left, 1.0))
         return wait
 
-    def _offer(self, crl: x509.CertificateRevocationList, *, rewrite: bool = False) -> None:
-        """Install a checked CRL unless it is the one in force or older (a CRL number never
-        goes back, whichever replica behind a load balancer answered). ``crl.pem`` holds it
-        and then the root's CRL; ``rewrite``: the root's changed, write the file anew."""
+    def _first_expiry(self) -> datetime | None:
+        """The earliest nextUpdate of the CRLs in force (None: none has one)."""
+        times = [c.next_update_utc for c in self._held.values() if c.next_update_utc is not None]
+        return min(times) if times else None
+
+    def _offer(self, fetched: list[tuple[x509.Certificate, x509.CertificateRevocationList]], *,
+               rewrite: bool = False) -> None:
+        """Install checked CRLs, one per issuer, unless each is the one in force or older (a CRL
+        number never goes back, whichever replica behind a load balancer answered). ``crl.pem``
+        holds them and then the root's CRL; ``rewrite``: the root's changed, write the file anew."""
         held = self._held
-        number = _crl_number(crl) or 0
-        held_number = -1 if held is None else _crl_number(held) or 0
-        if held is not None and (number < held_number or (
-                number == held_number and crl.last_update_utc <= held.last_update_utc)):
+        offered: dict[bytes, x509.CertificateRevocationList] = {}
+        for issuer, crl in fetched:
+            key = _der(issuer)
+            mine = held.get(key)
+            if mine is not None and ((_crl_number(crl) or 0) < (_crl_number(mine) or 0) or (
+                    _crl_number(crl) == _crl_number(mine) and crl.last_update_utc <= mine.last_update_utc)):
+                crl = mine
+            offered[key] = crl
+        if list(offered.items()) == list(held.items()):
             if rewrite:
-                self._write(held)
+                self._write(list(held.values()))
             with self._lock:
-                self._apply(self._contexts, changed=False)  # the same CRL: re-judge its expiry only
+                self._apply(self._contexts, changed=False)  # the same CRLs: re-judge their expiry only
             return
-        ahead = (crl.last_update_utc - self._clock()).total_seconds()
+        ahead = max((c.last_update_utc - self._clock()).total_seconds() for c in offered.values())
         if ahead > 0:
             # Made by a CA whose clock is ahead of ours: OpenSSL would call it "not yet valid"
-            # and refuse every peer. The one in force stays until the new one is due.
-            logger.info("service %s: CRL number %d takes effect in %.0f s, at its thisUpdate",
-                        self._service_id, number, ahead)
+            # and refuse every peer. The ones in force stay until the new ones are due.
+            logger.info("service %s: a new CRL takes effect in %.0f s, at its thisUpdate", self._service_id, ahead)
             if self._stop.wait(ahead + 0.5):
                 return
-        if not self._write(crl):
+        if not self._write(list(offered.values())):
             return
         with self._lock:
-            self._held = crl
+            self._held = offered
             self._apply(self._contexts, changed=True)
-        logger.info("service %s: CRL number %d in force (%d revoked, next update %s)", self._service_id,
-                    number, len(crl), crl.next_update_utc.isoformat() if crl.next_update_utc else "-")
+        for crl in offered.values():
+            if crl not in held.values():
+                logger.info("service %s: CRL number %d of %s in force (%d revoked, next update %s)",
+                            self._service_id, _crl_number(crl) or 0, crl.issuer.rfc4514_string(), len(crl),
+                            crl.next_update_utc.isoformat() if crl.next_update_utc else "-")
 
-    def _write(self, crl: x509.CertificateRevocationList) -> bool:
-        pem = crl.public_bytes(serialization.Encoding.PEM)
+    def _write(self, crls: list[x509.CertificateRevocationList]) -> bool:
+        pem = b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls)
         if self._root_crl is not None:
             pem += self._root_crl.public_bytes(serialization.Encoding.PEM)
         try:
@@ -282,9 +330,9 @@ class CRLWatcher:
         """Give ``contexts`` the CRL in force, or none (with soft fail, an expired one is none).
         Contexts are rebuilt only when the CRL or its usability changed (``changed``: the CRL
         is new, or the contexts are)."""
-        held = self._held
-        usable = held is not None and (held.next_update_utc is None or self._clock() < held.next_update_utc)
-        path = self._path if held is not None and (usable or not self._soft_fail) else None
+        first = self._first_expiry()
+        usable = bool(self._held) and (first is None or self._clock() < first)
+        path = self._path if self._held and (usable or not self._soft_fail) else None
         if not changed and path == self._installed:
             return
         for each in contexts:
@@ -298,29 +346,41 @@ class CRLWatcher:
                            "(crl_soft_fail=True)", self._service_id)
 
     def _load_from_disk(self) -> None:
-        """Start with the CRL a previous run left in ``crl.pem``, if it checks out."""
+        """Start with the CRLs a previous run left in ``crl.pem``, if they check out (the root's,
+        after them, is read again from the CA)."""
         if not self._path.is_file():
             return
+        held: dict[bytes, x509.CertificateRevocationList] = {}
         try:
-            crl = x509.load_pem_x509_crl(self._path.read_bytes())
             chain = self._files.load_chain()
-            issuer = next((c for c in chain if c.subject == crl.issuer), None)
-            if issuer is None:
-                raise TrustError(f"the CRL is issued by {crl.issuer.rfc4514_string()}, not by our CA")
-            check_crl(crl, issuer)
+            for block in _pem_crls(self._path.read_bytes()):
+                crl = x509.load_pem_x509_crl(block)
+                issuer = next((c for c in chain if c.subject == crl.issuer), None)
+                if issuer is None:
+                    raise TrustError(f"the CRL is issued by {crl.issuer.rfc4514_string()}, not by our CA")
+                if issuer.issuer != issuer.subject:  # an intermediate's, not the root's
+                    held[_der(issuer)] = check_crl(crl, issuer)
         except (OSError, ValueError, PKIError) as exc:
             logger.warning("service %s: ignoring %s: %s", self._service_id, self._path, exc)
             return
-        self._held = crl
+        self._held = held
 
     def _expired_warning(self, message: str) -> None:
-        held = self._held
-        if held is not None and held.next_update_utc is not None and self._clock() >= held.next_update_utc:
+        first = self._first_expiry()
+        if first is not None and self._clock() >= first:
             what = ("peers are accepted without a revocation check (crl_soft_fail=True)" if self._soft_fail
                     else "handshakes with peers are refused until a fresh CRL is fetched")
             logger.warning("service %s: %s; the CRL held expired at %s: %s", self._service_id, message,
-                           held.next_update_utc.isoformat(), what)
+                           first.isoformat(), what)
             with self._lock:
                 self._apply(self._contexts, changed=False)
         else:
             logger.warning("service %s: %s", self._service_id, message)
+
+
+_CRL_END = b"-----END X509 CRL-----"
+
+
+def _pem_crls(data: bytes) -> list[bytes]:
+    """The PEM CRLs in ``data``, one block each."""
+    return [part + _CRL_END + b"\n" for part in data.split(_CRL_END) if b"-----BEGIN X509 CRL-----" in part]

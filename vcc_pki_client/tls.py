@@ -170,7 +170,10 @@ class ReloadingContexts:
     server): every handshake calls :meth:`follow_files`, which looks at the files at most every
     ``reload_interval`` seconds (None: never) and reloads when they changed.
 
-    Known limits: trust (the CA bundle) is fixed at creation. Set ALPN protocols on a
+    Trust follows too: :meth:`set_trust` replaces ``ca_certs`` for later handshakes (the SDK
+    calls it when the CA's roots or intermediates change, SPEC §13).
+
+    Known limits: a ``ca_file`` is read when contexts are built. Set ALPN protocols on a
     server context through ``alpn_protocols=``, not on the context (the connection is
     moved to an inner context, whose ALPN setting is the one OpenSSL uses); do not set
     ``sni_callback`` on it. Settings changed on a handed-out context (other than ALPN on a
@@ -269,6 +272,22 @@ class ReloadingContexts:
             logger.warning("the certificate files changed but cannot be loaded (%s); the pair in force stays", exc)
             return
         logger.info("certificate files replaced by another process: now presenting serial %x", cert.serial_number)
+
+    @property
+    def ca_certs(self) -> tuple[x509.Certificate, ...]:
+        """The CA certificates trusted (besides a ``ca_file``)."""
+        return self._ca_certs
+
+    def set_trust(self, ca_certs: Sequence[x509.Certificate]) -> None:
+        """Trust ``ca_certs`` (besides a ``ca_file``) from now on, in every live context (new
+        handshakes). Raises ConfigurationError if OpenSSL refuses them (no context changes)."""
+        with self._lock:
+            previous, self._ca_certs = self._ca_certs, tuple(ca_certs)
+            try:
+                self._rebuild()
+            except ConfigurationError:
+                self._ca_certs = previous
+                raise
 
     def set_crl(self, crl_file: Path | None, *, soft_fail: bool = False) -> None:
         """Check peers of revocation-checking contexts against ``crl_file`` (PEM or DER) from

@@ -13,6 +13,10 @@
 4. the system store (no anchors): the PKI server must have a publicly trusted
    certificate, and peers are checked against the CA chain that server publishes.
 
+Roots learned at run time (SPEC §13: a new root, accepted only through a cross-certificate
+signed by a root already trusted; :func:`judge_bundle`) are kept in ``ca_roots.pem`` beside
+the certificate and trusted again after a restart, whatever the source above.
+
 The other helpers judge what the server hands out: :func:`verify_leaf` (a peer or newly
 issued certificate chains to the anchors), :func:`check_ca_chain` and :func:`check_crl`.
 """
@@ -38,10 +42,13 @@ from .tls import client_ssl_context
 
 __all__ = [
     "CHAIN_FILE_NAME",
+    "LEARNED_FILE_NAME",
     "ROOT_FILE_NAME",
+    "Bundle",
     "Trust",
     "check_ca_chain",
     "check_crl",
+    "judge_bundle",
     "load_certificates",
     "parse_certificate",
     "resolve_trust",
@@ -51,6 +58,7 @@ __all__ = [
 
 ROOT_FILE_NAME = "ca_root.pem"
 CHAIN_FILE_NAME = "ca_chain.pem"
+LEARNED_FILE_NAME = "ca_roots.pem"
 
 
 @attrs.frozen
@@ -121,6 +129,20 @@ def resolve_trust(
     the body of ``GET /api/v1/ca/root?format=der``, fetched without verification.
     Raises ConfigurationError for unusable files, TrustError for a pin mismatch.
     """
+    trust = _base_trust(ca_bundle=ca_bundle, pin=pin, cert_file=cert_file, fetch_root=fetch_root)
+    learned = cert_file.parent / LEARNED_FILE_NAME if cert_file is not None else None
+    if trust.system or learned is None or not learned.is_file():
+        return trust
+    try:
+        more = load_certificates(learned, "roots learned from the PKI server")
+    except ConfigurationError:
+        return trust
+    known = {_der(c) for c in trust.anchors}
+    return attrs.evolve(trust, anchors=(*trust.anchors, *(c for c in more if _der(c) not in known)))
+
+
+def _base_trust(*, ca_bundle: Path | None, pin: str | None, cert_file: Path | None,
+                fetch_root: Callable[[], bytes]) -> Trust:
     if ca_bundle is not None:
         return Trust(load_certificates(ca_bundle, "CA bundle"), "ca_bundle", ca_bundle)
     folder = cert_file.parent if cert_file is not None else None
@@ -145,6 +167,62 @@ def resolve_trust(
         chain = folder / CHAIN_FILE_NAME
         return Trust(load_certificates(chain, "CA chain"), "ca_chain", chain)
     return Trust((), "system")
+
+
+@attrs.frozen
+class Bundle:
+    """``/api/v1/ca/bundle`` as judged against the anchors: the roots to trust now, the
+    intermediates (the current one first) that chain to them, and what changed."""
+
+    roots: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...]
+    crosses: tuple[x509.Certificate, ...]
+    added: tuple[x509.Certificate, ...]  # roots trusted now that were not
+    dropped: tuple[x509.Certificate, ...]  # roots no longer trusted (retired by the CA)
+
+
+def judge_bundle(certs: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], *,
+                 now: datetime) -> Bundle:
+    """Which of the server's CA certificates to trust (SPEC §13). A root already trusted stays
+    while the server lists it; a new root is accepted only through a cross-certificate in the
+    bundle: the new root's name and key, signed by a trusted root, valid ``now``. Roots the
+    server no longer lists are dropped. Intermediates are kept when signed by a root trusted
+    after this. TrustError (nothing changes) when none of the server's roots can be trusted."""
+    roots = [c for c in certs if c.issuer == c.subject]
+    root_names = {r.subject for r in roots}
+    crosses = [c for c in certs if c.issuer != c.subject and c.subject in root_names]
+    trusted = {_der(a) for a in anchors}
+    keep = [r for r in roots if _der(r) in trusted]
+    for root in roots:
+        if _der(root) in trusted:
+            continue
+        for cross in crosses:
+            if cross.subject != root.subject or cross.public_key() != root.public_key():
+                continue
+            if not cross.not_valid_before_utc <= now < cross.not_valid_after_utc:
+                continue
+            if any(_issued_by(cross, anchor) for anchor in anchors):
+                keep.append(root)
+                break
+    if not keep:
+        raise TrustError("none of the roots the PKI server lists is one this client trusts, or is certified by one")
+    kept = {_der(r) for r in keep}
+    intermediates = tuple(c for c in certs if c.issuer != c.subject and c.subject not in root_names
+                          and any(_issued_by(c, r) for r in keep))
+    return Bundle(tuple(keep), intermediates,
+                  tuple(c for c in crosses if any(_issued_by(c, r) for r in keep)),
+                  tuple(r for r in keep if _der(r) not in trusted),
+                  tuple(a for a in anchors if a.issuer == a.subject and _der(a) not in kept))
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def verify_leaf(

@@ -430,7 +430,12 @@ class HealthChecker:
         await self.aclose()
 
 
-def lifecycle(authority: Authority, home: Home, *, interval: float | None = None) -> Lifecycle:
-    """The (start, stop) pair ``create_app(background=...)`` runs with the app's lifespan."""
+def lifecycle(authority: Authority, home: Home, *, interval: float | None = None,
+              ssl_context: ssl.SSLContext | None = None) -> Lifecycle:
+    """The (start, stop) pair ``create_app(background=...)`` runs with the app's lifespan;
+    ``ssl_context``: the probes' (the server's own, following its renewals and the CA's
+    rotations), else one made from the home's files as they are now."""
     checker = HealthChecker.from_home(authority, home, interval=interval)
+    if ssl_context is not None:
+        checker.ssl_context = ssl_context
     return checker.start, checker.stop

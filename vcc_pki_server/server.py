@@ -184,13 +184,16 @@ def resolve_password(args: argparse.Namespace, home: Home) -> str:
                              program="vcc-pki-server", notify=say)
 
 
-def _background(home: Home, args: argparse.Namespace, authority: object) -> list[Lifecycle]:
-    """Jobs that run inside each worker beside the API (health probes when available)."""
+def _background(home: Home, args: argparse.Namespace, authority: object,
+                own: server_cert.ServerCertificate) -> list[Lifecycle]:
+    """Jobs that run inside each worker beside the API (health probes when available, with the
+    server's own certificate and trust as they follow renewals and rotations)."""
     try:
         from .health import lifecycle
     except ImportError:
         return []
-    return [lifecycle(authority, home, interval=args.health_interval)]  # type: ignore[arg-type]
+    return [lifecycle(authority, home, interval=args.health_interval,  # type: ignore[arg-type]
+                      ssl_context=own.contexts.client_context())]
 
 
 def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> None:
@@ -202,7 +205,7 @@ def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Na
                                         max_connections_per_client=args.max_connections_per_client,
                                         max_connections=args.max_connections)
     ctx = own.ssl_context()
-    app = create_app(authority, background=[*_background(home, args, authority), (own.start, own.stop)],
+    app = create_app(authority, background=[*_background(home, args, authority, own), (own.start, own.stop)],
                      root_crl=home.root_crl_file, database_timeout=args.database_timeout)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers
     # that ends in a clean exit 0 instead of death by SIGTERM or a KeyboardInterrupt traceback.

@@ -20,6 +20,10 @@ under an exclusive ``flock`` on ``<home>/server/renew.lock`` (the workers of one
 
 The root's CRL is shared the same way (the newest by CRL number), so that ``pki-admin ca
 root-crl`` run on one host reaches every replica.
+
+CA rotation (SPEC §13): every ``ca_interval`` seconds (5) each worker looks at the version of the
+cluster's CA record (:mod:`.ca_set`); when it changed, the worker signs with the new CAs, its
+contexts trust them, and it follows the server certificate the rotation renewed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from vcc_pki_client import CertificateFiles, ReloadingContexts
 
 from .authority import Authority, utc_now
+from .ca_set import SHARED_NAME as CA_SET_NAME
 from .errors import CAError
 from .home import Home, key_pem, write_file
 from .store import Store
@@ -61,21 +66,22 @@ class ServerCertificate:
     """The server's certificate in one worker: its TLS context, and keeping it fresh."""
 
     def __init__(self, home: Home, authority: Authority, password: str, *, interval: float = 60.0,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, ca_interval: float = 5.0) -> None:
         self.home = home
         self.authority = authority
         self.password = password  # the CA password: the shared copy of the key is encrypted with it
         self.interval = interval
+        self.ca_interval = ca_interval
         self.clock = clock
         self.files = CertificateFiles(home.server_cert, home.server_key)
-        # Client certificates are verified against our CA (root and intermediate) at the handshake.
-        self.contexts = ReloadingContexts(self.files, ca_certs=(home.root_certificate(),
-                                                                home.intermediate_certificate()))
+        # Client certificates are verified against our CAs (roots and intermediates) at the handshake.
+        self.contexts = ReloadingContexts(self.files, ca_certs=authority.cas.trusted)
         self._stamp = self._file_stamp()
         # The serial this worker last left in the files: at first, what the server's start-up
         # left there (it synced the home with the cluster's copy); a later change is local.
         self._synced: int = self.files.load()[0].serial_number
         self._task: asyncio.Task[None] | None = None
+        self._ca_task: asyncio.Task[None] | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         """The context uvicorn serves with: client certificates optional (checked per request),
@@ -98,24 +104,46 @@ class ServerCertificate:
                          cert.not_valid_after_utc.isoformat())
         return renewed
 
+    def follow_ca(self) -> bool:
+        """One look at the cluster's CA record (blocking); when it changed since this worker's
+        CAs were loaded: sign with the new ones, trust them, follow the server certificate the
+        rotation renewed. True if it changed."""
+        stored = self.authority.store.shared_state(CA_SET_NAME)
+        if stored is None or stored[0] == self.authority.cas.version:
+            return False
+        with renewal_lock(self.home):
+            cas = self.home.load_cas(self.password, self.authority.store)
+        self.authority.set_cas(cas)
+        self.contexts.set_trust(cas.trusted)
+        log.info("CA record version %d: issuing from %s (%s); %d root(s), %d intermediate(s) trusted", cas.version,
+                 cas.current.certificate.subject.rfc4514_string(), cas.current.ski, len(cas.roots), len(cas.issuers))
+        self.check()
+        return True
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+        self._ca_task = asyncio.create_task(self._every(self.ca_interval, self.follow_ca, "CA record check"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._ca_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
+        await self._every(self.interval, self.check, "server certificate check")
+
+    @staticmethod
+    async def _every(interval: float, work: Callable[[], bool], what: str) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(interval)
             try:
-                await run_in_threadpool(self.check)
+                await run_in_threadpool(work)
             except CAError as exc:  # e.g. the database is down: the old certificate keeps serving
-                log.warning("server certificate check failed (tried again in %gs): %s", self.interval, exc.message)
-            except Exception:  # the old certificate keeps serving; the next check tries again
-                log.exception("server certificate check failed")
+                log.warning("%s failed (tried again in %gs): %s", what, interval, exc.message)
+            except Exception:  # what is in force stays; the next check tries again
+                log.exception("%s failed", what)
 
     def _file_stamp(self) -> tuple[int, int, int]:
         st = self.home.server_cert.stat()

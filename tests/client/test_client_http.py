@@ -40,7 +40,7 @@ from vcc_pki_client import (
 )
 from vcc_pki_client._http import translate_httpx_error
 from vcc_pki_client.files import CertificateFiles
-from vcc_pki_client.keys import fingerprint_sha256
+from vcc_pki_client.keys import certificates_pem, fingerprint_sha256
 from vcc_pki_client.retry import is_transient
 
 if TYPE_CHECKING:
@@ -120,12 +120,18 @@ def problem(status: int, code: str, detail: str = "refused") -> httpx.Response:
     return httpx.Response(status, json=body, headers=PROBLEM)
 
 
+CRL_ROUTE = rf"{API}/crl(/[0-9a-f]+)?$"  # the current issuer's CRL, or one issuer's by its SKI
+
+
 @pytest.fixture
-def router() -> Iterator[respx.MockRouter]:
+def router(mini_ca: MiniCA) -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_called=False) as mock:
+        # The SDK reads the CA's bundle (trust, and whose CRLs to check) at each renewal.
+        mock.get(f"{API}/ca/bundle").mock(return_value=httpx.Response(
+            200, content=certificates_pem([mini_ca.intermediate, mini_ca.root])))
         # After installing a certificate the SDK fetches the CRL into crl.pem; tests about
         # the CRL mock this route themselves (the same pattern replaces this answer).
-        mock.get(f"{API}/crl").mock(return_value=httpx.Response(
+        mock.get(url__regex=CRL_ROUTE).mock(return_value=httpx.Response(
             404, json={"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no CRL here",
                        "code": "not_found"}, headers={"content-type": "application/problem+json"}))
         yield mock
@@ -520,7 +526,7 @@ def test_is_revoked_reads_a_checked_crl_and_caches_it(router: respx.MockRouter,
     peer, _ = mini_ca.issue("peer")
     other, _ = mini_ca.issue("other")
     router.get(f"{API}/ca/chain").mock(return_value=httpx.Response(200, content=pem(*mini_ca.chain)))
-    crl = router.get(f"{API}/crl").mock(return_value=httpx.Response(
+    crl = router.get(url__regex=CRL_ROUTE).mock(return_value=httpx.Response(
         200, content=make_crl(mini_ca, [peer.serial_number]), headers={"content-type": "application/pkix-crl"}))
     client = make_client()
     assert client.is_revoked(peer) is True
@@ -535,7 +541,7 @@ def test_crl_max_age_zero_fetches_every_time(router: respx.MockRouter, make_clie
                                              mini_ca: MiniCA) -> None:
     peer, _ = mini_ca.issue("peer")
     router.get(f"{API}/ca/chain").mock(return_value=httpx.Response(200, content=pem(*mini_ca.chain)))
-    crl = router.get(f"{API}/crl").mock(side_effect=[
+    crl = router.get(url__regex=CRL_ROUTE).mock(side_effect=[
         httpx.Response(200, content=make_crl(mini_ca, [])),
         httpx.Response(200, content=make_crl(mini_ca, [peer.serial_number]))])
     client = make_client(crl_max_age=0)
@@ -548,7 +554,7 @@ def test_crl_with_a_bad_signature_is_a_trust_error(router: respx.MockRouter,
                                                    make_client: Callable[..., PKIClient],
                                                    mini_ca: MiniCA, other_ca: MiniCA) -> None:
     router.get(f"{API}/ca/chain").mock(return_value=httpx.Response(200, content=pem(*mini_ca.chain)))
-    router.get(f"{API}/crl").mock(return_value=httpx.Response(
+    router.get(url__regex=CRL_ROUTE).mock(return_value=httpx.Response(
         200, content=make_crl(mini_ca, [], signer=other_ca.intermediate_key)))
     with pytest.raises(TrustError, match="signature"):
         make_client().get_crl()
@@ -558,7 +564,7 @@ def test_foreign_certificate_cannot_be_judged_by_our_crl(router: respx.MockRoute
                                                          make_client: Callable[..., PKIClient],
                                                          mini_ca: MiniCA, other_ca: MiniCA) -> None:
     router.get(f"{API}/ca/chain").mock(return_value=httpx.Response(200, content=pem(*mini_ca.chain)))
-    router.get(f"{API}/crl").mock(return_value=httpx.Response(200, content=make_crl(mini_ca, [])))
+    router.get(url__regex=CRL_ROUTE).mock(return_value=httpx.Response(200, content=make_crl(mini_ca, [])))
     foreign, _ = other_ca.issue("peer")
     with pytest.raises(TrustError):
         make_client().is_revoked(foreign)
