@@ -354,6 +354,7 @@ class CAs:
     roots: tuple[x509.Certificate, ...]
     crosses: tuple[x509.Certificate, ...] = ()
     version: int = 0  # of the cluster's record it was built from (0: the home's files)
+    activates_at: datetime | None = None  # when a rotation's next intermediate becomes the current one
 
     @classmethod
     def single(cls, ca: CertificateAuthority) -> CAs:

@@ -9,15 +9,17 @@ again by any process that finds them behind, so a rotation cut short by a crash 
 the next start).
 
 States: a root is ``active`` (trusted) or ``retired``; an intermediate is ``current`` (signs
-new certificates; exactly one) or ``retired`` (signs only the CRL of its certificates, until
-it expires).
+new certificates; exactly one), ``next`` (made by a rotation: listed in ``/ca/bundle`` and
+signing its CRL at once, so that services learn it and fetch its CRL before any peer presents
+a certificate of it; current from its ``activate_at``) or ``retired`` (signs only the CRL of
+its certificates, until it expires).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 
 import attrs
 from cryptography import x509
@@ -45,7 +47,8 @@ class RootEntry:
 class IntermediateEntry:
     cert: x509.Certificate
     key_pem: bytes = attrs.field(repr=False)  # encrypted with the CA password
-    state: str = "current"  # current | retired
+    state: str = "current"  # current | next | retired
+    activate_at: datetime | None = None  # when a ``next`` one becomes current
 
     @property
     def ski(self) -> str:
@@ -63,6 +66,22 @@ class CASet:
     @property
     def current(self) -> IntermediateEntry:
         return next(i for i in self.intermediates if i.state == "current")
+
+    @property
+    def pending(self) -> IntermediateEntry | None:
+        """The ``next`` intermediate of a rotation not yet in effect."""
+        return next((i for i in self.intermediates if i.state == "next"), None)
+
+    def settled(self, now: datetime) -> CASet:
+        """The record as it stands at ``now``: a ``next`` intermediate whose time has come is
+        the current one, and the one before it retired."""
+        pending = self.pending
+        if pending is None or pending.activate_at is None or now < pending.activate_at:
+            return self
+        return attrs.evolve(self, intermediates=tuple(
+            attrs.evolve(i, state="current", activate_at=None) if i is pending
+            else attrs.evolve(i, state="retired") if i.state == "current" else i
+            for i in self.intermediates))
 
     @property
     def active_roots(self) -> tuple[RootEntry, ...]:
@@ -85,7 +104,8 @@ class CASet:
             return cert_pem(cert).decode("ascii") if cert is not None else None
         return json.dumps({
             "roots": [{"cert": pem(r.cert), "state": r.state, "cross": pem(r.cross)} for r in self.roots],
-            "intermediates": [{"cert": pem(i.cert), "key": i.key_pem.decode("ascii"), "state": i.state}
+            "intermediates": [{"cert": pem(i.cert), "key": i.key_pem.decode("ascii"), "state": i.state,
+                               "activate_at": i.activate_at.isoformat() if i.activate_at else None}
                               for i in self.intermediates],
         }, indent=1).encode()
 
@@ -96,16 +116,20 @@ class CASet:
         return cls(
             tuple(RootEntry(load(r["cert"].encode()), r["state"],
                             load(r["cross"].encode()) if r.get("cross") else None) for r in doc["roots"]),
-            tuple(IntermediateEntry(load(i["cert"].encode()), i["key"].encode(), i["state"])
+            tuple(IntermediateEntry(load(i["cert"].encode()), i["key"].encode(), i["state"],
+                                    datetime.fromisoformat(i["activate_at"]).astimezone(timezone.utc)
+                                    if i.get("activate_at") else None)
                   for i in doc["intermediates"]),
             version,
         )
 
     def authorities(self, password: str, urls: Callable[[x509.Certificate], tuple[str, str]],
                     now: datetime) -> CAs:
-        """The CAs a server signs with: every unexpired intermediate's key decrypted with the CA
-        password (CAError naming the one that fails), ``urls(intermediate)`` giving its
-        leaves' CRL and issuer URLs."""
+        """The CAs a server signs with at ``now`` (see :meth:`settled`): every unexpired
+        intermediate's key decrypted with the CA password (CAError naming the one that fails),
+        ``urls(intermediate)`` giving its leaves' CRL and issuer URLs."""
+        if self.settled(now) is not self:
+            return self.settled(now).authorities(password, urls, now)
         roots = self.active_roots
         active = {r.cert.subject for r in roots}
         issuers: dict[str, CertificateAuthority] = {}
@@ -123,7 +147,9 @@ class CASet:
                                                       key=_decrypt(entry, password), crl_url=crl_url,
                                                       issuer_url=issuer_url, cross=cross)
         crosses = tuple(r.cross for r in roots if r.cross is not None and r.cross.issuer in active)
-        return CAs(issuers[current.ski], issuers, tuple(r.cert for r in roots), crosses, self.version)
+        pending = self.pending
+        return CAs(issuers[current.ski], issuers, tuple(r.cert for r in roots), crosses, self.version,
+                   pending.activate_at if pending is not None else None)
 
 
 def _decrypt(entry: IntermediateEntry, password: str) -> CAPrivateKey:

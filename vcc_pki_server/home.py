@@ -151,8 +151,8 @@ class Home:
     def write_root_crl(self, root_password: str, *, now: datetime | None = None) -> x509.CertificateRevocationList:
         """Sign and write the root's CRL anew (``pki-admin ca root-crl``): the next CRL number,
         valid for a year. Raises CAUnavailable for a wrong root password."""
-        root_key = self._load_key(self.root_key, root_password, "root CA")
-        return self._write_root_crl(self.root_certificate(), root_key, now or utc_now())
+        root = self.root_certificate()
+        return self._write_root_crl(root, self.load_root_key(root, root_password), now or utc_now())
 
     def root_crl(self) -> x509.CertificateRevocationList | None:
         """The root's CRL (SPEC §10: the intermediates it revoked), None in a home without one."""
@@ -223,11 +223,11 @@ class Home:
                  now: datetime | None = None) -> CAs:
         """Every CA the servers sign with (the files first brought in line with the record)."""
         config = config or self.config()
+        now = now or utc_now()
         cas = self.ca_set(store)
         if cas.version:
-            self.adopt_ca_set(cas)
-        return cas.authorities(password, lambda cert: (config.crl_url(cert), config.issuer_url(cert)),
-                               now or utc_now())
+            self.adopt_ca_set(cas.settled(now))
+        return cas.authorities(password, lambda cert: (config.crl_url(cert), config.issuer_url(cert)), now)
 
     def database_url(self, config: Config | None = None) -> str | None:
         """The PostgreSQL URL: ``$VCC_PKI_DATABASE_URL``, else config.toml's ``database_url``,
@@ -260,7 +260,7 @@ class Home:
         try:
             cas = self.ca_set(store)
             if cas.version:
-                self.adopt_ca_set(cas)
+                self.adopt_ca_set(cas.settled(utc_now()))
             else:
                 store.assign_issuer(cas.current.ski)
         except BaseException:

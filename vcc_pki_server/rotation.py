@@ -1,13 +1,18 @@
 """CA rotation (SPEC §13): a new intermediate, a new root with its cross-certificate, retiring
 the old root. Each is one compare-and-set of the cluster's CA record (:mod:`.ca_set`): before
-it nothing changed, after it every server follows (within 15 s), and the home's files are then
-rewritten from the record (by this command, or by the next process to open the store if this
-one died first). Keys are made and checked before; nothing a crash can leave half done."""
+it nothing changed, after it every server follows, and the home's files are then rewritten
+from the record (by this command, or by the next process to open the store if this one died
+first). Keys are made and checked before; nothing a crash can leave half done.
+
+A new intermediate is published at once (``/ca/bundle``, its CRL) and issues from
+``activate_after`` later (8 s by default; servers look every 5 s, so they issue from it within
+15 s): services refreshing their trust more often than that know it, and hold its CRL, before
+any peer presents a certificate of it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 from cryptography import x509
@@ -28,6 +33,7 @@ from .home import Home, key_pem, write_file
 from .store import Store
 
 Report = Callable[[str], None]
+ACTIVATE_AFTER = timedelta(seconds=8)
 
 
 def key_type_of(key: CAPrivateKey) -> str:
@@ -52,45 +58,53 @@ def _commit(home: Home, store: Store, before: CASet, after: CASet, now: datetime
         raise Conflict("another rotation was stored meanwhile; nothing changed here: run `pki-admin ca status` "
                        "and try again")
     stored = attrs.evolve(after, version=before.version + 1)
-    home.adopt_ca_set(stored)
+    home.adopt_ca_set(stored.settled(now))
     return stored
 
 
 def _new_intermediate(cas: CASet, root: x509.Certificate, root_key: CAPrivateKey, password: str, key_type: str,
-                      now: datetime, days: int) -> IntermediateEntry:
+                      now: datetime, days: int, activate_after: timedelta) -> IntermediateEntry:
     name = generation_name(_base_name(cas.intermediates[0].cert), len(cas.intermediates) + 1)
     key = generate_key(key_type)
     cert = create_intermediate(root, root_key, key, now=now, days=days, common_name=name)
-    return IntermediateEntry(cert, key_pem(key, password), "current")
+    return IntermediateEntry(cert, key_pem(key, password), "next", now + activate_after)
 
 
-def _retire_current(cas: CASet) -> tuple[IntermediateEntry, ...]:
-    return tuple(attrs.evolve(i, state="retired") if i.state == "current" else i for i in cas.intermediates)
+def _settled(home: Home, store: Store, now: datetime) -> CASet:
+    """The record as it stands now; refused while a rotation has not taken effect yet."""
+    cas = home.ca_set(store).settled(now)
+    pending = cas.pending
+    if pending is not None and pending.activate_at is not None:
+        raise Conflict(f"the previous rotation takes effect at {pending.activate_at.isoformat()}; "
+                       "try again after it")
+    return cas
 
 
 def rotate_intermediate(home: Home, store: Store, *, root_password: str, password: str, key_type: str | None,
-                        now: datetime, days: int = 1825, report: Report = lambda m: None) -> CASet:
-    """A new intermediate under the current root issues from now on; the one before is retired
-    (it keeps signing the CRL of its certificates). Raises CAUnavailable for a wrong password."""
-    cas = home.ca_set(store)
+                        now: datetime, days: int = 1825, activate_after: timedelta = ACTIVATE_AFTER,
+                        report: Report = lambda m: None) -> CASet:
+    """A new intermediate under the current root issues from ``activate_after`` on; the one
+    before is then retired (it keeps signing the CRL of its certificates). Raises
+    CAUnavailable for a wrong password."""
+    cas = _settled(home, store, now)
     current = cas.authorities(password, lambda cert: ("", ""), now).current  # checks the CA password
     root = cas.root_of(cas.current.cert).cert
     root_key = home.load_root_key(root, root_password)
     kind = key_type or key_type_of(current.key)
     report(f"generating the new intermediate's key ({kind})...")
-    entry = _new_intermediate(cas, root, root_key, password, kind, now, days)
-    after = CASet(cas.roots, (*_retire_current(cas), entry))
+    entry = _new_intermediate(cas, root, root_key, password, kind, now, days, activate_after)
+    after = CASet(cas.roots, (*cas.intermediates, entry))
     report("storing the rotation...")
     return _commit(home, store, cas, after, now, "ca.rotate-intermediate")
 
 
 def rotate_root(home: Home, store: Store, *, root_password: str, password: str, key_type: str | None,
                 intermediate_key_type: str | None, now: datetime, days: int = 3650,
-                report: Report = lambda m: None) -> CASet:
+                activate_after: timedelta = ACTIVATE_AFTER, report: Report = lambda m: None) -> CASet:
     """A new root (its key encrypted with the same root password), a cross-certificate of it
-    signed by the current root, and a new intermediate under it that issues from now on. Both
-    roots are trusted until :func:`retire_root`."""
-    cas = home.ca_set(store)
+    signed by the current root, and a new intermediate under it that issues from
+    ``activate_after`` on. Both roots are trusted until :func:`retire_root`."""
+    cas = _settled(home, store, now)
     current = cas.authorities(password, lambda cert: ("", ""), now).current
     old = cas.root_of(cas.current.cert)
     old_key = home.load_root_key(old.cert, root_password)
@@ -109,12 +123,10 @@ def rotate_root(home: Home, store: Store, *, root_password: str, password: str, 
             write_file(path, key_pem(key, root_password), 0o400)
     ikind = intermediate_key_type or key_type_of(current.key)
     report(f"generating the new intermediate's key ({ikind})...")
-    entry = _new_intermediate(cas, new_root, new_key, password, ikind, now, 1825)
-    after = CASet((*cas.roots, RootEntry(new_root, "active", cross)), (*_retire_current(cas), entry))
+    entry = _new_intermediate(cas, new_root, new_key, password, ikind, now, 1825, activate_after)
+    after = CASet((*cas.roots, RootEntry(new_root, "active", cross)), (*cas.intermediates, entry))
     report("storing the rotation...")
-    stored = _commit(home, store, cas, after, now, "ca.rotate-root")
-    home.write_root_crl(root_password, now=now)  # the new root's CRL, numbered on from the old one's
-    return stored
+    return _commit(home, store, cas, after, now, "ca.rotate-root")
 
 
 def only_anchored_by_retiring(cas: CASet, store: Store, now: datetime) -> int:
@@ -129,7 +141,7 @@ def retire_root(home: Home, store: Store, *, force: bool, now: datetime) -> tupl
     """End a root rotation's overlap: every root but the current intermediate's is retired (it
     leaves /ca/roots and /ca/bundle). Refused while unexpired certificates chain only to such a
     root, unless ``force``. Returns the new record and how many services were left behind."""
-    cas = home.ca_set(store)
+    cas = _settled(home, store, now)
     retiring = cas.active_roots[1:]
     if not retiring:
         raise CAError("only one root is trusted: there is no root to retire (run `pki-admin ca rotate-root` first)")
@@ -148,8 +160,10 @@ def describe(cas: CASet, now: datetime) -> list[tuple[str, str, x509.Certificate
     or under a retired root, is shown as such."""
     rows: list[tuple[str, str, x509.Certificate]] = [("root", r.state, r.cert) for r in cas.roots]
     retired_roots = {r.cert.subject for r in cas.roots if r.state == "retired"}
-    for entry in cas.intermediates:
+    for entry in cas.settled(now).intermediates:
         state = entry.state
+        if state == "next" and entry.activate_at is not None:
+            state = f"next (current from {entry.activate_at.isoformat(timespec='seconds')})"
         if entry.cert.not_valid_after_utc <= now:
             state = "expired"
         elif state == "retired" and entry.cert.issuer in retired_roots:

@@ -157,7 +157,8 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
                      issued.certificate.not_valid_after_utc.isoformat())
         with server_cert.renewal_lock(home):
             renewed, _ = server_cert.sync(home, authority, password, utc_now(),
-                                          renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID)
+                                          renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID
+                                          or server_cert.issuer_ski(cert) != authority.ca.ski)
             server_cert.sync_root_crl(home, authority.store, utc_now())
         if authority.store.latest_crl(authority.ca.ski) is None:
             authority.generate_crl(actor=Actor.operator())

@@ -22,8 +22,9 @@ The root's CRL is shared the same way (the newest by CRL number), so that ``pki-
 root-crl`` run on one host reaches every replica.
 
 CA rotation (SPEC §13): every ``ca_interval`` seconds (5) each worker looks at the version of the
-cluster's CA record (:mod:`.ca_set`); when it changed, the worker signs with the new CAs, its
-contexts trust them, and it follows the server certificate the rotation renewed.
+cluster's CA record (:mod:`.ca_set`); when it changed, or a rotation's new intermediate became
+the current one, the worker signs with the new CAs and its contexts trust them; the server
+certificate is renewed (once for the cluster) when the current intermediate did not issue it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class ServerCertificate:
         changed. True if this call renewed the certificate."""
         with renewal_lock(self.home):
             renewed, self._synced = sync(self.home, self.authority, self.password, self.clock(),
-                                         synced=self._synced)
+                                         synced=self._synced, renew=self.not_from_current)
             sync_root_crl(self.home, self.authority.store, self.clock())
         stamp = self._file_stamp()
         if stamp != self._stamp:
@@ -104,12 +105,19 @@ class ServerCertificate:
                          cert.not_valid_after_utc.isoformat())
         return renewed
 
+    def not_from_current(self, cert: x509.Certificate) -> bool:
+        """Whether the server certificate ``cert`` is of an intermediate before the current one
+        (a rotation took effect: it is renewed, so that no root can be retired under it)."""
+        return issuer_ski(cert) != self.authority.ca.ski
+
     def follow_ca(self) -> bool:
         """One look at the cluster's CA record (blocking); when it changed since this worker's
         CAs were loaded: sign with the new ones, trust them, follow the server certificate the
         rotation renewed. True if it changed."""
         stored = self.authority.store.shared_state(CA_SET_NAME)
-        if stored is None or stored[0] == self.authority.cas.version:
+        held = self.authority.cas
+        if stored is None or (stored[0] == held.version and (held.activates_at is None
+                                                              or self.clock() < held.activates_at)):
             return False
         with renewal_lock(self.home):
             cas = self.home.load_cas(self.password, self.authority.store)
@@ -212,6 +220,15 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *, sync
     log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
              issued.certificate.not_valid_after_utc.isoformat())
     return True, issued.certificate.serial_number
+
+
+def issuer_ski(cert: x509.Certificate) -> str:
+    """The key identifier of ``cert``'s issuer (its AKI), hex; "" without one."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return ""
+    return aki.key_identifier.hex() if aki.key_identifier else ""
 
 
 def _newness(cert: x509.Certificate) -> tuple[datetime, int]:

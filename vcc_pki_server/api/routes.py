@@ -327,12 +327,13 @@ async def crl_of_issuer(request: Request) -> Response:
     fmt = request.query_params.get("format", "der").lower()
     if fmt not in ("der", "pem"):
         raise InvalidRequest(f"format must be der or pem, got {fmt!r}")
-    if ski != ski_hex(authority.ca.root):
+    root = next((r for r in authority.cas.roots if ski_hex(r) == ski), None)
+    if root is None:
         raise NotFound(f"no CA of this server has the subject key identifier {ski!r}")
     root_crl: RootCRL = request.app.state.root_crl
     found = await run_in_threadpool(root_crl.current)
-    if found is None:
-        raise NotFound("the root's CRL has not been made: run `pki-admin ca root-crl`")
+    if found is None or found.issuer != root.subject:
+        raise NotFound("this root's CRL has not been made: run `pki-admin ca root-crl`")
     encoding = serialization.Encoding.PEM if fmt == "pem" else serialization.Encoding.DER
     return Response(found.public_bytes(encoding), media_type=PEM if fmt == "pem" else "application/pkix-crl",
                     headers={"Cache-Control": "no-cache"})

@@ -4,6 +4,7 @@ rotate-intermediate | rotate-root | retire-root`` and ``init``."""
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -197,30 +198,20 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reissue_server_certificate(home: Home, password: str) -> None:
-    """After a rotation: the API server's certificate renewed under the new intermediate and
-    stored for the cluster (every server presents it from its next check)."""
-    from ..server_cert import renewal_lock, sync
-
-    authority = home.authority(password)
-    try:
-        if home.server_cert.exists():
-            with renewal_lock(home):
-                sync(home, authority, password, authority.clock(), renew=lambda cert: True)
-    finally:
-        authority.store.close()
-
-
 def _rotated(args: argparse.Namespace, home: Home, what: str, cas: CASet) -> int:
-    entry = cas.current
-    data: JSON = {"rotated": what, "current_intermediate": ca_certificate_json(entry.cert, home.intermediate_cert),
-                  "roots": [ski_hex(r.cert) for r in cas.active_roots], "record_version": cas.version}
+    entry = cas.pending
+    assert entry is not None and entry.activate_at is not None
+    path = home.authorities_dir / f"{entry.ski}.pem"
+    data: JSON = {"rotated": what, "next_intermediate": ca_certificate_json(entry.cert, path),
+                  "issues_from": utc_text(entry.activate_at),
+                  "roots": [ski_hex(r.cert) for r in cas.roots if r.state == "active"], "record_version": cas.version}
     if args.json:
         print_json(data)
         return 0
-    print(f"rotated the {what}: new certificates are issued by {entry.cert.subject.rfc4514_string()} "
-          f"(subject key identifier {entry.ski})")
-    print("running servers follow within 15 s; the previous intermediate keeps signing its CRL until it expires")
+    print(f"rotated the {what}: {entry.cert.subject.rfc4514_string()} (subject key identifier {entry.ski}) is "
+          f"published now and issues every new certificate from {data['issues_from']}")
+    print("running servers follow within 5 s of that and renew their own certificate under it; the previous "
+          "intermediate keeps signing its CRL until it expires")
     if what == "root":
         print("both roots are trusted now; once `pki-admin ca status` shows no service left only under the old "
               "root, run `pki-admin ca retire-root`")
@@ -234,11 +225,10 @@ def cmd_ca_rotate_intermediate(args: argparse.Namespace) -> int:
     store = home.open_store()
     try:
         cas = rotation.rotate_intermediate(home, store, root_password=root_pw, password=ca_pw,
-                                           key_type=args.key_type, now=utc_now(), report=progress)
+                                           key_type=args.key_type, now=utc_now(),
+                                           activate_after=timedelta(seconds=args.activate_after), report=progress)
     finally:
         store.close()
-    progress("renewing the server certificate under the new intermediate...")
-    _reissue_server_certificate(home, ca_pw)
     return _rotated(args, home, "intermediate", cas)
 
 
@@ -250,11 +240,9 @@ def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
     try:
         cas = rotation.rotate_root(home, store, root_password=root_pw, password=ca_pw, key_type=args.key_type,
                                    intermediate_key_type=args.intermediate_key_type, now=utc_now(),
-                                   report=progress)
+                                   activate_after=timedelta(seconds=args.activate_after), report=progress)
     finally:
         store.close()
-    progress("renewing the server certificate under the new intermediate...")
-    _reissue_server_certificate(home, ca_pw)
     return _rotated(args, home, "root", cas)
 
 

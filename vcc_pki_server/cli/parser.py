@@ -109,6 +109,13 @@ def password_options(*, root: bool, ca: bool) -> argparse.ArgumentParser:
     return parser
 
 
+def activate_after(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--activate-after", type=float, default=8.0, metavar="SECONDS",
+                        help="the new intermediate is published at once and issues this much later, so that "
+                             "services learn it (and fetch its CRL) before peers present its certificates; "
+                             "default: %(default)g (servers then issue from it within 15 s)")
+
+
 def san_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}san-dns", nargs="+", action="extend", default=[], metavar="NAME",
                         help="DNS names (one or more; the option may repeat)")
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--password-file ca.pw\n  pki-admin ca status   # then watch services renew")
     p.add_argument("--key-type", choices=INTERMEDIATE_KEY_TYPES, default=None,
                    help="the new intermediate's key (default: the kind of the current one)")
+    activate_after(p)
     p = command(ca, "rotate-root", cmd_ca_rotate_root,
                 "a new root (same root password), a cross-certificate of it signed by the current root, and "
                 "a new intermediate under it that issues from now on; both roots are trusted until "
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the new root's key (default: the kind of the current root's)")
     p.add_argument("--intermediate-key-type", choices=INTERMEDIATE_KEY_TYPES, default=None,
                    help="the new intermediate's key (default: the kind of the current one)")
+    activate_after(p)
     p = command(ca, "retire-root", cmd_ca_retire_root,
                 "end a root rotation: the old root leaves /ca/roots and /ca/bundle. Refused, with the count, "
                 "while unexpired certificates chain only to it, unless --force")
