@@ -198,3 +198,53 @@ def hello(port: int, root: Path, client: PKIClient) -> int:
         tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         answer = tls.recv(100)
     return int(answer.split()[1])
+
+
+def agent(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "vcc-pki"), *argv], capture_output=True, text=True, env=env_without_secrets(),
+                          timeout=60, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_the_agent_follows_a_root_rotation_in_ca_chain_and_crl(site: tuple[Home, RunningServer, str],
+                                                               tmp_path: Path) -> None:
+    home, server, token = site
+    old_root = home.root_certificate()
+    folder = tmp_path / "tls"
+    with httpx.Client(base_url=server.url, verify=tls_context(home.root_cert),
+                      headers={"Authorization": f"Bearer {token}"}) as admin:
+        r = admin.post(f"{API}/services/register", json={"service_id": "web", "san_dns": ["web", "localhost"]})
+        assert r.status_code == 201, r.text
+    done = agent("enroll", "--service-id", "web", "--token", r.json()["enrolment_token"], "--ca-url", server.url,
+                 "--fingerprint", fingerprint(home), "--dir", str(folder))
+    assert done.returncode == 0, done.stderr
+
+    done = pki_admin(home, "ca", "rotate-root", "--activate-after", "0")
+    assert done.returncode == 0, done.stderr
+    new_root = home.root_certificate()
+    wait_for("the server to follow", lambda: roots_served(server.url, old_root) == 2)
+    assert agent("crl", "--dir", str(folder)).returncode == 0
+    chain = x509.load_pem_x509_certificates((folder / "ca_chain.pem").read_bytes())
+    assert old_root in chain and new_root in chain  # both trusted during the overlap
+    crls = (folder / "crl.pem").read_bytes().count(b"BEGIN X509 CRL")
+    assert crls >= 2  # the old intermediate's and the new one's (then the root's)
+
+    done = agent("renew", "--dir", str(folder), "--force")
+    assert done.returncode == 0, done.stderr
+    leaf = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+    assert leaf.issuer == home.intermediate_certificate().subject
+    done = subprocess.run(["openssl", "verify", "-CAfile", str(write_pem(tmp_path / "new.pem", new_root)),
+                           "-untrusted", str(folder / "ca_chain.pem"), str(folder / "cert.pem")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    done = pki_admin(home, "ca", "retire-root")
+    assert done.returncode == 0, done.stderr
+    wait_for("the server to follow", lambda: roots_served(server.url, new_root) == 1)
+    assert agent("crl", "--dir", str(folder)).returncode == 0
+    chain = x509.load_pem_x509_certificates((folder / "ca_chain.pem").read_bytes())
+    assert new_root in chain and old_root not in chain and all(c.issuer != old_root.subject for c in chain)
+
+
+def write_pem(path: Path, cert: x509.Certificate) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
