@@ -768,7 +768,7 @@ def test_ca_status_counts_services_under_the_current_intermediate_and_with_old_u
     data = run(*g, "ca", "status", "--json").json()
     intermediate = x509.load_pem_x509_certificate(h.intermediate_cert.read_bytes())
     ski = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-    assert [(c["role"], c["state"]) for c in data["cas"]] == [("root", "trusted"), ("intermediate", "current")]
+    assert [(c["role"], c["state"]) for c in data["cas"]] == [("root", "active"), ("intermediate", "current")]
     assert data["cas"][1]["subject_key_identifier"] == ski
     # The CA server's own service (made by init) counts too.
     assert (data["services"], data["with_certificate"], data["under_current"]) == (5, 4, 4)
