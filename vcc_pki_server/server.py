@@ -80,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cert-check-interval", type=float, default=60.0, metavar="SECONDS",
                         help="how often each worker looks at the server's own certificate: renews it when a "
                              "third of its lifetime is left, reloads it when another worker did (default 60)")
+    parser.add_argument("--ca-check-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="how often each worker looks for a CA rotation (`pki-admin ca rotate-*`) made by "
+                             "any host; keep it below --activate-after of the rotations (default 5)")
     limits.add_argument("--database-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="a request that needs the database is answered 503 when the database has not "
                              "answered within this time (a hung host); while a query overran it, such "
@@ -94,9 +97,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("max_header_bytes", "max_headers", "max_connections_per_client"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_connections < 0 or not 0 < args.header_timeout < 3600 or not args.cert_check_interval > 0:
+    if (args.max_connections < 0 or not 0 < args.header_timeout < 3600 or not args.cert_check_interval > 0
+            or not args.ca_check_interval > 0):
         parser.error("--max-connections must be >= 0, --header-timeout between 0 and 3600 s, "
-                     "--cert-check-interval positive")
+                     "--cert-check-interval and --ca-check-interval positive")
     return args
 
 
@@ -200,7 +204,8 @@ def _background(home: Home, args: argparse.Namespace, authority: object,
 def run_worker(sock: socket.socket, home: Home, password: str, args: argparse.Namespace) -> None:
     """One server process: its own store connection, app and event loop, on the shared socket."""
     authority = home.authority(password)
-    own = server_cert.ServerCertificate(home, authority, password, interval=args.cert_check_interval)
+    own = server_cert.ServerCertificate(home, authority, password, interval=args.cert_check_interval,
+                                        ca_interval=args.ca_check_interval)
     EdgeLimitsMixin.limits = EdgeLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
                                         header_timeout=args.header_timeout,
                                         max_connections_per_client=args.max_connections_per_client,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -14,7 +16,15 @@ import pytest
 from cryptography import x509
 
 from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home
-from support import RunningServer, make_csr, presented_serial, replace_server_certificate, tls_context
+from support import (
+    BIN,
+    RunningServer,
+    env_without_secrets,
+    make_csr,
+    presented_serial,
+    replace_server_certificate,
+    tls_context,
+)
 from vcc_pki_server.authority import Actor, Authority
 from vcc_pki_server.config import Config
 from vcc_pki_server.home import Home
@@ -27,6 +37,13 @@ def replicas(pg_database: str, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RunningServer, RunningServer, str]]:
     """Replicas A and B: two copies of one home (same CA, keys, server certificate), one database
     named by ``$VCC_PKI_DATABASE_URL``; and an admin token made through A's store."""
+    with two_replicas(pg_database, tmp_path, monkeypatch) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def two_replicas(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 extra_args: Sequence[str] = ()) -> Iterator[tuple[RunningServer, RunningServer, str]]:
     monkeypatch.setenv("VCC_PKI_DATABASE_URL", pg_database)
     home_a = build_home(tmp_path / "a" / "home")
     (tmp_path / "b").mkdir()
@@ -39,8 +56,8 @@ def replicas(pg_database: str, tmp_path: Path,
     finally:
         authority.store.close()
     env = {"VCC_PKI_DATABASE_URL": pg_database}
-    a = RunningServer(home_a, CA_PASSWORD, env=env)
-    b = RunningServer(home_b, CA_PASSWORD, env=env)
+    a = RunningServer(home_a, CA_PASSWORD, env=env, extra_args=extra_args)
+    b = RunningServer(home_b, CA_PASSWORD, env=env, extra_args=extra_args)
     with a, b:
         yield a, b, admin_token
 
@@ -250,3 +267,55 @@ def test_replicas_present_one_server_certificate_and_follow_its_renewal(pg_datab
             while number() != newer:
                 assert time.monotonic() < deadline, "B does not serve the root CRL made on A"
                 time.sleep(0.1)
+
+
+def test_a_rotation_made_on_one_replica_is_followed_by_the_other(pg_database: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC §13 on PostgreSQL: `ca rotate-intermediate` run on A's host; B (its own copy of the
+    home) lists the new intermediate first, then issues from it, rewrites its files, and still
+    revokes and lists on the old intermediate's CRL what that one issued. (Faster settings than
+    the defaults: servers look every second, the rotation takes effect after 2 s; with the
+    defaults, 5 and 8 s, B issues from it within 15 s.)"""
+    with two_replicas(pg_database, tmp_path, monkeypatch, ["--ca-check-interval", "1"]) as (a, b, token):
+        rotated_and_followed(a, b, token, pg_database)
+
+
+def rotated_and_followed(a: RunningServer, b: RunningServer, token: str, pg_database: str) -> None:
+    old_ski = b.home.intermediate_certificate().extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier).value.digest.hex()
+    with httpx.Client(base_url=b.url, verify=tls_context(b.home.root_cert), timeout=10,
+                      headers={"Authorization": f"Bearer {token}"}) as on_b:
+        assert on_b.post(f"{API}/services/register", json={"service_id": "rot", "san_dns": ["rot"]}).status_code == 201
+
+        def issue() -> x509.Certificate:
+            csr, _ = make_csr("rot")
+            r = on_b.post(f"{API}/certificates/request", json={"service_id": "rot", "csr": csr.decode()})
+            assert r.status_code == 201, r.text
+            return x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+
+        old_leaf = issue()
+        env = {**env_without_secrets(), "VCC_PKI_DATABASE_URL": pg_database, "VCC_PKI_CA_PASSWORD": CA_PASSWORD,
+               "VCC_PKI_ROOT_PASSWORD": ROOT_PASSWORD}
+        done = subprocess.run([str(BIN / "pki-admin"), "--home", str(a.home.root), "ca", "rotate-intermediate",
+                               "--activate-after", "2"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        rotated = time.monotonic()
+        new = x509.load_pem_x509_certificates(
+            (a.home.authorities_dir / f"{done.stdout.split('subject key identifier ')[1][:40]}.pem").read_bytes())[0]
+        listed_at = issued_at = None
+        while issued_at is None:
+            assert time.monotonic() - rotated < 15, "B did not issue from the new intermediate within 15 s"
+            bundle = x509.load_pem_x509_certificates(on_b.get(f"{API}/ca/bundle").content)
+            if listed_at is None and new in bundle:
+                listed_at = time.monotonic()
+            if issue().issuer == new.subject:
+                issued_at = time.monotonic()
+            time.sleep(0.2)
+        assert listed_at is not None and listed_at < issued_at  # published before it issues
+        assert b.home.intermediate_certificate() == new  # B's files follow the record
+        r = on_b.delete(f"{API}/certificates/rot/revoke", params={"serial": format(old_leaf.serial_number, "x")})
+        assert r.status_code == 200, r.text
+        crl = x509.load_der_x509_crl(on_b.get(f"{API}/crl/{old_ski}").content)
+        assert crl.get_revoked_certificate_by_serial_number(old_leaf.serial_number) is not None
+        assert "CA record version 1" in b.log()
