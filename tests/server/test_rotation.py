@@ -140,6 +140,8 @@ def test_rotation_with_a_wrong_root_password_changes_nothing(tmp_path: Path) -> 
         assert done.returncode == 1, done
         assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
         assert "wrong password for the root CA key" in done.stderr
+    done = pki_admin(home, "ca", "rotate-intermediate", "--activate-after", "-1")
+    assert done.returncode == 1 and "--activate-after must be 0 or more" in done.stderr, done
     after = {p: p.read_bytes() for p in sorted(home.ca_dir.rglob("*")) if p.is_file()}
     assert after == before
     store = home.open_store()

@@ -4,8 +4,10 @@ rotate-intermediate | rotate-root | retire-root`` and ``init``."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -219,31 +221,26 @@ def _rotated(args: argparse.Namespace, home: Home, what: str, cas: CASet) -> int
 
 
 def cmd_ca_rotate_intermediate(args: argparse.Namespace) -> int:
-    home = existing_home(args)
-    root_pw = root_password(args, home=home)
-    ca_pw = ca_password(args, home=home)
-    store = home.open_store()
-    try:
-        cas = rotation.rotate_intermediate(home, store, root_password=root_pw, password=ca_pw,
-                                           key_type=args.key_type, now=utc_now(),
-                                           activate_after=timedelta(seconds=args.activate_after), report=progress)
-    finally:
-        store.close()
-    return _rotated(args, home, "intermediate", cas)
+    return _rotate(args, "intermediate", rotation.rotate_intermediate)
 
 
 def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
+    return _rotate(args, "root", rotation.rotate_root, intermediate_key_type=args.intermediate_key_type)
+
+
+def _rotate(args: argparse.Namespace, what: str, rotate: Callable[..., CASet], **extra: Any) -> int:
+    if not args.activate_after >= 0:
+        raise InvalidRequest(f"--activate-after must be 0 or more seconds, got {args.activate_after:g}")
     home = existing_home(args)
     root_pw = root_password(args, home=home)
     ca_pw = ca_password(args, home=home)
     store = home.open_store()
     try:
-        cas = rotation.rotate_root(home, store, root_password=root_pw, password=ca_pw, key_type=args.key_type,
-                                   intermediate_key_type=args.intermediate_key_type, now=utc_now(),
-                                   activate_after=timedelta(seconds=args.activate_after), report=progress)
+        cas = rotate(home, store, root_password=root_pw, password=ca_pw, key_type=args.key_type, now=utc_now(),
+                     activate_after=timedelta(seconds=args.activate_after), report=progress, **extra)
     finally:
         store.close()
-    return _rotated(args, home, "root", cas)
+    return _rotated(args, home, what, cas)
 
 
 def cmd_ca_retire_root(args: argparse.Namespace) -> int:

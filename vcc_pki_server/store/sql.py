@@ -70,6 +70,14 @@ INSERT_REVOCATION = ("INSERT INTO revocations (serial, revoked_at, reason, not_a
 _SET_SERVICE = ", ".join(f"{column}=?" for column in SERVICE_WRITE[:-1])
 
 
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the conditions whose value is not None (``("x = ?", value)``), and its
+    parameters; "" when there are none."""
+    used = [(clause, value) for clause, value in conditions if value is not None]
+    where = ("WHERE " + " AND ".join(clause for clause, _ in used)) if used else ""
+    return where, [value for _, value in used]
+
+
 class SQLStore:
     """The shared half of :class:`.sqlite.SQLiteStore` and :class:`.postgres.PostgresStore`."""
 
@@ -152,18 +160,8 @@ class SQLStore:
                    before: int | None = None) -> list[tuple[int, AuditEntry]]:
         """Audit entries, newest first, with their ids: of ``service_id`` only, at or after
         ``since``, with an id below ``before`` (the cursor of the previous page)."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if service_id:
-            clauses.append("service_id = ?")
-            params.append(service_id)
-        if since is not None:
-            clauses.append("at >= ?")
-            params.append(utc_text(since))
-        if before is not None:
-            clauses.append("id < ?")
-            params.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(("service_id = ?", service_id or None),
+                               ("at >= ?", utc_text(since) if since is not None else None), ("id < ?", before))
         rows = self._read(f"SELECT id, {AUDIT_COLUMNS} FROM audit_log {where} ORDER BY id DESC LIMIT ?",
                           [*params, limit])
         return [(int(r[0]), audit_entry(r[1:])) for r in rows]
@@ -443,14 +441,8 @@ class SQLStore:
                 issuer: str | None = None) -> list[tuple[str, datetime, str]]:
         """Every revocation ``(serial, revoked_at, reason)``; with ``unexpired_at``, those a CRL
         built then lists; with ``issuer``, those of that CA's certificates."""
-        clauses, params = [], []
-        if unexpired_at is not None:
-            clauses.append("not_after > ?")
-            params.append(utc_text(unexpired_at))
-        if issuer is not None:
-            clauses.append("issuer = ?")
-            params.append(issuer)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        where, params = _where(("not_after > ?", utc_text(unexpired_at) if unexpired_at else None),
+                               ("issuer = ?", issuer))
         rows = self._read(f"SELECT serial, revoked_at, reason FROM revocations {where} "
                           "ORDER BY revoked_at, serial", params)
         return [(r[0], parse_utc(r[1]), r[2]) for r in rows]
