@@ -56,7 +56,7 @@ class CRLCache:
 
         Raises InvalidResponseError (not a CRL) or TrustError (not signed by that CA).
         """
-        issuer = issuer or self._session.issuers()[0]
+        issuer = issuer or self._current_issuer()
         path = f"/crl/{_ski(issuer)}"
         response = self._session.connection().request("GET", path)
         try:
@@ -84,7 +84,7 @@ class CRLCache:
     def current(self, issuer: x509.Certificate | None = None, *,
                 refresh: bool = False) -> x509.CertificateRevocationList:
         """The kept CRL of ``issuer`` while fresh, else (or with ``refresh``) a newly fetched one."""
-        issuer = issuer or self._session.issuers()[0]
+        issuer = issuer or self._current_issuer()
         with self._lock:
             kept = self._kept.get(_der(issuer))
         if kept is not None and not refresh and time.monotonic() - kept[0] < self._max_age:
@@ -136,6 +136,12 @@ class CRLCache:
         except ValueError as exc:
             raise InvalidResponseError(f"GET /api/v1/crl/{ski}: the answer is not a DER CRL") from exc
         return check_crl(crl, root)
+
+    def _current_issuer(self) -> x509.Certificate:
+        issuers = self._session.issuers()
+        if not issuers:
+            raise TrustError("the PKI server lists no intermediate CA that chains to the roots this client trusts")
+        return issuers[0]
 
     def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
         for issuer in self._session.issuers():

@@ -134,6 +134,7 @@ def test_two_services_keep_handshaking_through_every_rotation(site: tuple[Home, 
                  "--fingerprint", fingerprint(home), "--dir", str(folder))
     assert done.returncode == 0, done.stderr
     a, b = clients
+    first_of_a = a.certificate
     renewed: list[str] = []
     try:
         for pki in clients:
@@ -147,6 +148,12 @@ def test_two_services_keep_handshaking_through_every_rotation(site: tuple[Home, 
             assert done.returncode == 0, done.stderr
             wait_for("both services renewed under the new intermediate",
                      lambda: all(issuer_cn(p.certificate) == "VCC Intermediate CA G2" for p in clients))
+            # A certificate of the retired intermediate can still be revoked, and the SDK
+            # judges it by its own issuer's CRL (issue 13: this raised TrustError).
+            r = admin_revoke(server.url, home, token, "rot-a", first_of_a)
+            assert r.status_code == 200, r.text
+            assert b.is_revoked(first_of_a, refresh=True) is True
+            assert b.is_revoked(a.certificate) is False
 
             done = pki_admin(home, "ca", "rotate-root", "--activate-after", "3")
             assert done.returncode == 0, done.stderr
@@ -190,6 +197,13 @@ def test_two_services_keep_handshaking_through_every_rotation(site: tuple[Home, 
     finally:
         for pki in clients:
             pki.close()
+
+
+def admin_revoke(url: str, home: Home, token: str, service_id: str, cert: x509.Certificate) -> httpx.Response:
+    with httpx.Client(base_url=url, verify=tls_context(home.root_cert),
+                      headers={"Authorization": f"Bearer {token}"}) as admin:
+        return admin.delete(f"{API}/certificates/{service_id}/revoke",
+                            params={"serial": format(cert.serial_number, "x"), "reason": "superseded"})
 
 
 def roots_served(url: str, root: x509.Certificate) -> int:
