@@ -96,23 +96,33 @@ class Connection:
         self.client = client
         self.owns_client = owns_client
         self.retry_policy = retry_policy
+        self._retired: list[tuple[float, httpx.Client]] = []  # replaced clients, and when to close them
 
     def url(self, path: str) -> str:
         """The absolute URL of an API path (``/certificates/x``) or a root path (``//health``)."""
         return self.base_url + (path[1:] if path.startswith("//") else API_PREFIX + path)
 
-    def replace_client(self, client: httpx.Client) -> None:
-        """Use ``client`` (owned) from now on; close the previous one if it was ours.
-
-        Requests already running on the old client may fail; call it between operations.
+    def replace_client(self, client: httpx.Client, *, grace: float = 0.0) -> None:
+        """Use ``client`` (owned) from now on. The previous one, if it was ours, is closed now,
+        or with ``grace`` (seconds) at the first replacement after that long: requests still
+        running on it finish (they are bounded by its timeout), new ones take the new client.
         """
         old, self.client = self.client, client
         if self.owns_client:
-            old.close()
+            now = time.monotonic()
+            self._retired.append((now + grace, old))
+            due = [c for at, c in self._retired if at <= now]
+            self._retired = [(at, c) for at, c in self._retired if at > now]
+            for each in due:
+                each.close()
         self.owns_client = True
 
     def close(self) -> None:
-        """Close the httpx client if it is ours (a lent one stays open). Idempotent."""
+        """Close the httpx client if it is ours (a lent one stays open), and any replaced one
+        still kept. Idempotent."""
+        retired, self._retired = self._retired, []
+        for _, old in retired:
+            old.close()
         if self.owns_client:
             self.client.close()
 

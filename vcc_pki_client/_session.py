@@ -303,6 +303,11 @@ class Session:
             live = {id(c): c for c in (self._contexts, self._peer_contexts) if c is not None}
             for contexts in live.values():
                 contexts.reload()
+            connection = self._connection
+            if connection is not None and connection.owns_client and self._mtls:
+                # A kept-alive connection would go on presenting the certificate it was opened
+                # with (the server authenticates the connection): later requests open new ones.
+                connection.replace_client(self._new_http_client(), grace=self._timeout + 1)
         logger.info("service %s: installed certificate %s (not_after %s)", self.service_id,
                     issued.serial_number, issued.not_after.isoformat())
 

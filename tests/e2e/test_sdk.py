@@ -401,3 +401,17 @@ def test_ensure_enrolled_enrols_once_and_reuses_the_files_until_they_are_unusabl
                         key_file=tmp_path / "key.pem", root_fingerprint=fingerprint(ca_home), retry_policy=FAST)
     sdk_clients.append(offline)
     assert offline.ensure_enrolled(None) is False
+
+
+def test_after_a_renewal_the_client_presents_the_new_certificate_to_the_ca(
+        sdk_service: Callable[..., PKIClient], admin: Any) -> None:
+    """A kept-alive connection to the CA would go on presenting the certificate it was opened
+    with: once that one is revoked (superseded after a rekey), the next renewal was refused."""
+    pki = sdk_service()
+    first = pki.certificate
+    pki.renew()
+    r = admin.delete(f"/api/v1/certificates/{pki.service_id}/revoke",
+                     params={"serial": format(first.serial_number, "x"), "reason": "superseded"})
+    assert r.status_code == 200, r.text
+    assert pki.renew().serial_number != first.serial_number
+    assert pki.is_revoked(first, refresh=True) is True and pki.is_revoked() is False
