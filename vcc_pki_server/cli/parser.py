@@ -58,7 +58,11 @@ intermediate key's from --password-file, else $VCC_PKI_CA_PASSWORD, else
 
 GROUP_EPILOGS = {
     "ca": "examples:\n  pki-admin ca info\n  pki-admin ca init-root --key-type ec-p384 --root-password-file root.pw\n"
-          "  pki-admin ca create-intermediate --root-password-file root.pw --password-file ca.pw",
+          "  pki-admin ca create-intermediate --root-password-file root.pw --password-file ca.pw\n"
+          "  pki-admin ca status\n"
+          "  pki-admin ca rotate-intermediate --root-password-file root.pw --password-file ca.pw\n"
+          "  pki-admin ca rotate-root --root-password-file root.pw --password-file ca.pw   # then, later:\n"
+          "  pki-admin ca retire-root",
     "cert": "examples:\n  pki-admin cert list --expiring-within-days 30\n"
             "  pki-admin cert issue --service-id backend --cn backend --san-dns backend --password-file ca.pw\n"
             "  pki-admin cert revoke --service-id backend --reason keyCompromise",
@@ -178,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
             "only under the old root (no password needed)",
             epilog="example:\n  pki-admin ca status --json")
     p = command(ca, "rotate-intermediate", cmd_ca_rotate_intermediate,
-                "a new intermediate under the current root issues every new certificate from now on; the "
-                "previous one is retired and keeps signing the CRL of its certificates until it expires. "
-                "Running servers follow within 15 s; the server certificate is renewed under it",
+                "a new intermediate under the current root: published at once, it issues every new "
+                "certificate from --activate-after seconds later (running servers within 15 s, and they "
+                "renew their own certificate under it); the previous one is retired and keeps signing the "
+                "CRL of its certificates until it expires",
                 password_options(root=True, ca=True),
                 epilog="example:\n  pki-admin ca rotate-intermediate --root-password-file root.pw "
                        "--password-file ca.pw\n  pki-admin ca status   # then watch services renew")
@@ -189,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     activate_after(p)
     p = command(ca, "rotate-root", cmd_ca_rotate_root,
                 "a new root (same root password), a cross-certificate of it signed by the current root, and "
-                "a new intermediate under it that issues from now on; both roots are trusted until "
+                "a new intermediate under it that issues from --activate-after seconds later; both roots are "
+                "trusted until "
                 "`ca retire-root`. SDK clients learn the new root through the cross-certificate",
                 password_options(root=True, ca=True),
                 epilog="example:\n  pki-admin ca rotate-root --root-password-file root.pw --password-file ca.pw")
