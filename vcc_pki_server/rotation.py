@@ -2,7 +2,8 @@
 the old root. Each is one compare-and-set of the cluster's CA record (:mod:`.ca_set`): before
 it nothing changed, after it every server follows, and the home's files are then rewritten
 from the record (by this command, or by the next process to open the store if this one died
-first). Keys are made and checked before; nothing a crash can leave half done.
+first). Keys are made and passwords checked before; a crash before the commit leaves at most
+unused key files in ``ca/authorities``.
 
 A new intermediate is published at once (``/ca/bundle``, its CRL) and issues from
 ``activate_after`` later (8 s by default; servers look every 5 s, so they issue from it within
