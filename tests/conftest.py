@@ -33,6 +33,15 @@ def build_home(path: Path, *, config: Config | None = None, ca_made: datetime | 
     return home
 
 
+def new_admin_token(home: Home, name: str = "tests") -> str:
+    """An admin token made through ``home``'s store (for a server of a test's own)."""
+    authority = home.authority()
+    try:
+        return authority.create_admin_token(name=name, expires_days=None, actor=Actor.operator()).value
+    finally:
+        authority.store.close()
+
+
 @pytest.fixture(scope="session")
 def ca_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     return build_home(tmp_path_factory.mktemp("ca") / "home")

@@ -38,6 +38,7 @@ from .trust import (
     LEARNED_FILE_NAME,
     Trust,
     check_ca_chain,
+    intermediates_of,
     judge_bundle,
     resolve_trust,
     unverified_context,
@@ -172,9 +173,7 @@ class Session:
             response = self.connection().request("GET", "/ca/bundle")
             certs = pem_certificates(response.content, "the CA bundle")
             if trust.system:  # nothing to judge the roots by but the verified server
-                bundle_roots = tuple(c for c in certs if c.issuer == c.subject)
-                self._issuers = tuple(c for c in certs if c.issuer != c.subject
-                                      and c.subject not in {r.subject for r in bundle_roots})
+                self._issuers = intermediates_of(certs)
                 self._trust_read = time.monotonic()
                 return False
             judged = judge_bundle(certs, trust.anchors, now=self.clock())

@@ -169,8 +169,8 @@ class PKIClient:
         self._lock = self._session.lock
         self._renew_lock = threading.RLock()  # one certificate replacement at a time
         self._trust_refresh = float(trust_refresh)
-        self._crl = CRLCache(self._session, max_age=min(crl_max_age, self._trust_refresh))
-        self._crl_refresh = min(float(crl_refresh), self._trust_refresh)
+        self._crl = CRLCache(self._session, max_age=crl_max_age, trust_refresh=self._trust_refresh)
+        self._crl_refresh = min(float(crl_refresh), self._trust_refresh)  # the watcher's rounds refresh both
         self._crl_soft_fail = crl_soft_fail
         self._watcher: CRLWatcher | None = None
         self._renewer: Renewer | None = None

@@ -21,14 +21,13 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ._session import Session
 from .errors import ConfigurationError, InvalidResponseError, PKIError, TrustError
 from .files import CertificateFiles, write_atomically
 from .tls import ReloadingContexts
-from .trust import check_crl
+from .trust import check_crl, der, issued_by
 
 __all__ = ["CRL_FILE_NAME", "CRLCache", "CRLWatcher"]
 
@@ -38,14 +37,16 @@ logger = logging.getLogger("vcc_pki_client")
 
 class CRLCache:
     """The CRLs of a :class:`~vcc_pki_client._session.Session`'s CA, one per issuer (every
-    unexpired intermediate: SPEC §13), each kept for ``max_age`` seconds.
+    unexpired intermediate: SPEC §13), each kept for ``max_age`` seconds; the list of
+    intermediates is read again when it is ``trust_refresh`` seconds old.
 
     A kept CRL is never used past its nextUpdate, by the session's clock.
     """
 
-    def __init__(self, session: Session, *, max_age: float) -> None:
+    def __init__(self, session: Session, *, max_age: float, trust_refresh: float = 60.0) -> None:
         self._session = session
         self._max_age = max_age
+        self._trust_refresh = trust_refresh
         self._clock = session.clock
         self._lock = threading.Lock()
         self._kept: dict[bytes, tuple[float, x509.CertificateRevocationList]] = {}  # by the issuer's DER
@@ -57,14 +58,8 @@ class CRLCache:
         Raises InvalidResponseError (not a CRL) or TrustError (not signed by that CA).
         """
         issuer = issuer or self._current_issuer()
-        path = f"/crl/{_ski(issuer)}"
-        response = self._session.connection().request("GET", path)
-        try:
-            crl = x509.load_der_x509_crl(response.content)
-        except ValueError as exc:
-            raise InvalidResponseError(f"GET /api/v1{path}: the answer is not a DER CRL") from exc
-        check_crl(crl, issuer)
-        key = _der(issuer)
+        crl = self._get(issuer)
+        key = der(issuer)
         with self._lock:
             kept = self._kept.get(key)
             if kept is not None and (_crl_number(crl) or 0) < (_crl_number(kept[1]) or 0):
@@ -77,8 +72,8 @@ class CRLCache:
         return crl
 
     def fetch_all(self) -> list[tuple[x509.Certificate, x509.CertificateRevocationList]]:
-        """The CRL of every issuer (the CA's list read anew if it is older than ``max_age``)."""
-        self._session.refresh_trust_quietly(self._max_age)
+        """The CRL of every issuer (the CA's list read anew if older than ``trust_refresh``)."""
+        self._session.refresh_trust_quietly(self._trust_refresh)
         return [(issuer, self.fetch(issuer)) for issuer in self._session.issuers()]
 
     def current(self, issuer: x509.Certificate | None = None, *,
@@ -86,7 +81,7 @@ class CRLCache:
         """The kept CRL of ``issuer`` while fresh, else (or with ``refresh``) a newly fetched one."""
         issuer = issuer or self._current_issuer()
         with self._lock:
-            kept = self._kept.get(_der(issuer))
+            kept = self._kept.get(der(issuer))
         if kept is not None and not refresh and time.monotonic() - kept[0] < self._max_age:
             next_update = kept[1].next_update_utc
             if next_update is None or self._clock() < next_update:
@@ -128,14 +123,17 @@ class CRLCache:
     def fetch_root(self) -> x509.CertificateRevocationList:
         """The root CA's CRL (revoked intermediates), its signature checked against the root.
         What verifiers that check the whole chain need besides the intermediates' (nginx does)."""
-        root = self._session.ca_chain()[-1]
-        ski = _ski(root)
-        response = self._session.connection().request("GET", f"/crl/{ski}")
+        return self._get(self._session.ca_chain()[-1])
+
+    def _get(self, ca: x509.Certificate) -> x509.CertificateRevocationList:
+        """``GET /api/v1/crl/{ski}`` of ``ca``, checked (issuer and signature) against it."""
+        path = "/crl/" + ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+        response = self._session.connection().request("GET", path)
         try:
             crl = x509.load_der_x509_crl(response.content)
         except ValueError as exc:
-            raise InvalidResponseError(f"GET /api/v1/crl/{ski}: the answer is not a DER CRL") from exc
-        return check_crl(crl, root)
+            raise InvalidResponseError(f"GET /api/v1{path}: the answer is not a DER CRL") from exc
+        return check_crl(crl, ca)
 
     def _current_issuer(self) -> x509.Certificate:
         issuers = self._session.issuers()
@@ -144,23 +142,7 @@ class CRLCache:
         return issuers[0]
 
     def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
-        for issuer in self._session.issuers():
-            if issuer.subject != cert.issuer:
-                continue
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return issuer
-        return None
-
-
-def _ski(cert: x509.Certificate) -> str:
-    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
+        return next((issuer for issuer in self._session.issuers() if issued_by(cert, issuer)), None)
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
@@ -290,7 +272,7 @@ class CRLWatcher:
         held = self._held
         offered: dict[bytes, x509.CertificateRevocationList] = {}
         for issuer, crl in fetched:
-            key = _der(issuer)
+            key = der(issuer)
             mine = held.get(key)
             if mine is not None and ((_crl_number(crl) or 0) < (_crl_number(mine) or 0) or (
                     _crl_number(crl) == _crl_number(mine) and crl.last_update_utc <= mine.last_update_utc)):
@@ -302,7 +284,7 @@ class CRLWatcher:
             with self._lock:
                 self._apply(self._contexts, changed=False)  # the same CRLs: re-judge their expiry only
             return
-        ahead = max((c.last_update_utc - self._clock()).total_seconds() for c in offered.values())
+        ahead = max(((c.last_update_utc - self._clock()).total_seconds() for c in offered.values()), default=0.0)
         if ahead > 0:
             # Made by a CA whose clock is ahead of ours: OpenSSL would call it "not yet valid"
             # and refuse every peer. The ones in force stay until the new ones are due.
@@ -365,7 +347,7 @@ class CRLWatcher:
                 if issuer is None:
                     raise TrustError(f"the CRL is issued by {crl.issuer.rfc4514_string()}, not by our CA")
                 if issuer.issuer != issuer.subject:  # an intermediate's, not the root's
-                    held[_der(issuer)] = check_crl(crl, issuer)
+                    held[der(issuer)] = check_crl(crl, issuer)
         except (OSError, ValueError, PKIError) as exc:
             logger.warning("service %s: ignoring %s: %s", self._service_id, self._path, exc)
             return

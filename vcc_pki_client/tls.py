@@ -273,11 +273,6 @@ class ReloadingContexts:
             return
         logger.info("certificate files replaced by another process: now presenting serial %x", cert.serial_number)
 
-    @property
-    def ca_certs(self) -> tuple[x509.Certificate, ...]:
-        """The CA certificates trusted (besides a ``ca_file``)."""
-        return self._ca_certs
-
     def set_trust(self, ca_certs: Sequence[x509.Certificate]) -> None:
         """Trust ``ca_certs`` (besides a ``ca_file``) from now on, in every live context (new
         handshakes). Raises ConfigurationError if OpenSSL refuses them (no context changes)."""

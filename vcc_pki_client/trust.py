@@ -48,6 +48,8 @@ __all__ = [
     "Trust",
     "check_ca_chain",
     "check_crl",
+    "der",
+    "issued_by",
     "judge_bundle",
     "load_certificates",
     "parse_certificate",
@@ -137,8 +139,8 @@ def resolve_trust(
         more = load_certificates(learned, "roots learned from the PKI server")
     except ConfigurationError:
         return trust
-    known = {_der(c) for c in trust.anchors}
-    return attrs.evolve(trust, anchors=(*trust.anchors, *(c for c in more if _der(c) not in known)))
+    known = {der(c) for c in trust.anchors}
+    return attrs.evolve(trust, anchors=(*trust.anchors, *(c for c in more if der(c) not in known)))
 
 
 def _base_trust(*, ca_bundle: Path | None, pin: str | None, cert_file: Path | None,
@@ -191,31 +193,38 @@ def judge_bundle(certs: Sequence[x509.Certificate], anchors: Sequence[x509.Certi
     roots = [c for c in certs if c.issuer == c.subject]
     root_names = {r.subject for r in roots}
     crosses = [c for c in certs if c.issuer != c.subject and c.subject in root_names]
-    trusted = {_der(a) for a in anchors}
-    keep = [r for r in roots if _der(r) in trusted]
+    trusted = {der(a) for a in anchors}
+    keep = [r for r in roots if der(r) in trusted]
     for root in roots:
-        if _der(root) in trusted:
+        if der(root) in trusted:
             continue
         for cross in crosses:
             if cross.subject != root.subject or cross.public_key() != root.public_key():
                 continue
             if not cross.not_valid_before_utc <= now < cross.not_valid_after_utc:
                 continue
-            if any(_issued_by(cross, anchor) for anchor in anchors):
+            if any(issued_by(cross, anchor) for anchor in anchors):
                 keep.append(root)
                 break
     if not keep:
         raise TrustError("none of the roots the PKI server lists is one this client trusts, or is certified by one")
-    kept = {_der(r) for r in keep}
-    intermediates = tuple(c for c in certs if c.issuer != c.subject and c.subject not in root_names
-                          and any(_issued_by(c, r) for r in keep))
+    kept = {der(r) for r in keep}
+    intermediates = tuple(c for c in intermediates_of(certs) if any(issued_by(c, r) for r in keep))
     return Bundle(tuple(keep), intermediates,
-                  tuple(c for c in crosses if any(_issued_by(c, r) for r in keep)),
-                  tuple(r for r in keep if _der(r) not in trusted),
-                  tuple(a for a in anchors if a.issuer == a.subject and _der(a) not in kept))
+                  tuple(c for c in crosses if any(issued_by(c, r) for r in keep)),
+                  tuple(r for r in keep if der(r) not in trusted),
+                  tuple(a for a in anchors if a.issuer == a.subject and der(a) not in kept))
 
 
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+def intermediates_of(certs: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The intermediates of a bundle: neither roots (self-signed) nor cross-certificates (a
+    root's name, signed by another root)."""
+    root_names = {c.subject for c in certs if c.issuer == c.subject}
+    return tuple(c for c in certs if c.issuer != c.subject and c.subject not in root_names)
+
+
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent`` signed ``child`` (names match and the signature verifies)."""
     if child.issuer != parent.subject:
         return False
     try:
@@ -269,8 +278,8 @@ def check_ca_chain(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Cer
             raise TrustError(f"CA chain: {child.subject.rfc4514_string()} is not issued by "
                              f"{parent.subject.rfc4514_string()}") from exc
     if anchors:
-        trusted = {_der(c) for c in anchors}
-        if not any(_der(c) in trusted for c in chain):
+        trusted = {der(c) for c in anchors}
+        if not any(der(c) in trusted for c in chain):
             raise TrustError("the PKI server's CA chain does not lead to the trusted root")
     return list(chain)
 
@@ -289,7 +298,8 @@ def check_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> 
     return crl
 
 
-def _der(cert: x509.Certificate) -> bytes:
+def der(cert: x509.Certificate) -> bytes:
+    """A certificate's DER: how certificates are compared and kept."""
     return cert.public_bytes(serialization.Encoding.DER)
 
 

@@ -45,3 +45,13 @@ def ski_hex(cert: x509.Certificate) -> str:
     """A CA certificate's subject key identifier, lowercase hex: how the API names an issuer
     (``/api/v1/crl/{ski}``, ``/api/v1/ca/intermediate/{ski}``)."""
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def issuer_key_id(cert: x509.Certificate) -> str:
+    """The key identifier of ``cert``'s issuer (its authority key identifier), lowercase hex:
+    the issuer's :func:`ski_hex`; "" without one."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return ""
+    return aki.key_identifier.hex() if aki.key_identifier else ""

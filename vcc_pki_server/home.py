@@ -221,7 +221,9 @@ class Home:
 
     def load_cas(self, password: str, store: Store, config: Config | None = None,
                  now: datetime | None = None) -> CAs:
-        """Every CA the servers sign with (the files first brought in line with the record)."""
+        """Every CA the servers sign with; the home's files are first brought in line with the
+        cluster's record (a rotation made on another host, one that just took effect, or one cut
+        short here)."""
         config = config or self.config()
         now = now or utc_now()
         cas = self.ca_set(store)
@@ -252,17 +254,13 @@ class Home:
         return self._with_issuers(SQLiteStore(self.db))
 
     def _with_issuers(self, store: Store) -> Store:
-        """``store``, with its rows from before schema 6 given their issuer (before any rotation
-        the one intermediate there is), and this home's files brought in line with the cluster's
-        record of its CAs (a rotation made on another host, or cut short here)."""
+        """``store``, with its rows from before schema 6 given their issuer: before any rotation
+        (no CA record yet), the one intermediate there is."""
         if not self.has_intermediate():
             return store
         try:
-            cas = self.ca_set(store)
-            if cas.version:
-                self.adopt_ca_set(cas.settled(utc_now()))
-            else:
-                store.assign_issuer(cas.current.ski)
+            if store.shared_state(CA_SET_NAME) is None:
+                store.assign_issuer(ski_hex(self.intermediate_certificate()))
         except BaseException:
             store.close()
             raise

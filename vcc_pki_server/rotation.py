@@ -1,9 +1,10 @@
 """CA rotation (SPEC §13): a new intermediate, a new root with its cross-certificate, retiring
 the old root. Each is one compare-and-set of the cluster's CA record (:mod:`.ca_set`): before
 it nothing changed, after it every server follows, and the home's files are then rewritten
-from the record (by this command, or by the next process to open the store if this one died
-first). Keys are made and passwords checked before; a crash before the commit leaves at most
-unused key files in ``ca/authorities``.
+from the record (by this command, or, if it died first, by the next process that loads the CAs
+with the CA password: the server, or a pki-admin command that signs). Keys are made and
+passwords checked before; a crash before the commit leaves at most unused key files in
+``ca/authorities``.
 
 A new intermediate is published at once (``/ca/bundle``, its CRL) and issues from
 ``activate_after`` later (8 s by default; servers look every 5 s, so they issue from it within
@@ -130,11 +131,10 @@ def rotate_root(home: Home, store: Store, *, root_password: str, password: str, 
     return _commit(home, store, cas, after, now, "ca.rotate-root")
 
 
-def only_anchored_by_retiring(cas: CASet, store: Store, now: datetime) -> int:
+def only_anchored_by_retiring(cas: CASet, counts: dict[str, int]) -> int:
     """How many services have their current certificate only under a root :func:`retire_root`
-    would retire (what it leaves without a trusted root)."""
+    would retire (what it leaves without a trusted root); ``counts``: ``Store.issuer_counts``."""
     retiring = {r.cert.subject for r in cas.active_roots[1:]}
-    counts = store.issuer_counts(now)
     return sum(counts.get(i.ski, 0) for i in cas.intermediates if i.cert.issuer in retiring)
 
 
@@ -146,7 +146,7 @@ def retire_root(home: Home, store: Store, *, force: bool, now: datetime) -> tupl
     retiring = cas.active_roots[1:]
     if not retiring:
         raise CAError("only one root is trusted: there is no root to retire (run `pki-admin ca rotate-root` first)")
-    left = only_anchored_by_retiring(cas, store, now)
+    left = only_anchored_by_retiring(cas, store.issuer_counts(now))
     if left and not force:
         raise Conflict(f"refusing to retire the old root: {left} service(s) still have their current certificate "
                        "only under it; let them renew (`pki-admin ca status`) or pass --force")

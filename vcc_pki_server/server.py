@@ -26,7 +26,7 @@ from . import logs, metrics, passwords, server_cert
 from .app import Lifecycle, create_app
 from .authority import Actor, utc_now
 from .bootstrap import initialize
-from .encoding import cert_pem
+from .encoding import cert_pem, issuer_key_id
 from .errors import CAError
 from .home import Home, write_file
 from .limits import EdgeLimits, EdgeLimitsMixin, EdgeServer
@@ -162,7 +162,7 @@ def renew_server_certificate_if_due(home: Home, password: str) -> bool:
         with server_cert.renewal_lock(home):
             renewed, _ = server_cert.sync(home, authority, password, utc_now(),
                                           renew=lambda cert: peer_service_id(cert) != PKI_SERVER_ID
-                                          or server_cert.issuer_ski(cert) != authority.ca.ski)
+                                          or issuer_key_id(cert) != authority.ca.ski)
             server_cert.sync_root_crl(home, authority.store, utc_now())
         if authority.store.latest_crl(authority.ca.ski) is None:
             authority.generate_crl(actor=Actor.operator())

@@ -45,6 +45,7 @@ from vcc_pki_client import CertificateFiles, ReloadingContexts
 
 from .authority import Authority, utc_now
 from .ca_set import SHARED_NAME as CA_SET_NAME
+from .encoding import issuer_key_id
 from .errors import CAError
 from .home import Home, key_pem, write_file
 from .store import Store
@@ -108,7 +109,7 @@ class ServerCertificate:
     def not_from_current(self, cert: x509.Certificate) -> bool:
         """Whether the server certificate ``cert`` is of an intermediate before the current one
         (a rotation took effect: it is renewed, so that no root can be retired under it)."""
-        return issuer_ski(cert) != self.authority.ca.ski
+        return issuer_key_id(cert) != self.authority.ca.ski
 
     def follow_ca(self) -> bool:
         """One look at the cluster's CA record (blocking); when it changed since this worker's
@@ -220,15 +221,6 @@ def sync(home: Home, authority: Authority, password: str, now: datetime, *, sync
     log.info("server certificate renewed serial=%s not_after=%s", issued.record.serial,
              issued.certificate.not_valid_after_utc.isoformat())
     return True, issued.certificate.serial_number
-
-
-def issuer_ski(cert: x509.Certificate) -> str:
-    """The key identifier of ``cert``'s issuer (its AKI), hex; "" without one."""
-    try:
-        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return ""
-    return aki.key_identifier.hex() if aki.key_identifier else ""
 
 
 def _newness(cert: x509.Certificate) -> tuple[datetime, int]:

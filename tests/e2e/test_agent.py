@@ -12,7 +12,7 @@ import socket
 import stat
 import subprocess
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,9 @@ def test_enroll_writes_the_files_for_any_language_and_later_commands_need_only_d
     assert {"cert.pem", "key.pem", "fullchain.pem", "ca_chain.pem", "crl.pem", "vcc-pki.toml"} <= names
     assert mode(folder / "key.pem") == 0o600 and mode(folder / "cert.pem") == 0o644
     leaf = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(hours=24, minutes=1)
+    # 24 hours from now (notBefore is backdated for clock skew, by up to 5 minutes).
+    left = leaf.not_valid_after_utc - datetime.now(timezone.utc)
+    assert timedelta(hours=23, minutes=59) < left <= timedelta(hours=24)
     full = x509.load_pem_x509_certificates((folder / "fullchain.pem").read_bytes())
     assert full == [leaf, ca_home.intermediate_certificate()]
     assert x509.load_pem_x509_certificates((folder / "ca_chain.pem").read_bytes()) == [

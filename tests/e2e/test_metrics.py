@@ -15,9 +15,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CA_PASSWORD, build_home
+from conftest import CA_PASSWORD, build_home, new_admin_token
 from support import BIN, RunningServer, env_without_secrets, make_csr, tls_context
-from vcc_pki_server.authority import Actor
 from vcc_pki_server.home import Home
 
 API = "/api/v1"
@@ -43,11 +42,7 @@ def pki_admin(home: Home, *args: str) -> str:
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
     """A server of its own with ``--workers 2`` (its counts are this module's alone) and an admin token."""
     home = build_home(tmp_path_factory.mktemp("metrics") / "home")
-    setup = home.authority(CA_PASSWORD)
-    try:
-        token = setup.create_admin_token(name="metrics-test", expires_days=None, actor=Actor.operator()).value
-    finally:
-        setup.store.close()
+    token = new_admin_token(home, "metrics-test")
     with RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2"]) as server:
         yield server, token
 
@@ -186,11 +181,7 @@ def test_a_new_leader_shows_in_the_metrics_when_the_leading_worker_dies(tmp_path
     """Issue 15's leads, visible in /metrics: the worker leading the health probes is killed; the
     other takes the lead at its next round, and the dead worker's gauge no longer counts."""
     home = build_home(tmp_path / "home")
-    setup = home.authority(CA_PASSWORD)
-    try:
-        token = setup.create_admin_token(name="lead", expires_days=None, actor=Actor.operator()).value
-    finally:
-        setup.store.close()
+    token = new_admin_token(home, "lead")
     with RunningServer(home, CA_PASSWORD, extra_args=["--workers", "2", "--health-interval", "0.5"]) as server:
         leaders = re.compile(r"this process leads health \(pid (\d+)\)")
         first = leaders.findall(server.log_once(lambda log: bool(leaders.search(log))))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home
+from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home, new_admin_token
 from support import (
     BIN,
     RunningServer,
@@ -49,12 +49,7 @@ def two_replicas(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "b").mkdir()
     home_b = Home(shutil.copytree(home_a.root, tmp_path / "b" / "home"))
     assert not home_a.db.exists() and not home_b.db.exists()  # nothing went to SQLite
-    authority = home_a.authority()
-    try:
-        admin_token = authority.create_admin_token(name="replicas", expires_days=None,
-                                                   actor=Actor.operator()).value
-    finally:
-        authority.store.close()
+    admin_token = new_admin_token(home_a, "replicas")
     env = {"VCC_PKI_DATABASE_URL": pg_database}
     a = RunningServer(home_a, CA_PASSWORD, env=env, extra_args=extra_args)
     b = RunningServer(home_b, CA_PASSWORD, env=env, extra_args=extra_args)

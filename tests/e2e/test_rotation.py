@@ -24,11 +24,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home
+from conftest import CA_PASSWORD, ROOT_PASSWORD, build_home, new_admin_token
 from peers import FAST, PeerServer, fingerprint
 from support import BIN, RunningServer, env_without_secrets, tls_context
 from vcc_pki_client import PKIClient
-from vcc_pki_server.authority import Actor
 from vcc_pki_server.home import Home
 
 API = "/api/v1"
@@ -95,11 +94,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 40.0) -> Non
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[tuple[Home, RunningServer, str]]:
     home = build_home(tmp_path / "home")
-    authority = home.authority(CA_PASSWORD)
-    try:
-        token = authority.create_admin_token(name="t", expires_days=None, actor=Actor.operator()).value
-    finally:
-        authority.store.close()
+    token = new_admin_token(home)
     # Servers look for rotations every second here (5 s by default), so rotations may take
     # effect 3 s after they are made (8 by default): the same order of events, faster.
     server = RunningServer(home, CA_PASSWORD, extra_args=["--ca-check-interval", "1"]).start()

@@ -202,7 +202,7 @@ def test_a_rotation_killed_at_random_points_leaves_a_home_that_serves(tmp_path: 
 
 
 def check_consistent(home: Home) -> None:
-    authority = home.authority(CA_PASSWORD)  # opening the store completes a rotation cut short
+    authority = home.authority(CA_PASSWORD)  # loading the CAs completes a rotation cut short
     try:
         ca = authority.ca
         assert ca.certificate == home.intermediate_certificate()

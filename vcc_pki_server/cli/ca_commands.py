@@ -147,10 +147,11 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
         cas = home.ca_set(authority.store)
         now = authority.clock()
         per_issuer = authority.store.issuer_counts(now)
-        anchored = rotation.only_anchored_by_retiring(cas, authority.store, now)
+        anchored = rotation.only_anchored_by_retiring(cas, per_issuer)
         current_ski = cas.current.ski
-        counts = {"services": 0, "with_certificate": 0, "under_current": per_issuer.get(current_ski, 0),
-                  "legacy_urls": 0, "only_under_retiring_root": anchored}
+        counts = {"services": 0, "with_certificate": sum(per_issuer.values()),
+                  "under_current": per_issuer.get(current_ski, 0), "legacy_urls": 0,
+                  "only_under_retiring_root": anchored}
         legacy: list[str] = []
         after: str | None = None
         while True:
@@ -163,7 +164,6 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
                 record = current_certificate(authority.store.certificates_for(service.service_id), now)
                 if record is None:
                     continue
-                counts["with_certificate"] += 1
                 cert = record.certificate()
                 urls = [n.value for dp in cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
                         for n in dp.full_name or []]

@@ -17,7 +17,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..encoding import der_fingerprint, pem_text, public_key_id
+from ..encoding import der_fingerprint, issuer_key_id, pem_text, public_key_id
 
 
 def utc_text(moment: datetime) -> str:
@@ -110,12 +110,6 @@ class CertificateRecord:
                 ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
             except x509.ExtensionNotFound:
                 dns, ips = (), ()
-        if issuer is None:
-            try:
-                aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-                issuer = aki.key_identifier.hex() if aki.key_identifier else ""
-            except x509.ExtensionNotFound:
-                issuer = ""
         der = cert.public_bytes(serialization.Encoding.DER)
         return cls(
             serial=format(cert.serial_number, "x"), service_id=service_id,
@@ -123,7 +117,7 @@ class CertificateRecord:
             san_dns=dns, san_ip=ips,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
             fingerprint=der_fingerprint(der), pem=pem_text(der), issued_at=issued_at,
-            key_id=public_key_id(cert), issuer=issuer,
+            key_id=public_key_id(cert), issuer=issuer_key_id(cert) if issuer is None else issuer,
         )
 
     def status(self, now: datetime) -> str:
@@ -226,7 +220,7 @@ class Revoked:
 
 # Signs the next CRL: (its number, the revoked (serial, revoked_at, reason) it lists) -> the record.
 BuildCRL = Callable[[int, list[tuple[str, datetime, str]]], "CRLRecord"]
-# The CRL signer of an issuer (its SKI, hex); KeyError for a CA this server cannot sign for.
+# The CRL signer of an issuer (its SKI, hex); CAUnavailable for a CA this server cannot sign for.
 Publisher = Callable[[str], BuildCRL]
 
 

@@ -70,6 +70,14 @@ INSERT_REVOCATION = ("INSERT INTO revocations (serial, revoked_at, reason, not_a
 _SET_SERVICE = ", ".join(f"{column}=?" for column in SERVICE_WRITE[:-1])
 
 
+# The join condition of ``certificates c`` to the current certificate of service ``s`` (the
+# newest valid at the two ``?``, a time given twice): per service, the index on
+# ``(service_id, id)`` is walked from the newest row to the first valid one.
+_CURRENT = ("c.id = (SELECT v.id FROM certificates v WHERE v.service_id = s.service_id AND v.not_after > ? "
+            "AND v.not_before <= ? AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = v.serial) "
+            "ORDER BY v.id DESC LIMIT 1)")
+
+
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     """A WHERE clause of the conditions whose value is not None (``("x = ?", value)``), and its
     parameters; "" when there are none."""
@@ -461,11 +469,8 @@ class SQLStore:
         """Per issuer, the registered services whose current certificate (as :meth:`fleet`
         finds it) it issued."""
         at = utc_text(now)
-        rows = self._read(
-            "SELECT c.issuer, COUNT(*) FROM services s JOIN certificates c ON c.id = (SELECT v.id FROM certificates v "
-            "WHERE v.service_id = s.service_id AND v.not_after > ? AND v.not_before <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = v.serial) "
-            "ORDER BY v.id DESC LIMIT 1) WHERE s.decommissioned_at IS NULL GROUP BY c.issuer", (at, at))
+        rows = self._read(f"SELECT c.issuer, COUNT(*) FROM services s JOIN certificates c ON {_CURRENT} "
+                          "WHERE s.decommissioned_at IS NULL GROUP BY c.issuer", (at, at))
         return {r[0] or "": int(r[1]) for r in rows}
 
     # -- CRLs -------------------------------------------------------------------------------
@@ -509,12 +514,12 @@ class SQLStore:
 
     def latest_crl_number(self, issuer: str | None = None) -> int:
         """The newest CRL number of ``issuer`` (None: of any); 0 before any."""
-        where, params = ("WHERE issuer = ?", (issuer,)) if issuer is not None else ("", ())
+        where, params = _where(("issuer = ?", issuer))
         return int(self._read(f"SELECT COALESCE(MAX(number), 0) FROM crls {where}", params)[0][0])
 
     def latest_crl(self, issuer: str | None = None) -> CRLRecord | None:
         """The newest CRL of ``issuer`` (None: of any)."""
-        where, params = ("WHERE issuer = ?", (issuer,)) if issuer is not None else ("", ())
+        where, params = _where(("issuer = ?", issuer))
         rows = self._read(f"SELECT {CRL_COLUMNS} FROM crls {where} ORDER BY number DESC LIMIT 1", params)
         return self._crl(rows[0]) if rows else None
 
@@ -550,13 +555,9 @@ class SQLStore:
         (:func:`~vcc_pki_server.store.current_certificate`: the newest valid at ``now``). One
         statement: per service, the index on ``(service_id, id)`` is walked from the newest."""
         at = utc_text(now)
-        rows = self._read(
-            "SELECT s.service_id, s.health_status, c.not_before, c.not_after FROM services s "
-            "LEFT JOIN certificates c ON c.id = (SELECT v.id FROM certificates v "
-            "WHERE v.service_id = s.service_id AND v.not_after > ? AND v.not_before <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.serial = v.serial) "
-            "ORDER BY v.id DESC LIMIT 1) "
-            "WHERE s.decommissioned_at IS NULL ORDER BY s.service_id", (at, at))
+        rows = self._read(f"SELECT s.service_id, s.health_status, c.not_before, c.not_after FROM services s "
+                          f"LEFT JOIN certificates c ON {_CURRENT} "
+                          "WHERE s.decommissioned_at IS NULL ORDER BY s.service_id", (at, at))
         return [ServiceState(service_id=r[0], health_status=r[1],
                              not_before=parse_utc(r[2]) if r[2] else None,
                              not_after=parse_utc(r[3]) if r[3] else None) for r in rows]
